@@ -1,0 +1,314 @@
+"""Structured config schema: a typo or a wrong type fails before any work starts.
+
+Hydra composes plain YAML from `conf/`; `validate_config` then merges it onto these
+dataclasses (OmegaConf checks names and types) and checks ranges and choices, raising a
+ConfigError that names the key. The model group differs by architecture, so `model` is
+checked against the schema its `arch` selects.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
+
+from landcover.errors import ConfigError
+
+
+class Device(StrEnum):
+    auto = "auto"
+    cpu = "cpu"
+    cuda = "cuda"
+
+
+class Precision(StrEnum):
+    auto = "auto"
+    fp32 = "32"
+    bf16 = "bf16"
+
+
+class Direction(StrEnum):
+    max = "max"
+    min = "min"
+
+
+class OptimizerName(StrEnum):
+    adam = "adam"
+    adamw = "adamw"
+    rmsprop = "rmsprop"
+    sgd = "sgd"
+
+
+class SchedulerName(StrEnum):
+    none = "none"
+    cosine = "cosine"
+    step = "step"
+
+
+@dataclass
+class ClassConfig:
+    name: str = "???"
+    color: str = "#000000"
+    codes: list[int] = field(default_factory=list)
+    ignore: bool = False
+
+
+@dataclass
+class SchemaConfig:
+    name: str = "???"
+    classes: list[ClassConfig] = field(default_factory=list)
+    ignore_codes: list[int] = field(default_factory=list)
+
+
+@dataclass
+class SplitConfig:
+    pattern: str | None = None
+    manifest: str | None = None
+
+
+@dataclass
+class NormalizeConfig:
+    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
+    std: list[float] = field(default_factory=lambda: [255.0, 255.0, 255.0, 255.0])
+
+
+@dataclass
+class AugmentConfig:
+    flips: bool = True
+    rot90: bool = True
+
+
+@dataclass
+class RareSamplingConfig:
+    classes: list[str] = field(default_factory=list)
+    min_fraction: float = 0.1
+    keep_probability: float = 0.1
+
+
+@dataclass
+class SyntheticConfig:
+    scenes: dict[str, int] = field(default_factory=lambda: {"train": 4, "val": 2})
+    size: int = 512
+    seed: int = 0
+
+
+@dataclass
+class DataConfig:
+    name: str = "???"
+    root: str = "???"
+    image_suffix: str = "???"
+    label_suffix: str = "???"
+    splits: dict[str, SplitConfig] = field(default_factory=dict)
+    bands: int = 4
+    band_names: list[str] = field(default_factory=lambda: ["red", "green", "blue", "nir"])
+    schema: SchemaConfig = field(default_factory=SchemaConfig)
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    patch_size: int = 256
+    patches_per_epoch: int = 512
+    batch_size: int = 16
+    val_tile: int = 256
+    val_batch_size: int = 8
+    num_workers: int = 0
+    cache_max_pixels: int = 16_000_000
+    check_label_codes: bool = True
+    augment: AugmentConfig = field(default_factory=AugmentConfig)
+    rare_sampling: RareSamplingConfig | None = None
+    synthetic: SyntheticConfig | None = None
+
+
+@dataclass
+class SmpModelConfig:
+    """Common to the segmentation-models-pytorch architectures."""
+
+    arch: str = "???"
+    encoder: str = "resnet18"
+    encoder_depth: int = 5
+    encoder_weights: str | None = None
+
+
+@dataclass
+class UnetConfig(SmpModelConfig):
+    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
+
+
+@dataclass
+class FPNConfig(SmpModelConfig):
+    decoder_pyramid_channels: int = 256
+    decoder_segmentation_channels: int = 128
+    decoder_dropout: float = 0.2
+
+
+@dataclass
+class DeepLabV3PlusConfig(SmpModelConfig):
+    decoder_channels: int = 256
+    encoder_output_stride: int = 16
+
+
+@dataclass
+class SeedConfig:
+    arch: str = "seed"
+
+
+MODEL_SCHEMAS: dict[str, type] = {
+    "unet": UnetConfig,
+    "fpn": FPNConfig,
+    "deeplabv3plus": DeepLabV3PlusConfig,
+    "seed": SeedConfig,
+}
+
+
+@dataclass
+class EarlyStoppingConfig:
+    patience: int | None = None
+    min_delta: float = 0.0
+
+
+@dataclass
+class TrainerConfig:
+    max_epochs: int = 10
+    device: Device = Device.auto
+    precision: Precision = Precision.auto
+    channels_last: bool = True
+    deterministic: bool = True
+    monitor: str = "val/mIoU"
+    monitor_mode: Direction = Direction.max
+    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
+    checkpoint_dir: str = "checkpoints"
+    resume_from: str | None = None
+    num_panels: int = 4
+    progress: bool = True
+    limit_train_batches: int | None = None
+    limit_val_batches: int | None = None
+    num_threads: int | None = None
+
+
+@dataclass
+class OptimizerConfig:
+    name: OptimizerName = OptimizerName.adamw
+    lr: float = 1e-3
+    weight_decay: float = 1e-4
+    momentum: float = 0.9
+    alpha: float = 0.99
+    eps: float = 1e-8
+
+
+@dataclass
+class SchedulerConfig:
+    name: SchedulerName = SchedulerName.none
+    step_size: int = 10
+    gamma: float = 0.1
+    min_lr: float = 0.0
+
+
+@dataclass
+class LossConfig:
+    class_weights: dict[str, float] | None = None
+    label_smoothing: float = 0.0
+
+
+@dataclass
+class TrackingConfig:
+    uri: str = "sqlite:///mlflow.db"
+    experiment: str = "landcover"
+    run_name: str | None = None
+    log_model: bool = True
+    tags: dict[str, str] = field(default_factory=dict)
+
+
+@dataclass
+class TrainConfig:
+    seed: int = 0
+    data: DataConfig = field(default_factory=DataConfig)
+    model: Any = None
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
+    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
+    loss: LossConfig = field(default_factory=LossConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+def _positive(cfg: DictConfig, *keys: str) -> None:
+    for key in keys:
+        value = OmegaConf.select(cfg, key)
+        if value is not None and value <= 0:
+            raise ConfigError(f"config value {key}={value} must be positive")
+
+
+def _check_ranges(cfg: DictConfig) -> None:
+    _positive(
+        cfg,
+        "data.bands",
+        "data.patch_size",
+        "data.patches_per_epoch",
+        "data.batch_size",
+        "data.val_tile",
+        "data.val_batch_size",
+        "trainer.max_epochs",
+        "optimizer.lr",
+        "trainer.limit_train_batches",
+        "trainer.limit_val_batches",
+        "trainer.num_threads",
+    )
+    if cfg.data.num_workers < 0:
+        raise ConfigError(f"config value data.num_workers={cfg.data.num_workers} must be >= 0")
+    for key in ("mean", "std"):
+        values = cfg.data.normalize[key]
+        if len(values) != cfg.data.bands:
+            raise ConfigError(
+                f"config value data.normalize.{key} has {len(values)} entries but "
+                f"data.bands={cfg.data.bands}"
+            )
+    if any(s <= 0 for s in cfg.data.normalize.std):
+        raise ConfigError(
+            f"config value data.normalize.std={list(cfg.data.normalize.std)} must be positive"
+        )
+    if not cfg.data.schema.classes:
+        raise ConfigError("config value data.schema.classes is empty")
+    if "train" not in cfg.data.splits:
+        raise ConfigError(
+            f"config value data.splits has no 'train' split (has {list(cfg.data.splits)})"
+        )
+    rare = cfg.data.rare_sampling
+    if rare is not None and not 0 <= rare.keep_probability <= 1:
+        raise ConfigError(
+            f"config value data.rare_sampling.keep_probability="
+            f"{rare.keep_probability} must be within [0, 1]"
+        )
+
+
+def validate_model_config(model: Any) -> DictConfig:
+    if model is None or "arch" not in model:
+        raise ConfigError(
+            "config value model.arch is missing: choose model=unet|fpn|deeplabv3plus|seed"
+        )
+    arch = model["arch"]
+    if arch not in MODEL_SCHEMAS:
+        raise ConfigError(f"config value model.arch={arch!r} is not one of {list(MODEL_SCHEMAS)}")
+    try:
+        return OmegaConf.merge(OmegaConf.structured(MODEL_SCHEMAS[arch]), model)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad model config for arch {arch!r}: {err}") from err
+
+
+def validate_config(cfg: DictConfig) -> DictConfig:
+    """The composed config, checked and typed; raises ConfigError naming the offending key."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    model = raw.pop("model", None)
+    raw.pop("hydra", None)
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
+        OmegaConf.resolve(typed)
+    except OmegaConfBaseException as err:
+        raise ConfigError(f"bad config: {err}") from err
+    typed.model = validate_model_config(model)
+    missing = sorted(OmegaConf.missing_keys(typed))
+    if missing:
+        raise ConfigError(
+            f"config values {missing} are required but not set (???); set them "
+            "on the command line, e.g. data.root=/path/to/scenes"
+        )
+    _check_ranges(typed)
+    return typed

@@ -1,0 +1,1 @@
+"""Everything that turns GeoTIFF scenes into batches: schemas, scenes, sampling, synthetic data."""

@@ -1,0 +1,17 @@
+"""Errors a user can act on.
+
+Each carries the offending file (or config key) in its message, so the first line a user reads
+says what to fix and where, rather than a stack trace from deep inside rasterio or torch.
+"""
+
+
+class LandcoverError(Exception):
+    """Base class of every error the framework raises on bad input."""
+
+
+class SceneError(LandcoverError):
+    """An image/label pair that cannot be used as it is (grid, bands, codes, unreadable file)."""
+
+
+class ConfigError(LandcoverError):
+    """A configuration value that is missing, mistyped or out of range."""

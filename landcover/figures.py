@@ -1,0 +1,95 @@
+"""Pictures people would rather look at than read: confusion matrices and prediction panels.
+
+Figures are rendered with matplotlib's Agg backend (no display on servers) and returned as
+Figure objects; tracking decides where they go.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.colors import ListedColormap  # noqa: E402
+
+from landcover.data.schema import IGNORE_INDEX, ClassSchema  # noqa: E402
+
+
+def confusion_matrix_figure(
+    matrix: np.ndarray, class_names: Sequence[str], title: str = ""
+) -> plt.Figure:
+    """Row-normalised heatmap (recall per true class) annotated with counts."""
+    counts = matrix.astype(np.float64)
+    rows = counts.sum(axis=1, keepdims=True)
+    share = np.divide(counts, rows, out=np.zeros_like(counts), where=rows > 0)
+    size = 1.2 + 0.9 * len(class_names)
+    fig, ax = plt.subplots(figsize=(size + 1.5, size))
+    image = ax.imshow(share, cmap="Blues", vmin=0, vmax=1)
+    ax.set_xticks(range(len(class_names)), class_names, rotation=45, ha="right")
+    ax.set_yticks(range(len(class_names)), class_names)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("label")
+    ax.set_title(title or "confusion matrix (row share, counts)")
+    for i in range(len(class_names)):
+        for j in range(len(class_names)):
+            ax.text(
+                j,
+                i,
+                f"{share[i, j]:.2f}\n{int(counts[i, j])}",
+                ha="center",
+                va="center",
+                fontsize=7,
+                color="white" if share[i, j] > 0.5 else "black",
+            )
+    fig.colorbar(image, ax=ax, fraction=0.046)
+    fig.tight_layout()
+    return fig
+
+
+def image_to_rgb(image: np.ndarray) -> np.ndarray:
+    """(bands, H, W) uint8 -> (H, W, 3) float with a 2-98 % stretch, for display only."""
+    rgb = image[:3].transpose(1, 2, 0).astype(np.float32)
+    lo, hi = np.percentile(rgb, [2, 98])
+    return np.clip((rgb - lo) / max(hi - lo, 1.0), 0, 1)
+
+
+def class_map_rgb(classes: np.ndarray, schema: ClassSchema) -> np.ndarray:
+    """Class indices -> RGB; IGNORE_INDEX pixels are black."""
+    palette = np.zeros((256, 3), dtype=np.uint8)
+    palette[: schema.num_classes] = schema.rgb_palette()
+    palette[IGNORE_INDEX] = 0
+    return palette[classes]
+
+
+def panels_figure(
+    images: Sequence[np.ndarray],
+    targets: Sequence[np.ndarray],
+    predictions: Sequence[np.ndarray],
+    schema: ClassSchema,
+) -> plt.Figure:
+    """One row per window: image | labels | prediction, with a class legend."""
+    rows = len(images)
+    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows + 0.6), squeeze=False)
+    for row, (image, target, pred) in enumerate(zip(images, targets, predictions, strict=True)):
+        for ax, picture, title in zip(
+            axes[row],
+            (image_to_rgb(image), class_map_rgb(target, schema), class_map_rgb(pred, schema)),
+            ("image (RGB)", "labels", "prediction"),
+            strict=True,
+        ):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(title)
+            ax.axis("off")
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=np.array(rgb) / 255) for rgb in schema.rgb_palette()
+    ]
+    fig.legend(handles, schema.names, loc="lower center", ncol=min(len(handles), 6))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig
+
+
+def class_colormap(schema: ClassSchema) -> ListedColormap:
+    return ListedColormap(schema.rgb_palette() / 255.0)

@@ -1,0 +1,219 @@
+"""`landcover-train`: compose a config with Hydra, build the parts, fit, record in MLflow.
+
+`train(cfg)` is the whole job as a function (sweeps call it directly); `main` is only the
+Hydra wrapper that turns user errors into one clear line instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import sys
+from collections.abc import Mapping
+from pathlib import Path
+
+import hydra
+import numpy as np
+import torch
+from hydra.core.hydra_config import HydraConfig
+from omegaconf import DictConfig, OmegaConf
+
+from landcover import tracking
+from landcover.checkpoint import load_checkpoint
+from landcover.config import validate_config
+from landcover.data.loaders import build_training_data
+from landcover.engine import EpochCallback, FitResult, FitSettings, Trainer
+from landcover.errors import LandcoverError
+from landcover.models import build_model, count_parameters
+from landcover.optim import build_loss, build_optimizer, build_scheduler
+
+log = logging.getLogger("landcover.train")
+
+# The config tree lives at the top of the checkout (the project is installed editable), and an
+# absolute path keeps Hydra from looking for a Python package named `conf`.
+CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
+
+
+def select_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise LandcoverError(f"config value trainer.device={name} but CUDA is not available")
+    return torch.device(name)
+
+
+def seed_everything(seed: int, deterministic: bool) -> None:
+    torch.manual_seed(seed)
+    np.random.seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
+
+
+def output_dir() -> Path:
+    if HydraConfig.initialized():
+        return Path(HydraConfig.get().runtime.output_dir)
+    return Path.cwd() / "outputs"
+
+
+def model_metadata(cfg: DictConfig, data, model) -> dict:
+    """What prediction needs to use the model with no settings repeated."""
+    return {
+        "landcover_format": 1,
+        "arch": cfg.model.arch,
+        "schema": data.schema.to_dict(),
+        "bands": cfg.data.bands,
+        "band_names": list(cfg.data.band_names),
+        "normalize": {"mean": list(cfg.data.normalize.mean), "std": list(cfg.data.normalize.std)},
+        "input": "raw digital numbers, float32 (batch, bands, height, width), any height/width",
+        "output_margin": model.output_margin,
+        "patch_size": cfg.data.patch_size,
+        "dataset_fingerprint": data.fingerprint,
+    }
+
+
+def train(
+    cfg: DictConfig,
+    epoch_callback: EpochCallback | None = None,
+    extra_tags: Mapping[str, str] | None = None,
+) -> FitResult:
+    """Validate the config, build data/model/optimiser, fit, and record everything."""
+    cfg = validate_config(cfg)
+    if cfg.trainer.num_threads:
+        torch.set_num_threads(cfg.trainer.num_threads)
+    seed_everything(cfg.seed, cfg.trainer.deterministic)
+    device = select_device(cfg.trainer.device.value)
+    bf16 = cfg.trainer.precision.value == "bf16" or (
+        cfg.trainer.precision.value == "auto" and device.type == "cuda"
+    )
+    channels_last = cfg.trainer.channels_last and device.type == "cuda"
+
+    checkpoint = load_checkpoint(cfg.trainer.resume_from) if cfg.trainer.resume_from else None
+    schema_cfg = cfg.data.schema
+    model = build_model(
+        cfg.model,
+        in_channels=cfg.data.bands,
+        num_classes=len(schema_cfg.classes),
+        mean=list(cfg.data.normalize.mean),
+        std=list(cfg.data.normalize.std),
+    )
+    data = build_training_data(
+        cfg.data, seed=cfg.seed, output_margin=model.output_margin, pin_memory=device.type == "cuda"
+    )
+    optimizer = build_optimizer(cfg.optimizer, model.parameters())
+    scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.trainer.max_epochs)
+    settings = FitSettings(
+        max_epochs=cfg.trainer.max_epochs,
+        monitor=cfg.trainer.monitor,
+        monitor_mode=cfg.trainer.monitor_mode.value,
+        patience=cfg.trainer.early_stopping.patience,
+        min_delta=cfg.trainer.early_stopping.min_delta,
+        num_panels=cfg.trainer.num_panels,
+        progress=cfg.trainer.progress,
+        limit_train_batches=cfg.trainer.limit_train_batches,
+        limit_val_batches=cfg.trainer.limit_val_batches,
+    )
+    resolved_yaml = OmegaConf.to_yaml(cfg)
+    checkpoint_dir = Path(cfg.trainer.checkpoint_dir)
+    if not checkpoint_dir.is_absolute():
+        checkpoint_dir = output_dir() / checkpoint_dir
+    tracker = tracking.Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    trainer = Trainer(
+        model=model,
+        loss_fn=build_loss(cfg.loss, data.schema),
+        optimizer=optimizer,
+        scheduler=scheduler,
+        data=data,
+        device=device,
+        bf16=bf16,
+        channels_last=channels_last,
+        settings=settings,
+        checkpoint_dir=checkpoint_dir,
+        tracker=tracker,
+        epoch_callback=epoch_callback,
+        checkpoint_extra={"config": resolved_yaml},
+    )
+    if checkpoint is not None:
+        trainer.restore(checkpoint)
+        log.info("resuming from %s after epoch %d", cfg.trainer.resume_from, trainer.state.epoch)
+    tags = {
+        **tracking.git_state(),
+        **tracking.environment_tags(device),
+        "dataset_fingerprint": data.fingerprint,
+        "data": cfg.data.name,
+        "model.arch": cfg.model.arch,
+        **dict(cfg.tracking.tags),
+        **dict(extra_tags or {}),
+    }
+    run_id = checkpoint.get("run_id") if checkpoint else None
+    with tracker.start(run_name=cfg.tracking.run_name, run_id=run_id, tags=tags):
+        if checkpoint is None:
+            tracker.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
+            tracker.log_params(
+                {
+                    "model.parameters": str(count_parameters(model)),
+                    "data.train_scenes": str(len(data.train_scenes)),
+                    "data.val_scenes": str(len(data.val_scenes)),
+                }
+            )
+        tracker.log_text(resolved_yaml, "config/resolved.yaml")
+        tracker.log_text(
+            "\n".join(f"{s.image_path},{s.label_path}" for s in data.train_scenes + data.val_scenes)
+            + "\n",
+            "config/scenes.csv",
+        )
+        log.info(
+            "run %s: %s on %s, %d parameters, %d train / %d val scenes, checkpoints in %s",
+            tracker.run_id,
+            cfg.model.arch,
+            device,
+            count_parameters(model),
+            len(data.train_scenes),
+            len(data.val_scenes),
+            checkpoint_dir,
+        )
+        result = trainer.fit()
+        tracker.log_metrics(
+            {
+                "best/" + cfg.trainer.monitor: result.best_value or float("nan"),
+                "best/epoch": float(result.best_epoch or 0),
+            },
+            step=trainer.state.epoch,
+        )
+        trainer.log_best_artifacts()
+        if cfg.tracking.log_model:
+            cpu_model = copy.deepcopy(trainer.model).to(
+                "cpu", memory_format=torch.contiguous_format
+            )
+            result.model_uri = tracker.log_model(
+                cpu_model.eval(),
+                bands=cfg.data.bands,
+                num_classes=len(schema_cfg.classes),
+                metadata=model_metadata(cfg, data, model),
+            )
+        log.info(
+            "done: best %s = %s at epoch %s; run %s",
+            cfg.trainer.monitor,
+            result.best_value,
+            result.best_epoch,
+            tracker.run_id,
+        )
+    return result
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _hydra_main(cfg: DictConfig) -> float | None:
+    try:
+        result = train(cfg)
+    except LandcoverError as err:
+        log.error("%s", err)
+        sys.exit(f"error: {err}")
+    return result.best_value
+
+
+def main() -> None:
+    _hydra_main()
+
+
+if __name__ == "__main__":
+    main()

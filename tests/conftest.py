@@ -1,0 +1,82 @@
+"""Shared fixtures: tiny generated scenes, a composed config, and the ../shared locator."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+from hydra import compose, initialize_config_dir
+from rasterio.transform import from_origin
+
+from landcover.data.synthetic import SyntheticSpec, generate
+from landcover.train import CONFIG_DIR
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def shared_dir() -> Path | None:
+    """../shared beside the checkout, or $LANDCOVER_SHARED_DIR."""
+    candidate = Path(os.environ.get("LANDCOVER_SHARED_DIR", REPO.parent / "shared"))
+    return candidate if (candidate / "data").is_dir() else None
+
+
+@pytest.fixture(scope="session")
+def shared() -> Path:
+    path = shared_dir()
+    if path is None:
+        pytest.skip(
+            "../shared (real Chesapeake data) is absent: set LANDCOVER_SHARED_DIR or "
+            "place the shared folder beside the checkout"
+        )
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_synthetic(tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("synthetic")
+    generate(root, SyntheticSpec(scenes={"train": 2, "val": 1}, size=160, seed=3))
+    return root
+
+
+def compose_train(*overrides: str):
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def write_raster(
+    path: Path,
+    array: np.ndarray,
+    *,
+    crs: str | None = "EPSG:26918",
+    transform=None,
+    colormap: dict | None = None,
+) -> Path:
+    """Write a small GeoTIFF for error-path tests."""
+    array = array if array.ndim == 3 else array[None]
+    profile = {
+        "driver": "GTiff",
+        "count": array.shape[0],
+        "height": array.shape[1],
+        "width": array.shape[2],
+        "dtype": array.dtype.name,
+        "transform": transform or from_origin(400000, 4300000, 1, 1),
+    }
+    if crs:
+        profile["crs"] = crs
+    with rasterio.open(path, "w", **profile) as dst:
+        dst.write(array)
+        if colormap:
+            dst.write_colormap(1, colormap)
+    return path
+
+
+@pytest.fixture
+def scene_pair(tmp_path):
+    """A valid 4-band image and label pair with Chesapeake codes."""
+    rng = np.random.default_rng(0)
+    image = write_raster(tmp_path / "a_naip.tif", rng.integers(0, 255, (4, 64, 64), dtype=np.uint8))
+    label = write_raster(tmp_path / "a_lc.tif", rng.integers(1, 7, (64, 64), dtype=np.uint8))
+    return image, label

@@ -1,0 +1,78 @@
+"""Checks on the REAL Chesapeake data in ../shared (skipped with a reason where it is absent)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from landcover.config import validate_config
+from landcover.data.loaders import schema_from_config, split_scenes
+from landcover.data.scenes import open_raster, scan_label_codes, validate_scene
+from landcover.errors import SceneError
+from tests.conftest import compose_train
+
+pytestmark = pytest.mark.shared
+
+
+def sample_config(shared, *overrides):
+    return validate_config(
+        compose_train(
+            "data=chesapeake_sample",
+            f"data.root={shared / 'data' / 'chesapeake-sample'}",
+            *overrides,
+        )
+    )
+
+
+@pytest.mark.parametrize("suffix", ["_naip-old.tif", "_naip-new.tif"])
+def test_real_patches_validate_without_crs(shared, suffix):
+    cfg = sample_config(shared, f"data.image_suffix={suffix}")
+    schema = schema_from_config(cfg.data)
+    train = split_scenes(cfg.data, "train", schema)
+    val = split_scenes(cfg.data, "val", schema)
+    assert len(train) == 8 and len(val) >= 5
+    assert all(s.crs is None and (s.width, s.height) == (256, 256) for s in train + val)
+    assert all(s.image_path.endswith(suffix) for s in train)
+
+
+def test_real_georeferenced_tile_keeps_its_crs(shared):
+    cfg = sample_config(shared)
+    tile = shared / "data" / "chesapeake-sample" / "tiles" / "m_3907833_nw_17_1"
+    scene = validate_scene(
+        f"{tile}_naip-old.tif", f"{tile}_lc.tif", bands=4, schema=schema_from_config(cfg.data)
+    )
+    assert scene.crs == "EPSG:26917"
+
+
+def test_large_real_label_raster_scanned_block_by_block(shared):
+    """10000 x 10000 Chesapeake 7-class product: codes 1-6 and 15 (no data), nothing else."""
+    path = next((shared / "data" / "chesapeake-labels").glob("Baywide_7class_*.tif"))
+    with open_raster(path) as src:
+        counts = scan_label_codes(src, str(path))
+    codes = set(np.flatnonzero(counts).tolist())
+    assert codes <= {1, 2, 3, 4, 5, 6, 15}
+    assert counts[15] > 0.5 * counts.sum()  # mostly no data (open water outside the map)
+    schema = schema_from_config(sample_config(shared).data)
+    assert schema.unknown_codes(codes) == []
+
+
+def test_thirteen_class_raster_is_refused_by_the_four_class_schema(shared, tmp_path):
+    """A label product with other codes is caught, with the codes listed."""
+    from tests.conftest import write_raster
+
+    labels = next((shared / "data" / "chesapeake-labels").glob("Baywide_13Class_*.tif"))
+    with open_raster(labels) as src:
+        window = src.read(1, window=((4000, 4256), (4000, 4256)))
+        crs, transform = src.crs.to_string(), src.window_transform(((4000, 4256), (4000, 4256)))
+    label = write_raster(tmp_path / "x_lc.tif", window, crs=crs, transform=transform)
+    image = write_raster(
+        tmp_path / "x_naip.tif", np.zeros((4, 256, 256), np.uint8), crs=crs, transform=transform
+    )
+    unknown = sorted(set(np.unique(window).tolist()) - {1, 2, 3, 4, 5, 6, 15})
+    if not unknown:
+        pytest.skip("this window of the 13-class product holds only 7-class codes")
+    with pytest.raises(SceneError, match="not in class schema") as err:
+        validate_scene(
+            str(image), str(label), bands=4, schema=schema_from_config(sample_config(shared).data)
+        )
+    assert str(label) in str(err.value)
