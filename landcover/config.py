@@ -79,6 +79,7 @@ class NormalizeConfig:
 class AugmentConfig:
     flips: bool = True
     rot90: bool = True
+    color_jitter: float = 0.0
 
 
 @dataclass

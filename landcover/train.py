@@ -67,6 +67,7 @@ def model_metadata(cfg: DictConfig, data, model) -> dict:
         "normalize": {"mean": list(cfg.data.normalize.mean), "std": list(cfg.data.normalize.std)},
         "input": "raw digital numbers, float32 (batch, bands, height, width), any height/width",
         "output_margin": model.output_margin,
+        "size_divisor": model.size_divisor,
         "patch_size": cfg.data.patch_size,
         "dataset_fingerprint": data.fingerprint,
     }
@@ -117,6 +118,7 @@ def train(
     checkpoint_dir = Path(cfg.trainer.checkpoint_dir)
     if not checkpoint_dir.is_absolute():
         checkpoint_dir = output_dir() / checkpoint_dir
+    metadata = model_metadata(cfg, data, model)
     tracker = tracking.Tracker(cfg.tracking.uri, cfg.tracking.experiment)
     trainer = Trainer(
         model=model,
@@ -131,7 +133,7 @@ def train(
         checkpoint_dir=checkpoint_dir,
         tracker=tracker,
         epoch_callback=epoch_callback,
-        checkpoint_extra={"config": resolved_yaml},
+        checkpoint_extra={"config": resolved_yaml, "metadata": metadata},
     )
     if checkpoint is not None:
         trainer.restore(checkpoint)
@@ -189,7 +191,7 @@ def train(
                 cpu_model.eval(),
                 bands=cfg.data.bands,
                 num_classes=len(schema_cfg.classes),
-                metadata=model_metadata(cfg, data, model),
+                metadata=metadata,
             )
         log.info(
             "done: best %s = %s at epoch %s; run %s",

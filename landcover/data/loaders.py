@@ -98,6 +98,7 @@ def build_training_data(
         rare=rare,
         flips=data_cfg.augment.flips,
         rot90=data_cfg.augment.rot90,
+        color_jitter=data_cfg.augment.color_jitter,
     )
     val_tile = data_cfg.patch_size - 2 * output_margin if output_margin else data_cfg.val_tile
     if val_tile <= 0:

@@ -14,7 +14,6 @@ import torch
 from torch.utils.data import Dataset
 
 from landcover.data.reader import SceneReader
-from landcover.data.schema import IGNORE_INDEX
 
 
 @dataclass(frozen=True)
@@ -31,6 +30,15 @@ class RareClassSampling:
     def accepts(self, target: np.ndarray, rng: np.random.Generator) -> bool:
         share = np.isin(target, self.class_indices).mean()
         return bool(share > self.min_fraction or rng.random() < self.keep_probability)
+
+
+def jitter_radiometry(image: np.ndarray, rng: np.random.Generator, strength: float) -> np.ndarray:
+    """Per-band random gain and offset: scenes flown on other days differ in brightness and
+    band balance, and a model trained on a few scenes should not learn their exact levels."""
+    bands = image.shape[0]
+    gain = rng.uniform(1 - strength, 1 + strength, size=(bands, 1, 1)).astype(np.float32)
+    offset = rng.uniform(-strength, strength, size=(bands, 1, 1)).astype(np.float32) * 64
+    return np.clip(image * gain + offset, 0, 255).astype(np.uint8)
 
 
 def augment(
@@ -61,6 +69,7 @@ class RandomPatchDataset(Dataset):
         rare: RareClassSampling | None = None,
         flips: bool = True,
         rot90: bool = True,
+        color_jitter: float = 0.0,
     ) -> None:
         too_small = [s.image_path for s in reader.scenes if min(s.width, s.height) < patch_size]
         if too_small:
@@ -75,6 +84,7 @@ class RandomPatchDataset(Dataset):
         self.rare = rare
         self.flips = flips
         self.rot90 = rot90
+        self.color_jitter = color_jitter
         self.epoch = 0
         areas = np.array([s.pixels for s in reader.scenes], dtype=np.float64)
         self.scene_weights = areas / areas.sum()
@@ -103,6 +113,8 @@ class RandomPatchDataset(Dataset):
                 break
         image = self.reader.read_image(index, row, col, size, size)
         image, target = augment(image, target, rng, flips=self.flips, rot90=self.rot90)
+        if self.color_jitter:
+            image = jitter_radiometry(image, rng, self.color_jitter)
         return (
             torch.from_numpy(np.ascontiguousarray(image)),
             torch.from_numpy(np.ascontiguousarray(target)),
@@ -139,7 +151,3 @@ class GridPatchDataset(Dataset):
         return torch.from_numpy(np.ascontiguousarray(image)), torch.from_numpy(
             np.ascontiguousarray(target)
         )
-
-
-def ignore_fraction(target: torch.Tensor) -> float:
-    return float((target == IGNORE_INDEX).float().mean())

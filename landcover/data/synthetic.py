@@ -197,7 +197,19 @@ def write_scene(
     }
     image_path = directory / f"{name}_naip.tif"
     label_path = directory / f"{name}_lc.tif"
-    _atomic_write(image_path, image, {**profile, "count": 4, "interleave": "pixel"}, None)
+    # RGB with an *unspecified* 4th band: left to GDAL's default, NIR would be labelled alpha
+    _atomic_write(
+        image_path,
+        image,
+        {
+            **profile,
+            "count": 4,
+            "interleave": "pixel",
+            "photometric": "RGB",
+            "alpha": "UNSPECIFIED",
+        },
+        None,
+    )
     _atomic_write(label_path, labels, {**profile, "count": 1, "photometric": "palette"}, COLORMAP)
     return image_path, label_path
 

@@ -1,0 +1,1 @@
+"""Map whole scenes: model references, tiled prediction, stitching, GeoTIFF/COG writing."""

@@ -1,0 +1,221 @@
+"""Tiled prediction of rasters of any size, strip by strip.
+
+Reading the next strip and writing the finished one run in background threads while the model
+works on the current strip, so end-to-end speed stays close to the forward pass alone. Memory
+is bounded by one strip (tile height x raster width), never by the raster's area.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from rasterio.enums import MaskFlags
+from rasterio.windows import Window
+from tqdm.auto import tqdm
+
+from landcover.data.scenes import open_raster
+from landcover.data.schema import IGNORE_INDEX
+from landcover.errors import SceneError
+from landcover.predict.reference import LoadedModel
+from landcover.predict.tiling import StripAccumulator, TileLayout
+from landcover.predict.writer import AreaTable, ClassMapWriter
+
+log = logging.getLogger(__name__)
+
+RowsCallback = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
+
+
+@dataclass(frozen=True)
+class PredictSettings:
+    tile_size: int = 512
+    overlap: int = 64
+    mode: str = "auto"  # auto | centre | blend
+    batch_size: int = 4
+    confidence: bool = False
+    probabilities: bool = False
+    progress: bool = True
+
+
+@dataclass
+class PredictionResult:
+    input: Path
+    outputs: dict[str, Path]
+    area_table: AreaTable
+    seconds: float
+    pixels: int
+
+
+def plan_layout(
+    model: LoadedModel, settings: PredictSettings, width: int, height: int
+) -> tuple[TileLayout, bool]:
+    """Tile geometry and merge mode for this model.
+
+    A model that predicts only its input's centre (output_margin > 0) must be merged in centre
+    mode with exactly its margin as context; a full-output model blends by default.
+    """
+    margin = model.output_margin
+    mode = settings.mode
+    if mode not in ("auto", "centre", "blend"):
+        raise ValueError(f"predict.mode={mode!r} is not one of auto, centre, blend")
+    if margin:
+        if mode == "blend":
+            raise ValueError(
+                f"predict.mode=blend needs a full-output model; {model.reference} "
+                f"predicts only the centre of its input ({margin} px margin)"
+            )
+        context, blend = margin, False
+    else:
+        context, blend = settings.overlap // 2, mode != "centre"
+    divisor = model.size_divisor
+    tile = max(divisor, settings.tile_size // divisor * divisor)
+    return TileLayout(width=width, height=height, tile=tile, context=context), blend
+
+
+def read_strip(src, layout: TileLayout, top: int) -> np.ndarray:
+    """Input rows [top - context, top - context + tile) over the full width plus context,
+    mirrored beyond the raster's edges."""
+    c, t = layout.context, layout.tile
+    width = layout.cols * layout.core + 2 * c
+    row0, col0 = top - c, -c
+    r0, r1 = max(row0, 0), min(row0 + t, layout.height)
+    c0, c1 = 0, layout.width
+    pixels = src.read(window=Window(c0, r0, c1 - c0, r1 - r0))
+    pads = ((r0 - row0, row0 + t - r1), (c0 - col0, col0 + width - c1))
+    if any(p for pair in pads for p in pair):
+        pixels = np.pad(pixels, ((0, 0), *pads), mode="symmetric")
+    return pixels
+
+
+def read_valid_mask(src, row: int, rows: int) -> np.ndarray | None:
+    """True where the input has data; None when every pixel counts.
+
+    Honours a nodata value (a pixel is missing when every band equals it) and an internal or
+    external mask. A 4th band that GDAL labels "alpha" is NOT a mask here: in NAIP-style
+    imagery it is near-infrared, and GDAL labels it alpha whenever a 4-band RGB file was
+    written without saying otherwise (the real Chesapeake tile is such a file).
+    """
+    window = Window(0, row, src.width, rows)
+    if src.nodata is not None:
+        return ~(src.read(window=window) == src.nodata).all(axis=0)
+    flags = src.mask_flag_enums[0]
+    if MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags:
+        return src.read_masks(1, window=window) > 0
+    return None
+
+
+def _strip_probabilities(
+    model: LoadedModel, strip: np.ndarray, layout: TileLayout, batch_size: int, bar
+) -> list[tuple[int, np.ndarray]]:
+    tiles = [(col, strip[:, :, col : col + layout.tile]) for col in layout.col_lefts()]
+    out = []
+    for start in range(0, len(tiles), batch_size):
+        chunk = tiles[start : start + batch_size]
+        batch = torch.from_numpy(np.stack([t for _, t in chunk])).float()
+        probabilities = torch.softmax(model.forward(batch), dim=1).cpu().numpy()
+        out.extend((col, p) for (col, _), p in zip(chunk, probabilities, strict=True))
+        bar.update(len(chunk))
+    return out
+
+
+def predict_raster(
+    model: LoadedModel,
+    input_path: str | Path,
+    output_path: str | Path,
+    settings: PredictSettings = PredictSettings(),
+    on_rows: RowsCallback | None = None,
+) -> PredictionResult:
+    """Map one raster; `on_rows(row, classes, confidence, probabilities)` sees every strip."""
+    import time
+
+    started = time.perf_counter()
+    input_path, output_path = Path(input_path), Path(output_path)
+    schema = model.schema
+    # GDAL handles are not thread-safe: the reader thread and the finisher (which reads the
+    # nodata mask) each get their own.
+    with open_raster(input_path) as src, open_raster(input_path) as mask_src:
+        if src.count != model.bands:
+            raise SceneError(
+                f"{input_path}: has {src.count} band(s) but model "
+                f"{model.reference} expects {model.bands}"
+            )
+        layout, blend = plan_layout(model, settings, src.width, src.height)
+        profile = {
+            "width": src.width,
+            "height": src.height,
+            "crs": src.crs,
+            "transform": src.transform,
+        }
+        accumulator = StripAccumulator(layout, schema.num_classes, blend)
+        tops = list(layout.row_tops())
+        bar = tqdm(
+            total=len(tops) * layout.cols,
+            desc=f"predict {input_path.name}",
+            unit="tile",
+            disable=not settings.progress,
+            dynamic_ncols=True,
+        )
+        with (
+            ClassMapWriter(
+                output_path,
+                profile=profile,
+                schema=schema,
+                confidence=settings.confidence,
+                probabilities=settings.probabilities,
+            ) as writer,
+            ThreadPoolExecutor(1) as reader,
+            ThreadPoolExecutor(1) as finisher,
+        ):
+            next_strip = reader.submit(read_strip, src, layout, tops[0])
+            pending = None
+            for index, top in enumerate(tops):
+                strip = next_strip.result()
+                if index + 1 < len(tops):
+                    next_strip = reader.submit(read_strip, src, layout, tops[index + 1])
+                for col, probabilities in _strip_probabilities(
+                    model, strip, layout, settings.batch_size, bar
+                ):
+                    accumulator.add(probabilities, top, col)
+                row, merged = accumulator.flush(tops[index + 1] if index + 1 < len(tops) else None)
+                if pending is not None:
+                    pending.result()
+                if merged.shape[1]:
+                    pending = finisher.submit(
+                        _finish_rows, mask_src, writer, row, merged, settings, on_rows
+                    )
+            if pending is not None:
+                pending.result()
+            bar.close()
+        table = writer.area_table()
+    return PredictionResult(
+        input_path,
+        writer.outputs,
+        table,
+        time.perf_counter() - started,
+        layout.width * layout.height,
+    )
+
+
+def _finish_rows(
+    src,
+    writer: ClassMapWriter,
+    row: int,
+    merged: np.ndarray,
+    settings: PredictSettings,
+    on_rows: RowsCallback | None,
+) -> None:
+    classes = merged.argmax(axis=0).astype(np.uint8)
+    confidence = merged.max(axis=0)
+    valid = read_valid_mask(src, row, merged.shape[1])
+    if valid is not None:
+        classes[~valid] = IGNORE_INDEX
+    confidence_u8 = np.round(confidence * 255).astype(np.uint8)
+    probabilities_u8 = np.round(merged * 255).astype(np.uint8) if settings.probabilities else None
+    writer.write_rows(row, classes, confidence_u8, probabilities_u8)
+    if on_rows is not None:
+        on_rows(row, classes, confidence, merged)

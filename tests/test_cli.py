@@ -1,0 +1,46 @@
+"""The console script as a user meets it: --help, --cfg job, and one-line errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(sys.executable).parent / "landcover-train"
+
+
+def run(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    if not SCRIPT.exists():
+        pytest.skip(f"{SCRIPT} is not installed (run `make setup`)")
+    return subprocess.run(
+        [str(SCRIPT), *args], cwd=cwd, capture_output=True, text=True, timeout=120
+    )
+
+
+def test_help_lists_config_groups(tmp_path):
+    out = run("--help", cwd=tmp_path)
+    assert out.returncode == 0
+    for group in ("data:", "model:", "trainer:", "optimizer:", "experiment:"):
+        assert group in out.stdout
+    assert "chesapeake_sample" in out.stdout and "deeplabv3plus" in out.stdout
+
+
+def test_cfg_job_prints_the_composed_config(tmp_path):
+    out = run("--cfg", "job", "model=fpn", "model.encoder=resnet34", cwd=tmp_path)
+    assert out.returncode == 0
+    assert "arch: fpn" in out.stdout and "encoder: resnet34" in out.stdout
+
+
+def test_bad_value_is_one_clear_error_before_any_work(tmp_path):
+    out = run("trainer.max_epochs=lots", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "trainer.max_epochs" in out.stderr and "lots" in out.stderr
+    assert not (tmp_path / "mlflow.db").exists()  # nothing recorded for a bad config
+
+
+def test_missing_data_is_named(tmp_path):
+    out = run("data=geotiff", f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path)
+    assert out.returncode != 0
+    assert "found no scenes" in out.stderr and "nowhere" in out.stderr
