@@ -93,3 +93,49 @@ def panels_figure(
 
 def class_colormap(schema: ClassSchema) -> ListedColormap:
     return ListedColormap(schema.rgb_palette() / 255.0)
+
+
+def quicklook_figure(
+    codes: np.ndarray,
+    code_colors: dict[int, tuple[int, int, int, int]],
+    names_by_code: dict[int, str],
+    title: str,
+) -> plt.Figure:
+    """A downsampled class map with the map's own colour table and a legend."""
+    lut = np.zeros((256, 4), dtype=np.uint8)
+    for code, rgba in code_colors.items():
+        lut[code] = rgba
+    height, width = codes.shape
+    fig, ax = plt.subplots(figsize=(8, 8 * height / max(width, 1) + 0.8))
+    ax.imshow(lut[codes], interpolation="nearest")
+    ax.set_title(title)
+    ax.axis("off")
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=np.array(code_colors[c][:3]) / 255) for c in names_by_code
+    ]
+    fig.legend(handles, list(names_by_code.values()), loc="lower center", ncol=min(len(handles), 6))
+    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    return fig
+
+
+def evaluation_panels_figure(rows, schema: ClassSchema) -> plt.Figure:
+    """One row per scene: image | labels | prediction | confident disagreement (magenta)."""
+    fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows) + 0.6), squeeze=False)
+    for ax_row, (name, image, labels_rgb, predicted_rgb, disagree) in zip(axes, rows, strict=True):
+        overlay = image_to_rgb(image) * 0.6
+        overlay[disagree] = (1.0, 0.0, 1.0)
+        for ax, picture, title in zip(
+            ax_row,
+            (image_to_rgb(image), labels_rgb, predicted_rgb, overlay),
+            (f"{name}", "labels", "prediction", "confident disagreement"),
+            strict=True,
+        ):
+            ax.imshow(picture, interpolation="nearest")
+            ax.set_title(title, fontsize=9)
+            ax.axis("off")
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=np.array(rgb) / 255) for rgb in schema.rgb_palette()
+    ]
+    fig.legend(handles, schema.names, loc="lower center", ncol=min(len(handles), 6))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    return fig

@@ -97,6 +97,126 @@ def model_signature(bands: int, num_classes: int) -> ModelSignature:
     )
 
 
+def start_run(
+    uri: str, experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None
+):
+    """A plain run for commands other than training (prediction, evaluation, export)."""
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(experiment)
+    return mlflow.start_run(run_name=run_name, tags=dict(tags or {}))
+
+
+def log_prediction(
+    *,
+    input_path: Path,
+    outputs: Mapping[str, Path],
+    model_reference: str,
+    source_run_id: str | None,
+    settings: Mapping[str, Any],
+    area_csv: str,
+    area_json: str,
+    quicklook: plt.Figure,
+    seconds: float,
+    pixels: int,
+) -> None:
+    """One prediction, inside an active run: what went in, what came out, how long."""
+    mlflow.log_params(
+        {
+            "input": str(input_path),
+            "model": model_reference,
+            **{f"predict.{k}": v for k, v in settings.items()},
+        }
+    )
+    mlflow.set_tags(
+        {
+            "landcover.kind": "prediction",
+            **({"landcover.source_run_id": source_run_id} if source_run_id else {}),
+            **{f"output.{k}": str(v) for k, v in outputs.items()},
+        }
+    )
+    mlflow.log_metrics(
+        {
+            "seconds": seconds,
+            "megapixels": pixels / 1e6,
+            "megapixels_per_s": pixels / 1e6 / max(seconds, 1e-9),
+        }
+    )
+    mlflow.log_text(area_csv, "area/area_table.csv")
+    mlflow.log_text(area_json, "area/area_table.json")
+    mlflow.log_figure(quicklook, "quicklook.png")
+    plt.close(quicklook)
+
+
+def log_confusion_matrix(
+    matrix: np.ndarray,
+    class_names: list[str],
+    figure: plt.Figure,
+    directory: str = "confusion_matrix",
+) -> None:
+    """PNG heatmap plus the raw counts as CSV and JSON (for tools, not eyes)."""
+    mlflow.log_figure(figure, f"{directory}/confusion_matrix.png")
+    plt.close(figure)
+    header = "label\\predicted," + ",".join(class_names)
+    rows = [
+        ",".join([name, *map(str, row)])
+        for name, row in zip(class_names, matrix.tolist(), strict=True)
+    ]
+    mlflow.log_text("\n".join([header, *rows]) + "\n", f"{directory}/confusion_matrix.csv")
+    mlflow.log_dict(
+        {
+            "classes": class_names,
+            "matrix": matrix.tolist(),
+            "rows": "label",
+            "columns": "predicted",
+        },
+        f"{directory}/confusion_matrix.json",
+    )
+
+
+def log_evaluation(
+    *,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    matrix: np.ndarray,
+    class_names: list[str],
+    matrix_figure: plt.Figure,
+    panels: plt.Figure,
+    per_scene_csv: str,
+    regions_csv: str,
+    disagreement_maps: list[Path],
+) -> None:
+    """A whole-scene evaluation, inside an active run."""
+    mlflow.log_params(dict(params))
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+    log_confusion_matrix(matrix, class_names, matrix_figure)
+    mlflow.log_figure(panels, "panels/scene_panels.png")
+    plt.close(panels)
+    mlflow.log_text(per_scene_csv, "per_scene_metrics.csv")
+    mlflow.log_text(regions_csv, "disagreement/disagreement_regions.csv")
+    for path in disagreement_maps:
+        mlflow.log_artifact(str(path), "disagreement")
+
+
+def log_export(
+    uri: str, run_id: str | None, experiment: str, path: Path, max_abs_diff: float, reference: str
+) -> None:
+    """Attach an exported ONNX file to the model's training run (or a run of its own)."""
+    mlflow.set_tracking_uri(uri)
+    if run_id is None:
+        with start_run(
+            uri,
+            experiment,
+            run_name=f"export {path.name}",
+            tags={"landcover.kind": "export", "landcover.model": reference},
+        ):
+            mlflow.log_artifact(str(path), "onnx")
+            mlflow.log_metric("onnx/max_abs_diff", max_abs_diff)
+        return
+    client = mlflow.tracking.MlflowClient(uri)
+    client.log_artifact(run_id, str(path), "onnx")
+    client.log_metric(run_id, "onnx/max_abs_diff", max_abs_diff)
+
+
 class Tracker:
     """A thin, explicit face on mlflow for one training run."""
 
@@ -148,23 +268,7 @@ class Tracker:
         figure: plt.Figure,
         directory: str = "confusion_matrix",
     ) -> None:
-        """PNG heatmap plus the raw counts as CSV and JSON (for tools, not eyes)."""
-        self.log_figure(figure, f"{directory}/confusion_matrix.png")
-        header = "label\\predicted," + ",".join(class_names)
-        rows = [
-            ",".join([name, *map(str, row)])
-            for name, row in zip(class_names, matrix.tolist(), strict=True)
-        ]
-        self.log_text("\n".join([header, *rows]) + "\n", f"{directory}/confusion_matrix.csv")
-        self.log_dict(
-            {
-                "classes": class_names,
-                "matrix": matrix.tolist(),
-                "rows": "label",
-                "columns": "predicted",
-            },
-            f"{directory}/confusion_matrix.json",
-        )
+        log_confusion_matrix(matrix, class_names, figure, directory)
 
     def log_file(self, path: Path, artifact_path: str | None = None) -> None:
         mlflow.log_artifact(str(path), artifact_path)

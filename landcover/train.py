@@ -26,12 +26,9 @@ from landcover.engine import EpochCallback, FitResult, FitSettings, Trainer
 from landcover.errors import LandcoverError
 from landcover.models import build_model, count_parameters
 from landcover.optim import build_loss, build_optimizer, build_scheduler
+from landcover.paths import CONFIG_DIR
 
 log = logging.getLogger("landcover.train")
-
-# The config tree lives at the top of the checkout (the project is installed editable), and an
-# absolute path keeps Hydra from looking for a Python package named `conf`.
-CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 
 
 def select_device(name: str) -> torch.device:

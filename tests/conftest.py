@@ -12,7 +12,7 @@ from hydra import compose, initialize_config_dir
 from rasterio.transform import from_origin
 
 from landcover.data.synthetic import SyntheticSpec, generate
-from landcover.train import CONFIG_DIR
+from landcover.paths import COMMANDS_CONFIG_DIR, CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -41,9 +41,14 @@ def tiny_synthetic(tmp_path_factory) -> Path:
     return root
 
 
+def compose_config(name: str, *overrides: str):
+    directory = CONFIG_DIR if name == "train" else COMMANDS_CONFIG_DIR
+    with initialize_config_dir(config_dir=directory, version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
 def compose_train(*overrides: str):
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose(config_name="train", overrides=list(overrides))
+    return compose_config("train", *overrides)
 
 
 def write_raster(

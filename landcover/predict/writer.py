@@ -98,8 +98,111 @@ class AreaTable:
         return json.dumps({"pixel_area_m2": self.pixel_area_m2, "classes": self.rows()}, indent=2)
 
 
+class StagedRaster:
+    """One output raster written into a private temporary folder and published as a COG.
+
+    Nothing appears at `target` until `publish`; `discard` removes every trace.
+    """
+
+    def __init__(
+        self,
+        target: Path,
+        workdir: Path,
+        profile: dict,
+        *,
+        count: int = 1,
+        nodata: int | None = None,
+        colormap: dict | None = None,
+        tags: dict[str, str] | None = None,
+        descriptions: list[str] | None = None,
+    ) -> None:
+        self.target = Path(target)
+        self.staging = workdir / f"{self.target.stem}.staging.tif"
+        options = {"count": count, "dtype": "uint8", **profile}
+        if colormap is not None:
+            options["photometric"] = "palette"
+        if nodata is not None:
+            options["nodata"] = nodata
+        self.dataset = rasterio.open(self.staging, "w", **options)
+        if colormap is not None:
+            self.dataset.write_colormap(1, colormap)
+        if tags:
+            self.dataset.update_tags(**tags)
+        for band, text in enumerate(descriptions or [], start=1):
+            self.dataset.set_band_description(band, text)
+
+    def write(self, data: np.ndarray, window: Window) -> None:
+        self.dataset.write(data if data.ndim == 3 else data[None], window=window)
+
+    def stage_cog(self) -> Path:
+        self.dataset.close()
+        cog = self.staging.with_suffix(".cog.tif")
+        rasterio.shutil.copy(
+            self.staging,
+            cog,
+            driver="COG",
+            compress="DEFLATE",
+            blocksize=BLOCK,
+            overview_resampling="NEAREST",
+            bigtiff="IF_SAFER",
+        )
+        return cog
+
+    def discard(self) -> None:
+        if not self.dataset.closed:
+            self.dataset.close()
+
+
+def grid_profile(profile: dict) -> dict:
+    """The pixel grid of an input (size, CRS, transform) as a tiled GeoTIFF profile."""
+    base = {
+        "driver": "GTiff",
+        "width": profile["width"],
+        "height": profile["height"],
+        "transform": profile["transform"],
+        "tiled": True,
+        "blockxsize": BLOCK,
+        "blockysize": BLOCK,
+    }
+    if profile.get("crs") is not None:
+        base["crs"] = profile["crs"]
+    return base
+
+
+class OutputSet:
+    """Several rasters published together (all or none), e.g. a map and its confidence."""
+
+    def __init__(self, anchor: Path) -> None:
+        check_writable(anchor)
+        self.workdir = Path(tempfile.mkdtemp(prefix=".landcover-", dir=anchor.parent))
+        self.rasters: dict[str, StagedRaster] = {}
+
+    def add(self, name: str, target: Path, profile: dict, **options) -> StagedRaster:
+        check_writable(target)
+        self.rasters[name] = StagedRaster(target, self.workdir, grid_profile(profile), **options)
+        return self.rasters[name]
+
+    def publish(self) -> dict[str, Path]:
+        try:
+            staged = {name: raster.stage_cog() for name, raster in self.rasters.items()}
+            for name, path in staged.items():
+                os.replace(path, self.rasters[name].target)
+            return {name: raster.target for name, raster in self.rasters.items()}
+        finally:
+            shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def discard(self) -> None:
+        for raster in self.rasters.values():
+            raster.discard()
+        shutil.rmtree(self.workdir, ignore_errors=True)
+
+
+def sibling(path: Path, what: str) -> Path:
+    return path.with_name(f"{path.stem}_{what}{path.suffix}")
+
+
 class ClassMapWriter:
-    """Context manager: `write_rows` strip by strip, `close` publishes, an exception discards."""
+    """Context manager: `write_rows` strip by strip; leaving it publishes, an exception discards."""
 
     def __init__(
         self,
@@ -111,56 +214,45 @@ class ClassMapWriter:
         probabilities: bool = False,
     ) -> None:
         self.output = Path(output)
-        check_writable(self.output)
         self.schema = schema
         self.codes = class_codes(schema)
         self.counts = np.zeros(schema.num_classes, dtype=np.int64)
-        self.workdir = Path(tempfile.mkdtemp(prefix=".landcover-", dir=self.output.parent))
-        base = {
-            "driver": "GTiff",
-            "width": profile["width"],
-            "height": profile["height"],
-            "crs": profile.get("crs"),
-            "transform": profile["transform"],
-            "tiled": True,
-            "blockxsize": BLOCK,
-            "blockysize": BLOCK,
-            "dtype": "uint8",
-        }
-        if base["crs"] is None:
-            base.pop("crs")
-        self.has_crs = profile.get("crs") is not None
         transform = profile["transform"]
         self.pixel_area = (
-            abs(transform.a * transform.e - transform.b * transform.d) if self.has_crs else None
+            abs(transform.a * transform.e - transform.b * transform.d)
+            if profile.get("crs") is not None
+            else None
         )
-        self.datasets: dict[str, rasterio.io.DatasetWriter] = {}
-        self.targets: dict[str, Path] = {"classes": self.output}
-        self.datasets["classes"] = rasterio.open(
-            self.workdir / "classes.tif", "w", count=1, nodata=NODATA, photometric="palette", **base
+        self.outputs: dict[str, Path] = {}
+        self.set = OutputSet(self.output)
+        self.set.add(
+            "classes",
+            self.output,
+            profile,
+            nodata=NODATA,
+            colormap=colormap(schema),
+            tags={
+                "class_names": json.dumps(schema.names),
+                "class_codes": json.dumps([int(self.codes[i]) for i in range(schema.num_classes)]),
+            },
+            descriptions=["land cover class"],
         )
-        self.datasets["classes"].write_colormap(1, colormap(schema))
-        self.datasets["classes"].update_tags(
-            class_names=json.dumps(schema.names),
-            class_codes=json.dumps([int(self.codes[i]) for i in range(schema.num_classes)]),
-        )
-        self.datasets["classes"].set_band_description(1, "land cover class")
         if confidence:
-            self.targets["confidence"] = self.sibling("confidence")
-            self.datasets["confidence"] = rasterio.open(
-                self.workdir / "confidence.tif", "w", count=1, nodata=0, **base
+            self.set.add(
+                "confidence",
+                sibling(self.output, "confidence"),
+                profile,
+                nodata=0,
+                descriptions=["max class probability x 255"],
             )
-            self.datasets["confidence"].set_band_description(1, "max class probability x 255")
         if probabilities:
-            self.targets["probabilities"] = self.sibling("probabilities")
-            self.datasets["probabilities"] = rasterio.open(
-                self.workdir / "probabilities.tif", "w", count=schema.num_classes, **base
+            self.set.add(
+                "probabilities",
+                sibling(self.output, "probabilities"),
+                profile,
+                count=schema.num_classes,
+                descriptions=[f"P({name}) x 255" for name in schema.names],
             )
-            for band, name in enumerate(schema.names, start=1):
-                self.datasets["probabilities"].set_band_description(band, f"P({name}) x 255")
-
-    def sibling(self, what: str) -> Path:
-        return self.output.with_name(f"{self.output.stem}_{what}{self.output.suffix}")
 
     def write_rows(
         self,
@@ -176,11 +268,12 @@ class ClassMapWriter:
         self.counts += np.bincount(classes[valid].ravel(), minlength=self.schema.num_classes)[
             : self.schema.num_classes
         ]
-        self.datasets["classes"].write(self.codes[classes], 1, window=window)
-        if "confidence" in self.datasets and confidence is not None:
-            self.datasets["confidence"].write(np.where(valid, confidence, 0), 1, window=window)
-        if "probabilities" in self.datasets and probabilities is not None:
-            self.datasets["probabilities"].write(probabilities * valid, window=window)
+        rasters = self.set.rasters
+        rasters["classes"].write(self.codes[classes], window)
+        if "confidence" in rasters and confidence is not None:
+            rasters["confidence"].write(np.where(valid, confidence, 0).astype(np.uint8), window)
+        if "probabilities" in rasters and probabilities is not None:
+            rasters["probabilities"].write(probabilities * valid, window)
 
     def area_table(self) -> AreaTable:
         return AreaTable(
@@ -190,39 +283,11 @@ class ClassMapWriter:
             self.pixel_area,
         )
 
-    def close(self) -> dict[str, Path]:
-        """Convert each temporary raster to a COG and move all of them into place."""
-        try:
-            staged = {}
-            for name, dataset in self.datasets.items():
-                dataset.close()
-                staged[name] = self.workdir / f"{name}.cog.tif"
-                rasterio.shutil.copy(
-                    dataset.name,
-                    staged[name],
-                    driver="COG",
-                    compress="DEFLATE",
-                    blocksize=BLOCK,
-                    overview_resampling="NEAREST",
-                    bigtiff="IF_SAFER",
-                )
-            for name, path in staged.items():
-                os.replace(path, self.targets[name])
-            return dict(self.targets)
-        finally:
-            shutil.rmtree(self.workdir, ignore_errors=True)
-
-    def abort(self) -> None:
-        for dataset in self.datasets.values():
-            if not dataset.closed:
-                dataset.close()
-        shutil.rmtree(self.workdir, ignore_errors=True)
-
     def __enter__(self) -> ClassMapWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
-            self.outputs = self.close()
+            self.outputs = self.set.publish()
         else:
-            self.abort()
+            self.set.discard()

@@ -1,0 +1,361 @@
+"""`landcover-evaluate`: whole-scene evaluation and the label-disagreement map.
+
+Patch scores during training are not what users get; this runs the same tiled predictor as
+`landcover-predict` over whole labelled scenes, streams every labelled pixel into one confusion
+matrix, and marks where the model is confident and the label says otherwise. The 2018
+tutorial's model found a pond missing from the ground truth: ranked disagreement regions turn
+that anecdote into a tool for finding label errors.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import logging
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import hydra
+import numpy as np
+import rasterio
+import torch
+from omegaconf import DictConfig, OmegaConf
+from rasterio.windows import Window
+from scipy import ndimage
+
+from landcover import tracking
+from landcover.config import DataConfig
+from landcover.data.loaders import ensure_synthetic, split_scenes
+from landcover.data.scenes import Scene, open_raster
+from landcover.data.schema import IGNORE_INDEX, ClassSchema
+from landcover.errors import ConfigError, LandcoverError
+from landcover.figures import class_map_rgb, confusion_matrix_figure, evaluation_panels_figure
+from landcover.metrics import ConfusionMatrix, scores_from_matrix
+from landcover.paths import COMMANDS_CONFIG_DIR
+from landcover.predict.predictor import PredictSettings, predict_raster
+from landcover.predict.reference import LoadedModel, load_model_reference
+from landcover.predict.writer import OutputSet
+
+log = logging.getLogger("landcover.evaluate")
+
+AGREE, DISAGREE, UNLABELLED = 0, 1, 255
+DISAGREEMENT_COLORS = {AGREE: (0, 0, 0, 0), DISAGREE: (255, 0, 255, 255), UNLABELLED: (0, 0, 0, 0)}
+
+
+def disagreement(
+    target: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, threshold: float
+) -> np.ndarray:
+    """DISAGREE where the label is known, the model is at least `threshold` sure, and they
+    differ; UNLABELLED where the label is ignored or the input has no data."""
+    out = np.full(target.shape, AGREE, dtype=np.uint8)
+    unlabelled = (target == IGNORE_INDEX) | (predicted == IGNORE_INDEX)
+    out[(predicted != target) & (confidence >= threshold) & ~unlabelled] = DISAGREE
+    out[unlabelled] = UNLABELLED
+    return out
+
+
+@dataclass
+class SceneEvaluation:
+    scene: Scene
+    matrix: np.ndarray
+    outputs: dict[str, Path]
+    regions: list[dict]
+
+
+class SceneScorer:
+    """Receives finished rows from the predictor (in its writer thread) and scores them."""
+
+    def __init__(
+        self,
+        scene: Scene,
+        schema: ClassSchema,
+        threshold: float,
+        outputs: OutputSet,
+        profile: dict,
+        target: Path,
+    ) -> None:
+        self.labels = open_raster(scene.label_path)
+        self.lookup = schema.lookup_table()
+        self.threshold = threshold
+        self.matrix = ConfusionMatrix(schema.num_classes)
+        self.raster = outputs.add(
+            "disagreement",
+            target,
+            profile,
+            nodata=UNLABELLED,
+            colormap=DISAGREEMENT_COLORS,
+            descriptions=["1: confident prediction disagrees with label"],
+        )
+
+    def __call__(
+        self, row: int, classes: np.ndarray, confidence: np.ndarray, probabilities: np.ndarray
+    ) -> None:
+        height, width = classes.shape
+        window = Window(0, row, width, height)
+        target = self.lookup[self.labels.read(1, window=window)]
+        self.matrix.update(torch.from_numpy(classes), torch.from_numpy(target))
+        self.raster.write(disagreement(target, classes, confidence, self.threshold), window)
+
+    def close(self) -> None:
+        self.labels.close()
+
+
+def rank_regions(
+    mask: np.ndarray,
+    target: np.ndarray,
+    predicted: np.ndarray,
+    confidence: np.ndarray,
+    names: list[str],
+    transform,
+    has_crs: bool,
+    min_pixels: int,
+) -> list[dict]:
+    """Connected disagreement regions (8-connected), largest first."""
+    regions, count = ndimage.label(mask == DISAGREE, structure=np.ones((3, 3)))
+    if count == 0:
+        return []
+    index = np.arange(1, count + 1)
+    sizes = ndimage.sum_labels(np.ones_like(regions), regions, index).astype(int)
+    mean_conf = ndimage.mean(confidence, regions, index)
+    slices = ndimage.find_objects(regions)
+    pixel_area = abs(transform.a * transform.e) if has_crs else None
+    rows = []
+    for label, size, conf, box in zip(index, sizes, mean_conf, slices, strict=True):
+        if size < min_pixels:
+            continue
+        inside = regions[box] == label
+        label_class = np.bincount(target[box][inside], minlength=256).argmax()
+        predicted_class = np.bincount(predicted[box][inside], minlength=256).argmax()
+        r0, r1, c0, c1 = box[0].start, box[0].stop, box[1].start, box[1].stop
+        x, y = transform * ((c0 + c1) / 2, (r0 + r1) / 2)
+        rows.append(
+            {
+                "pixels": int(size),
+                "area_m2": None if pixel_area is None else size * pixel_area,
+                "row_min": r0,
+                "col_min": c0,
+                "row_max": r1 - 1,
+                "col_max": c1 - 1,
+                "centre_x": x if has_crs else None,
+                "centre_y": y if has_crs else None,
+                "label_class": names[label_class] if label_class < len(names) else "unknown",
+                "predicted_class": names[predicted_class]
+                if predicted_class < len(names)
+                else "unknown",
+                "mean_confidence": float(conf),
+            }
+        )
+    return sorted(rows, key=lambda r: (-r["pixels"], -r["mean_confidence"]))
+
+
+def evaluate_scene(
+    model: LoadedModel,
+    scene: Scene,
+    output_dir: Path,
+    settings: PredictSettings,
+    threshold: float,
+    min_region_pixels: int,
+) -> SceneEvaluation:
+    schema = model.schema
+    stem = Path(scene.image_path).stem
+    with open_raster(scene.image_path) as src:
+        profile = {
+            "width": src.width,
+            "height": src.height,
+            "crs": src.crs,
+            "transform": src.transform,
+        }
+    target = output_dir / f"{stem}_disagreement.tif"
+    outputs = OutputSet(target)
+    scorer = SceneScorer(scene, schema, threshold, outputs, profile, target)
+    try:
+        result = predict_raster(
+            model, scene.image_path, output_dir / f"{stem}_landcover.tif", settings, on_rows=scorer
+        )
+        published = outputs.publish()
+    except BaseException:
+        outputs.discard()
+        raise
+    finally:
+        scorer.close()
+    with (
+        rasterio.open(published["disagreement"]) as dis,
+        rasterio.open(result.outputs["classes"]) as pred,
+        open_raster(scene.label_path) as lab,
+    ):
+        mask = dis.read(1)
+        code_to_class = np.full(256, IGNORE_INDEX, np.uint8)
+        for index, info in enumerate(schema.classes):
+            code_to_class[info.codes[0]] = index
+        predicted = code_to_class[pred.read(1)]
+        target = schema.lookup_table()[lab.read(1)]
+        confidence = np.zeros(mask.shape, np.float32)
+        if "confidence" in result.outputs:
+            with rasterio.open(result.outputs["confidence"]) as conf:
+                confidence = conf.read(1) / 255.0
+        regions = rank_regions(
+            mask,
+            target,
+            predicted,
+            confidence,
+            schema.names,
+            dis.transform,
+            dis.crs is not None,
+            min_region_pixels,
+        )
+    return SceneEvaluation(
+        scene,
+        scorer.matrix.numpy(),
+        {**result.outputs, "disagreement": published["disagreement"]},
+        regions,
+    )
+
+
+def _csv(rows: list[dict]) -> str:
+    if not rows:
+        return ""
+    buffer = io.StringIO()
+    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer.writeheader()
+    writer.writerows(rows)
+    return buffer.getvalue()
+
+
+def scene_panels(evaluations: list[SceneEvaluation], schema: ClassSchema, limit: int):
+    """image | labels | prediction | disagreement for up to `limit` scenes, downsampled."""
+    rows = []
+    code_to_class = np.full(256, IGNORE_INDEX, np.uint8)
+    for index, info in enumerate(schema.classes):
+        code_to_class[info.codes[0]] = index
+    for evaluation in evaluations[:limit]:
+        scene = evaluation.scene
+        factor = max(1, int(np.ceil(max(scene.width, scene.height) / 512)))
+        shape = (scene.height // factor, scene.width // factor)
+        with (
+            open_raster(scene.image_path) as src,
+            open_raster(scene.label_path) as lab,
+            rasterio.open(evaluation.outputs["classes"]) as pred,
+            rasterio.open(evaluation.outputs["disagreement"]) as dis,
+        ):
+            image = src.read(out_shape=(src.count, *shape))
+            target = schema.lookup_table()[lab.read(1, out_shape=shape)]
+            predicted = code_to_class[pred.read(1, out_shape=shape)]
+            mask = dis.read(1, out_shape=shape)
+        rows.append(
+            (
+                Path(scene.image_path).name,
+                image,
+                class_map_rgb(target, schema),
+                class_map_rgb(predicted, schema),
+                mask == DISAGREE,
+            )
+        )
+    return evaluation_panels_figure(rows, schema)
+
+
+def run_evaluation(cfg: DictConfig) -> dict[str, float]:
+    try:
+        data_cfg = OmegaConf.merge(
+            OmegaConf.structured(DataConfig), OmegaConf.to_container(cfg.data, resolve=True)
+        )
+    except Exception as err:  # OmegaConf validation errors
+        raise ConfigError(f"bad data config: {err}") from err
+    threshold = float(cfg.evaluate.confidence_threshold)
+    if not 0 < threshold <= 1:
+        raise ConfigError(f"evaluate.confidence_threshold={threshold} must be within (0, 1]")
+    model = load_model_reference(str(cfg.model), tracking_uri=cfg.tracking.uri, device=cfg.device)
+    ensure_synthetic(data_cfg)
+    schema = model.schema
+    scenes = split_scenes(data_cfg, str(cfg.split), schema)
+    output_dir = Path(cfg.output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    settings = PredictSettings(**OmegaConf.to_container(cfg.predict))
+    evaluations = [
+        evaluate_scene(
+            model, scene, output_dir, settings, threshold, int(cfg.evaluate.min_region_pixels)
+        )
+        for scene in scenes
+    ]
+    total = sum(e.matrix for e in evaluations)
+    scores = scores_from_matrix(total, schema.scored_classes)
+    metrics = scores.as_metrics(schema.names, schema.scored_classes, prefix="eval/")
+    per_scene = []
+    regions = []
+    for evaluation in evaluations:
+        scene_scores = scores_from_matrix(evaluation.matrix, schema.scored_classes)
+        per_scene.append(
+            {
+                "scene": Path(evaluation.scene.image_path).name,
+                "labelled_pixels": int(evaluation.matrix.sum()),
+                **{
+                    k.removeprefix("eval/"): round(v, 6)
+                    for k, v in scene_scores.as_metrics(
+                        schema.names, schema.scored_classes, prefix="eval/"
+                    ).items()
+                },
+            }
+        )
+        regions.extend(
+            {"scene": Path(evaluation.scene.image_path).name, **r} for r in evaluation.regions
+        )
+    regions.sort(key=lambda r: -r["pixels"])
+    regions = [{"rank": i + 1, **r} for i, r in enumerate(regions[: cfg.evaluate.max_regions])]
+    (output_dir / "per_scene_metrics.csv").write_text(_csv(per_scene))
+    (output_dir / "disagreement_regions.csv").write_text(_csv(regions))
+    log.info(
+        "evaluated %d scenes: OA %.4f, mIoU %.4f; %d disagreement regions; outputs in %s",
+        len(scenes),
+        scores.overall_accuracy,
+        scores.mean_iou,
+        len(regions),
+        output_dir,
+    )
+    tags = {
+        "landcover.kind": "evaluation",
+        "landcover.model": model.reference,
+        "data": data_cfg.name,
+        "split": str(cfg.split),
+    }
+    if model.source_run_id:
+        tags["landcover.source_run_id"] = model.source_run_id
+    with tracking.start_run(
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        run_name=f"evaluate {data_cfg.name}/{cfg.split}",
+        tags=tags,
+    ):
+        tracking.log_evaluation(
+            params={
+                "model": model.reference,
+                "data": data_cfg.name,
+                "split": str(cfg.split),
+                "scenes": len(scenes),
+                "confidence_threshold": threshold,
+                **{f"predict.{k}": v for k, v in OmegaConf.to_container(cfg.predict).items()},
+            },
+            metrics=metrics,
+            matrix=total,
+            class_names=schema.names,
+            matrix_figure=confusion_matrix_figure(
+                total, schema.names, "whole-scene confusion matrix"
+            ),
+            panels=scene_panels(evaluations, schema, int(cfg.evaluate.max_panels)),
+            per_scene_csv=_csv(per_scene),
+            regions_csv=_csv(regions),
+            disagreement_maps=[e.outputs["disagreement"] for e in evaluations],
+        )
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path=COMMANDS_CONFIG_DIR, config_name="evaluate")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_evaluation(cfg)
+    except (LandcoverError, ValueError) as err:
+        log.error("%s", err)
+        sys.exit(f"error: {err}")
+
+
+def main() -> None:
+    _hydra_main()

@@ -1,0 +1,1 @@
+"""Bridges to other runtimes and formats: ONNX export, (later) CNTK model import."""

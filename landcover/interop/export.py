@@ -1,0 +1,64 @@
+"""`landcover-export`: write a model as ONNX, verify it, and log it to the model's MLflow run."""
+
+from __future__ import annotations
+
+import logging
+import sys
+from pathlib import Path
+
+import hydra
+from omegaconf import DictConfig
+
+from landcover import tracking
+from landcover.errors import LandcoverError
+from landcover.interop.onnx import export_onnx, max_abs_difference
+from landcover.paths import COMMANDS_CONFIG_DIR
+from landcover.predict.reference import load_model_reference
+from landcover.predict.writer import check_writable
+
+log = logging.getLogger("landcover.export")
+
+
+def run_export(cfg: DictConfig) -> tuple[Path, float]:
+    output = Path(cfg.output)
+    check_writable(output)
+    model = load_model_reference(str(cfg.model), tracking_uri=cfg.tracking.uri, device="cpu")
+    if model.torch_module is None:
+        raise LandcoverError(f"{cfg.model}: only PyTorch models can be exported")
+    metadata = {
+        **model.metadata,
+        "source_run_id": model.source_run_id,
+        "source_reference": model.reference,
+    }
+    export_onnx(model.torch_module, metadata, output, opset=int(cfg.opset))
+    difference = max_abs_difference(model.torch_module, output)
+    if difference > float(cfg.tolerance):
+        output.unlink()
+        raise LandcoverError(
+            f"ONNX export of {cfg.model} differs from PyTorch by {difference:.2e}"
+            f" (tolerance {cfg.tolerance}); nothing was written"
+        )
+    log.info("wrote %s (max |onnx - torch| = %.2e)", output, difference)
+    if cfg.log_to_mlflow:
+        tracking.log_export(
+            cfg.tracking.uri,
+            model.source_run_id,
+            cfg.tracking.experiment,
+            output,
+            difference,
+            model.reference,
+        )
+    return output, difference
+
+
+@hydra.main(version_base="1.3", config_path=COMMANDS_CONFIG_DIR, config_name="export")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_export(cfg)
+    except LandcoverError as err:
+        log.error("%s", err)
+        sys.exit(f"error: {err}")
+
+
+def main() -> None:
+    _hydra_main()

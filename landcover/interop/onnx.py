@@ -1,0 +1,108 @@
+"""ONNX export with dynamic batch, height and width, checked against PyTorch.
+
+The exported graph is the model's normalisation and network (and its centre crop, for the seed
+network) without the any-size padding of the PyTorch wrapper: ONNX inputs must be multiples of
+the model's `size_divisor`, which travels in the file's metadata with the class schema; the
+tiled predictor always sends such tiles.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from landcover.errors import LandcoverError
+from landcover.models import SegmentationModel
+
+METADATA_KEY = "landcover"
+
+
+class _Exportable(nn.Module):
+    def __init__(self, model: SegmentationModel) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixels: torch.Tensor) -> torch.Tensor:
+        logits = self.model.net(self.model.normalize(pixels))
+        m = self.model.output_margin
+        return logits[..., m:-m, m:-m] if m else logits
+
+
+def export_onnx(
+    model: SegmentationModel,
+    metadata: dict[str, Any],
+    path: Path,
+    opset: int = 17,
+    example_size: int = 256,
+) -> Path:
+    """Write `path` atomically (a temporary file renamed into place)."""
+    import onnx
+
+    path = Path(path)
+    model = model.cpu().eval()
+    divisor = int(metadata.get("size_divisor", model.size_divisor))
+    size = max(divisor, example_size // divisor * divisor)
+    example = torch.rand(1, int(metadata["bands"]), size, size) * 255
+    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
+    os.close(fd)
+    try:
+        torch.onnx.export(
+            _Exportable(model),
+            (example,),
+            tmp,
+            input_names=["pixels"],
+            output_names=["logits"],
+            opset_version=opset,
+            dynamo=False,
+            dynamic_axes={
+                "pixels": {0: "batch", 2: "height", 3: "width"},
+                "logits": {0: "batch", 2: "out_height", 3: "out_width"},
+            },
+        )
+        proto = onnx.load(tmp)
+        entry = proto.metadata_props.add()
+        entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+        onnx.save(proto, tmp)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def load_onnx(path: Path):
+    """An onnxruntime session and the landcover metadata stored in the file."""
+    import onnxruntime as ort
+
+    try:
+        session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
+    except Exception as err:  # onnxruntime raises its own exception types
+        raise LandcoverError(f"{path}: not a loadable ONNX model ({err})") from err
+    props = session.get_modelmeta().custom_metadata_map
+    if METADATA_KEY not in props:
+        raise LandcoverError(f"{path}: ONNX model was not exported by landcover (no metadata)")
+    return session, json.loads(props[METADATA_KEY])
+
+
+def max_abs_difference(
+    model: SegmentationModel, path: Path, sizes=((1, 256, 256), (2, 320, 192)), seed: int = 0
+) -> float:
+    """Largest |ONNX - PyTorch| logit difference over random inputs of several shapes."""
+    session, metadata = load_onnx(path)
+    generator = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    model = model.cpu().eval()
+    for batch, height, width in sizes:
+        pixels = torch.rand(batch, int(metadata["bands"]), height, width, generator=generator) * 255
+        with torch.inference_mode():
+            expected = model(pixels).numpy()
+        (actual,) = session.run(None, {"pixels": pixels.numpy()})
+        worst = max(worst, float(np.abs(actual - expected).max()))
+    return worst

@@ -1,0 +1,118 @@
+"""`landcover-predict`: map one or many rasters with any model reference, record each map."""
+
+from __future__ import annotations
+
+import glob
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+import hydra
+import numpy as np
+import rasterio
+from omegaconf import DictConfig, ListConfig, OmegaConf
+
+from landcover import tracking
+from landcover.errors import ConfigError, LandcoverError
+from landcover.figures import quicklook_figure
+from landcover.paths import COMMANDS_CONFIG_DIR
+from landcover.predict.predictor import PredictionResult, PredictSettings, predict_raster
+from landcover.predict.reference import LoadedModel, load_model_reference
+
+log = logging.getLogger("landcover.predict")
+
+
+def expand_inputs(spec: str | Sequence[str]) -> list[Path]:
+    """A path, a glob, or a list of either; every named file must exist."""
+    items = [spec] if isinstance(spec, str) else list(spec)
+    paths: list[Path] = []
+    for item in items:
+        matches = sorted(glob.glob(str(item))) if glob.has_magic(str(item)) else [str(item)]
+        if not matches:
+            raise ConfigError(f"input={item!r} matches no file")
+        paths.extend(Path(m) for m in matches)
+    missing = [str(p) for p in paths if not p.exists()]
+    if missing:
+        raise ConfigError(f"input file(s) {missing} do not exist")
+    return paths
+
+
+def output_paths(inputs: Sequence[Path], output: str) -> list[Path]:
+    """One output per input: the file named, or <dir>/<stem>_landcover.tif."""
+    target = Path(output)
+    if len(inputs) == 1 and not output.endswith("/") and not target.is_dir():
+        return [target]
+    if target.exists() and not target.is_dir():
+        raise ConfigError(f"output={output}: {len(inputs)} inputs need an output directory")
+    target.mkdir(parents=True, exist_ok=True)
+    names = [p.stem for p in inputs]
+    if len(set(names)) != len(names):
+        raise ConfigError("inputs share file names; map them to separate output directories")
+    return [target / f"{p.stem}_landcover.tif" for p in inputs]
+
+
+def quicklook(path: Path, model: LoadedModel, size: int):
+    with rasterio.open(path) as src:
+        scale = max(src.width, src.height) / size
+        shape = (max(1, int(src.height / max(scale, 1))), max(1, int(src.width / max(scale, 1))))
+        codes = src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+        colors = src.colormap(1)
+    schema = model.schema
+    names = {info.codes[0]: info.name for info in schema.classes if info.codes}
+    return quicklook_figure(codes.astype(np.uint8), colors, names, f"{path.name}")
+
+
+def run_predictions(cfg: DictConfig) -> list[PredictionResult]:
+    spec = OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else cfg.input
+    inputs = expand_inputs(spec)
+    outputs = output_paths(inputs, str(cfg.output))
+    model = load_model_reference(str(cfg.model), tracking_uri=cfg.tracking.uri, device=cfg.device)
+    settings = PredictSettings(**OmegaConf.to_container(cfg.predict))
+    results = []
+    for input_path, output_path in zip(inputs, outputs, strict=True):
+        result = predict_raster(model, input_path, output_path, settings)
+        table = result.area_table
+        log.info(
+            "%s -> %s (%.1f Mpx in %.1f s, %.2f Mpx/s)",
+            input_path,
+            output_path,
+            result.pixels / 1e6,
+            result.seconds,
+            result.pixels / 1e6 / result.seconds,
+        )
+        for name, path in result.outputs.items():
+            if name == "classes":
+                path.with_suffix(".areas.csv").write_text(table.to_csv())
+                path.with_suffix(".areas.json").write_text(table.to_json())
+        if cfg.log_to_mlflow:
+            with tracking.start_run(
+                cfg.tracking.uri, cfg.tracking.experiment, run_name=f"predict {input_path.name}"
+            ):
+                tracking.log_prediction(
+                    input_path=input_path,
+                    outputs=result.outputs,
+                    model_reference=model.reference,
+                    source_run_id=model.source_run_id,
+                    settings=OmegaConf.to_container(cfg.predict),
+                    area_csv=table.to_csv(),
+                    area_json=table.to_json(),
+                    quicklook=quicklook(result.outputs["classes"], model, cfg.quicklook_size),
+                    seconds=result.seconds,
+                    pixels=result.pixels,
+                )
+        results.append(result)
+    return results
+
+
+@hydra.main(version_base="1.3", config_path=COMMANDS_CONFIG_DIR, config_name="predict")
+def _hydra_main(cfg: DictConfig) -> None:
+    try:
+        run_predictions(cfg)
+    except (LandcoverError, ValueError) as err:
+        log.error("%s", err)
+        sys.exit(f"error: {err}")
+
+
+def main() -> None:
+    _hydra_main()
