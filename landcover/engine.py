@@ -141,6 +141,23 @@ class Trainer:
             target = target[..., margin:-margin, margin:-margin]
         return image, target
 
+    def _batches(self, loader, limit: int | None, description: str):
+        """Batches on the device, at most `limit` of them, behind a progress bar."""
+        total = min(limit or len(loader), len(loader))
+        self.progress_bar = tqdm(
+            loader,
+            total=total,
+            desc=description,
+            leave=False,
+            disable=not self.settings.progress,
+            dynamic_ncols=True,
+        )
+        for step, (image, target) in enumerate(self.progress_bar):
+            if step >= total:
+                break
+            yield self._to_device(image, target)
+        self.progress_bar.close()
+
     def _forward(self, image: torch.Tensor) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(image).float()
@@ -148,22 +165,12 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         self.model.train()
         self.data.train_dataset.set_epoch(epoch)
-        loader = self.data.train_loader
-        limit = self.settings.limit_train_batches or len(loader)
         total_loss, steps, patches = 0.0, 0, 0
         started = time.perf_counter()
-        bar = tqdm(
-            loader,
-            total=min(limit, len(loader)),
-            desc=f"epoch {epoch} train",
-            disable=not self.settings.progress,
-            leave=False,
-            dynamic_ncols=True,
+        batches = self._batches(
+            self.data.train_loader, self.settings.limit_train_batches, f"epoch {epoch} train"
         )
-        for step, (image, target) in enumerate(bar):
-            if step >= limit:
-                break
-            image, target = self._to_device(image, target)
+        for step, (image, target) in enumerate(batches):
             if not bool((target != IGNORE_INDEX).any()):
                 continue
             loss = self.loss_fn(self._forward(image), target)
@@ -178,7 +185,7 @@ class Trainer:
             total_loss += loss.item()
             steps += 1
             patches += image.shape[0]
-            bar.set_postfix(loss=f"{total_loss / steps:.4f}")
+            self.progress_bar.set_postfix(loss=f"{total_loss / steps:.4f}")
         seconds = time.perf_counter() - started
         return {
             "train/loss": total_loss / max(steps, 1),
@@ -192,20 +199,9 @@ class Trainer:
         matrix = ConfusionMatrix(self.schema.num_classes, self.device)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
         labelled = 0
-        loader = self.data.val_loader
-        limit = self.settings.limit_val_batches or len(loader)
-        bar = tqdm(
-            loader,
-            total=min(limit, len(loader)),
-            desc=f"epoch {epoch} val",
-            disable=not self.settings.progress,
-            leave=False,
-            dynamic_ncols=True,
-        )
-        for step, (image, target) in enumerate(bar):
-            if step >= limit:
-                break
-            image, target = self._to_device(image, target)
+        for image, target in self._batches(
+            self.data.val_loader, self.settings.limit_val_batches, f"epoch {epoch} val"
+        ):
             logits = self._forward(image)
             loss_sum += F.cross_entropy(
                 logits, target, ignore_index=IGNORE_INDEX, reduction="sum"

@@ -15,3 +15,7 @@ class SceneError(LandcoverError):
 
 class ConfigError(LandcoverError):
     """A configuration value that is missing, mistyped or out of range."""
+
+
+class RunPrunedError(Exception):
+    """A run stopped on purpose before its end (a pruned sweep trial): not a failure."""

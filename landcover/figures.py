@@ -64,6 +64,15 @@ def class_map_rgb(classes: np.ndarray, schema: ClassSchema) -> np.ndarray:
     return palette[classes]
 
 
+def add_class_legend(fig: plt.Figure, schema: ClassSchema) -> None:
+    """Class colours under the panels, and room made for them."""
+    handles = [
+        plt.Rectangle((0, 0), 1, 1, color=np.array(rgb) / 255) for rgb in schema.rgb_palette()
+    ]
+    fig.legend(handles, schema.names, loc="lower center", ncol=min(len(handles), 6))
+    fig.tight_layout(rect=(0, 0.05, 1, 1))
+
+
 def panels_figure(
     images: Sequence[np.ndarray],
     targets: Sequence[np.ndarray],
@@ -83,11 +92,7 @@ def panels_figure(
             ax.imshow(picture, interpolation="nearest")
             ax.set_title(title)
             ax.axis("off")
-    handles = [
-        plt.Rectangle((0, 0), 1, 1, color=np.array(rgb) / 255) for rgb in schema.rgb_palette()
-    ]
-    fig.legend(handles, schema.names, loc="lower center", ncol=min(len(handles), 6))
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    add_class_legend(fig, schema)
     return fig
 
 
@@ -133,9 +138,5 @@ def evaluation_panels_figure(rows, schema: ClassSchema) -> plt.Figure:
             ax.imshow(picture, interpolation="nearest")
             ax.set_title(title, fontsize=9)
             ax.axis("off")
-    handles = [
-        plt.Rectangle((0, 0), 1, 1, color=np.array(rgb) / 255) for rgb in schema.rgb_palette()
-    ]
-    fig.legend(handles, schema.names, loc="lower center", ncol=min(len(handles), 6))
-    fig.tight_layout(rect=(0, 0.05, 1, 1))
+    add_class_legend(fig, schema)
     return fig

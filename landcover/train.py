@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import signal
 import sys
 from collections.abc import Mapping
 from pathlib import Path
@@ -27,6 +28,7 @@ from landcover.errors import LandcoverError
 from landcover.models import build_model, count_parameters
 from landcover.optim import build_loss, build_optimizer, build_scheduler
 from landcover.paths import CONFIG_DIR
+from landcover.sweep.context import active_trial
 
 log = logging.getLogger("landcover.train")
 
@@ -74,6 +76,7 @@ def train(
     cfg: DictConfig,
     epoch_callback: EpochCallback | None = None,
     extra_tags: Mapping[str, str] | None = None,
+    extra_params: Mapping[str, str] | None = None,
 ) -> FitResult:
     """Validate the config, build data/model/optimiser, fit, and record everything."""
     cfg = validate_config(cfg)
@@ -148,6 +151,7 @@ def train(
     with tracker.start(run_name=cfg.tracking.run_name, run_id=run_id, tags=tags):
         if checkpoint is None:
             tracker.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
+            tracker.log_params(dict(extra_params or {}))
             tracker.log_params(
                 {
                     "model.parameters": str(count_parameters(model)),
@@ -200,8 +204,24 @@ def train(
     return result
 
 
+def _stop_on_sigterm(signum, frame) -> None:
+    # An exception (not a silent exit) so the open MLflow run is closed as FAILED, not left
+    # RUNNING, when a scheduler or `kill` stops the job.
+    raise SystemExit(f"stopped by signal {signum}")
+
+
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
+    signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    trial = active_trial()
+    if trial is not None:  # a sweep trial: errors go back to the sweeper, which records them
+        result = train(
+            cfg,
+            epoch_callback=trial.report,
+            extra_tags=trial.tags,
+            extra_params={f"sweep.params.{k}": str(v) for k, v in trial.params.items()},
+        )
+        return result.best_value
     try:
         result = train(cfg)
     except LandcoverError as err:

@@ -132,3 +132,13 @@ def test_evaluate_writes_disagreement_and_links_the_training_run(model_run, tiny
         "panels/scene_panels.png",
         "disagreement/synth_000_naip_disagreement.tif",
     } <= artifacts
+
+
+def test_comparison_table_reads_mlflow_alone(model_run, tmp_path):
+    from analysis.compare_runs import main as compare
+
+    result, _, uri = model_run
+    compare(["--experiment", "e2e", "--tracking-uri", uri, "--out", str(tmp_path / "cmp")])
+    table = (tmp_path / "cmp.md").read_text()
+    assert result.run_id in table and "best val/mIoU" in table
+    assert (tmp_path / "cmp.csv").read_text().count("\n") >= 2

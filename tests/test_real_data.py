@@ -76,3 +76,27 @@ def test_thirteen_class_raster_is_refused_by_the_four_class_schema(shared, tmp_p
             str(image), str(label), bands=4, schema=schema_from_config(sample_config(shared).data)
         )
     assert str(label) in str(err.value)
+
+
+def test_prediction_on_the_real_georeferenced_tile_round_trips(shared, tmp_path):
+    """CRS, transform, colour table and COG layout survive a prediction of the real tile."""
+    import rasterio
+
+    from landcover.predict.predictor import PredictSettings, predict_raster
+    from landcover.predict.reference import from_module
+    from tests.test_predict import metadata, small_fcn
+
+    tile = shared / "data" / "chesapeake-sample" / "tiles" / "m_3907833_nw_17_1_naip-old.tif"
+    result = predict_raster(
+        from_module(small_fcn(), metadata()),
+        tile,
+        tmp_path / "map.tif",
+        PredictSettings(tile_size=128, overlap=16, progress=False),
+    )
+    with rasterio.open(tile) as src, rasterio.open(result.outputs["classes"]) as out:
+        assert out.crs == src.crs and out.crs.to_epsg() == 26917
+        assert out.transform == src.transform
+        assert out.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert out.colormap(1)[1][:3] == (0, 0, 255)
+        # NIR is the 4th band, not an alpha mask: every pixel is mapped
+        assert (out.read(1) != 255).all()

@@ -177,3 +177,22 @@ def test_seed_network_trains_on_centre_targets(tiny_synthetic, tmp_path):
     result = train(cfg)
     assert np.isfinite(result.last_metrics["val/loss"])
     assert "val/iou_no_data" not in result.last_metrics  # ignored class is not scored
+
+
+def test_early_stopping_stops_the_run(tiny_synthetic, tmp_path):
+    """A min_delta no epoch can beat: the run stops `patience` epochs after the first."""
+    cfg = compose_train(
+        *tiny_overrides(
+            tiny_synthetic,
+            tmp_path,
+            "trainer.max_epochs=6",
+            "trainer.early_stopping.patience=1",
+            "trainer.early_stopping.min_delta=1e9",
+            "tracking.log_model=false",
+            "trainer.num_panels=0",
+        )
+    )
+    result = train(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert [m.step for m in client.get_metric_history(result.run_id, "val/mIoU")] == [0, 1]
+    assert result.best_epoch == 0

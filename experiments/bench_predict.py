@@ -1,0 +1,199 @@
+"""Benchmark: whole-scene mapping speed and memory of `landcover-predict`'s tiled predictor.
+
+On generated 4-band GeoTIFFs (4096 x 4096 and 16384 x 16384) with unet/resnet18 (5 classes):
+scene Mpx/s end to end (read, tile, forward, blend, write a COG), the forward-only rate over
+the same tiles, the model's FLOP floor (FLOPs per pixel against a measured matmul peak), and
+peak RSS of the predicting process. Each scene is mapped in a fresh process so its peak RSS is
+its own. Figures are printed and logged to MLflow (experiment `benchmarks`).
+
+    .venv/bin/python experiments/bench_predict.py [--sizes 4096 16384] [--tile 512 --overlap 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import multiprocessing as mp
+import resource
+import tempfile
+import time
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import rasterio
+import torch
+from rasterio.windows import Window
+
+from landcover.data.synthetic import generate_labels, render_image
+from landcover.models import build_model
+from landcover.predict.predictor import PredictSettings, plan_layout, predict_raster
+from landcover.predict.reference import from_module
+from landcover.tracking import environment_tags
+
+SCHEMA = {
+    "name": "tutorial5",
+    "classes": [
+        {"name": n, "color": "#000000", "codes": [i]}
+        for i, n in enumerate(["no_data", "water", "trees", "herbaceous", "barren_impervious"])
+    ],
+    "ignore_codes": [],
+}
+UNET = {
+    "arch": "unet",
+    "encoder": "resnet18",
+    "encoder_depth": 5,
+    "encoder_weights": None,
+    "decoder_channels": [256, 128, 64, 32, 16],
+}
+
+
+def make_model():
+    torch.manual_seed(0)
+    model = build_model(UNET, in_channels=4, num_classes=5, mean=[100.0] * 4, std=[40.0] * 4)
+    metadata = {
+        "schema": SCHEMA,
+        "bands": 4,
+        "output_margin": 0,
+        "size_divisor": model.size_divisor,
+    }
+    return model.eval(), metadata
+
+
+def write_scene(path: Path, size: int, block: int = 2048) -> None:
+    """A synthetic landscape tile repeated over the scene (memory bounded at any size)."""
+    rng = np.random.default_rng(0)
+    tile = render_image(generate_labels(rng, block), rng)
+    profile = {
+        "driver": "GTiff",
+        "width": size,
+        "height": size,
+        "count": 4,
+        "dtype": "uint8",
+        "crs": "EPSG:26918",
+        "tiled": True,
+        "blockxsize": 512,
+        "blockysize": 512,
+        "compress": "deflate",
+        "photometric": "RGB",
+        "alpha": "UNSPECIFIED",
+        "transform": rasterio.transform.from_origin(400000, 4300000, 1, 1),
+    }
+    with rasterio.open(path, "w", **profile) as dst:
+        for row in range(0, size, block):
+            for col in range(0, size, block):
+                h, w = min(block, size - row), min(block, size - col)
+                dst.write(tile[:, :h, :w], window=Window(col, row, w, h))
+
+
+def map_scene(path: str, output: str, settings: PredictSettings, queue) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    model, metadata = make_model()
+    result = predict_raster(from_module(model, metadata), path, output, settings)
+    peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    queue.put({"seconds": result.seconds, "pixels": result.pixels, "peak_rss_mib": peak_mib})
+
+
+def forward_only_rate(settings: PredictSettings, size: int, sample_tiles: int | None) -> float:
+    """Scene Mpx/s the forward pass alone would give over this scene's tiles."""
+    model, metadata = make_model()
+    loaded = from_module(model, metadata)
+    layout, _ = plan_layout(loaded, settings, size, size)
+    tiles = layout.rows * layout.cols
+    batches = -(-(sample_tiles or tiles) // settings.batch_size)
+    batch = torch.rand(settings.batch_size, 4, layout.tile, layout.tile) * 255
+    loaded.forward(batch)  # warm-up
+    started = time.perf_counter()
+    for _ in range(batches):
+        torch.softmax(loaded.forward(batch), dim=1)
+    per_tile = (time.perf_counter() - started) / (batches * settings.batch_size)
+    return size * size / (per_tile * tiles) / 1e6
+
+
+def flop_floor(tile: int = 256) -> tuple[float, float, float]:
+    """(GFLOP per tile, measured matmul GFLOP/s, FLOP-floor Mpx/s of input pixels)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    model, _ = make_model()
+    with FlopCounterMode(display=False) as counter, torch.inference_mode():
+        model(torch.rand(1, 4, tile, tile))
+    flops = counter.get_total_flops()
+    a, b = torch.rand(2048, 2048), torch.rand(2048, 2048)
+    a @ b
+    started = time.perf_counter()
+    for _ in range(5):
+        a @ b
+    peak = 5 * 2 * 2048**3 / (time.perf_counter() - started)
+    return flops / 1e9, peak / 1e9, peak / (flops / tile**2) / 1e6
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
+    parser.add_argument("--tile", type=int, default=512)
+    parser.add_argument("--overlap", type=int, default=64)
+    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument(
+        "--forward-sample-tiles",
+        type=int,
+        default=64,
+        help="tiles timed for the forward-only rate (0 = all)",
+    )
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    args = parser.parse_args()
+    settings = PredictSettings(
+        tile_size=args.tile, overlap=args.overlap, batch_size=args.batch_size, progress=True
+    )
+    gflop, peak, floor = flop_floor()
+    print(
+        f"unet/resnet18: {gflop:.1f} GFLOP per 256x256 tile; matmul peak {peak:.0f} GFLOP/s;"
+        f" FLOP floor {floor:.2f} Mpx/s"
+    )
+    results = {"gflop_per_256_tile": gflop, "matmul_gflops": peak, "flop_floor_mpx_s": floor}
+    context = mp.get_context("spawn")
+    with tempfile.TemporaryDirectory() as tmp:
+        for size in args.sizes:
+            scene = Path(tmp) / f"scene_{size}.tif"
+            write_scene(scene, size)
+            queue = context.Queue()
+            worker = context.Process(
+                target=map_scene,
+                args=(str(scene), str(Path(tmp) / f"map_{size}.tif"), settings, queue),
+            )
+            worker.start()
+            stats = queue.get()
+            worker.join()
+            e2e = stats["pixels"] / stats["seconds"] / 1e6
+            forward = forward_only_rate(settings, size, args.forward_sample_tiles or None)
+            print(
+                f"{size} x {size}: end to end {e2e:.3f} scene Mpx/s "
+                f"({stats['seconds']:.0f} s), forward only {forward:.3f} Mpx/s "
+                f"(e2e = {100 * e2e / forward:.0f} % of it), peak RSS "
+                f"{stats['peak_rss_mib']:.0f} MiB"
+            )
+            results.update(
+                {
+                    f"e2e_mpx_s_{size}": e2e,
+                    f"forward_mpx_s_{size}": forward,
+                    f"peak_rss_mib_{size}": stats["peak_rss_mib"],
+                    f"seconds_{size}": stats["seconds"],
+                }
+            )
+            scene.unlink()
+    mlflow.set_tracking_uri(args.tracking_uri)
+    mlflow.set_experiment("benchmarks")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    with mlflow.start_run(run_name="bench_predict", tags=environment_tags(device)):
+        mlflow.log_params(
+            {
+                "tile": args.tile,
+                "overlap": args.overlap,
+                "batch_size": args.batch_size,
+                "sizes": str(args.sizes),
+                "cpu_threads": torch.get_num_threads(),
+            }
+        )
+        mlflow.log_metrics(results)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Optuna sweeps driven by Hydra multirun: search spaces, trial context, study storage."""

@@ -1,0 +1,105 @@
+"""Search spaces written in Hydra's override grammar, sampled define-by-run by Optuna.
+
+    model: choice(seed, unet, fpn, deeplabv3plus)       # a config *group*
+    model.encoder: choice(resnet18, resnet34)           # only for models that have an encoder
+    trainer.max_epochs: int(interval(2, 40))            # or range(2, 41)
+    optimizer.lr: tag(log, interval(1e-4, 1e-2))
+
+A parameter under `model.` is sampled only when the chosen model's config has that key, so a
+`seed` trial is never given an encoder it cannot use (conditional search space).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import optuna
+from hydra.core.override_parser.overrides_parser import OverridesParser
+from hydra.core.override_parser.types import ChoiceSweep, IntervalSweep, RangeSweep
+from omegaconf import OmegaConf
+from optuna.distributions import (
+    BaseDistribution,
+    CategoricalDistribution,
+    FloatDistribution,
+    IntDistribution,
+)
+
+from landcover.errors import ConfigError
+from landcover.paths import CONFIG_DIR
+
+
+@dataclass(frozen=True)
+class Parameter:
+    name: str
+    distribution: BaseDistribution | None  # None: a fixed value
+    fixed: Any = None
+
+
+def parse_parameter(name: str, text: str) -> Parameter:
+    """One `key: expression` of a sweep config as an Optuna distribution."""
+    try:
+        override = OverridesParser.create().parse_override(f"{name}={text}")
+    except Exception as err:  # Hydra's grammar errors
+        raise ConfigError(f"sweep parameter {name}: cannot parse {text!r} ({err})") from err
+    value = override.value()
+    if isinstance(value, ChoiceSweep):
+        return Parameter(name, CategoricalDistribution(list(value.list)))
+    if isinstance(value, RangeSweep):
+        if any(isinstance(v, float) for v in (value.start, value.stop, value.step)):
+            raise ConfigError(f"sweep parameter {name}: range() takes integers; use interval()")
+        return Parameter(
+            name, IntDistribution(int(value.start), int(value.stop) - 1, step=int(value.step))
+        )
+    if isinstance(value, IntervalSweep):
+        log = "log" in value.tags
+        if isinstance(value.start, int) and isinstance(value.end, int):
+            return Parameter(name, IntDistribution(value.start, value.end, log=log))
+        return Parameter(name, FloatDistribution(float(value.start), float(value.end), log=log))
+    return Parameter(name, None, value)
+
+
+def parse_space(params: Mapping[str, Any]) -> list[Parameter]:
+    space = [parse_parameter(str(k), str(v)) for k, v in params.items()]
+    # groups first: which model is chosen decides which model.* keys exist
+    return sorted(space, key=lambda p: "." in p.name)
+
+
+def model_keys(model: str) -> set[str]:
+    path = Path(CONFIG_DIR) / "model" / f"{model}.yaml"
+    if not path.exists():
+        raise ConfigError(f"sweep chose model={model!r} but {path} does not exist")
+    return set(OmegaConf.load(path).keys())
+
+
+def suggest(trial: optuna.Trial, space: list[Parameter], fixed_model: str | None) -> dict:
+    """Sample one trial's values, skipping model keys the chosen model does not have."""
+    values: dict[str, Any] = {}
+    for parameter in space:
+        if parameter.name.startswith("model."):
+            model = values.get("model", fixed_model)
+            if model is not None and parameter.name.split(".", 1)[1] not in model_keys(model):
+                continue
+        if parameter.distribution is None:
+            values[parameter.name] = parameter.fixed
+        else:
+            values[parameter.name] = _suggest(trial, parameter.name, parameter.distribution)
+    return values
+
+
+def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> Any:
+    if isinstance(distribution, CategoricalDistribution):
+        return trial.suggest_categorical(name, distribution.choices)
+    if isinstance(distribution, IntDistribution):
+        return trial.suggest_int(
+            name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+        )
+    return trial.suggest_float(
+        name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
+    )
+
+
+def as_overrides(values: Mapping[str, Any]) -> list[str]:
+    return [f"{name}={value}" for name, value in values.items()]
