@@ -1,9 +1,13 @@
-"""Compare the runs of an MLflow experiment: one table (markdown + CSV), best first.
+"""Compare the runs of an MLflow experiment or of one sweep: a table and two plots.
 
 Reads MLflow alone (no config files, no checkpoints), so it works on any store a team shares:
 
     .venv/bin/python analysis/compare_runs.py --experiment chesapeake_sample \\
-        [--metric val/mIoU] [--tracking-uri sqlite:///mlflow.db] [--out comparison]
+        [--sweep <study name>] [--metric val/mIoU] [--tracking-uri sqlite:///mlflow.db] \\
+        [--out comparison]
+
+writes <out>.md and <out>.csv (best first) and <out>_epochs.png / <out>_architecture.png
+(the objective against the number of epochs trained and against the architecture).
 """
 
 from __future__ import annotations
@@ -27,12 +31,17 @@ PARAMS = (
 METRICS = ("val/overall_accuracy", "val/mIoU", "val/kappa", "train/loss", "val/loss")
 
 
-def comparison_rows(client: MlflowClient, experiment: str, metric: str) -> list[dict]:
+def comparison_rows(
+    client: MlflowClient, experiment: str, metric: str, sweep: str | None = None
+) -> list[dict]:
     found = client.get_experiment_by_name(experiment)
     if found is None:
         raise SystemExit(f"no experiment named {experiment!r} in {client.tracking_uri}")
     rows = []
-    for run in client.search_runs([found.experiment_id], max_results=10_000):
+    query = f"tags.`sweep.study` = '{sweep}'" if sweep else ""
+    for run in client.search_runs([found.experiment_id], filter_string=query, max_results=10_000):
+        if run.data.tags.get("landcover.kind") == "sweep":
+            continue  # a sweep's parent run holds no training
         history = client.get_metric_history(run.info.run_id, metric)
         row = {
             "run_id": run.info.run_id,
@@ -52,6 +61,40 @@ def comparison_rows(client: MlflowClient, experiment: str, metric: str) -> list[
     )
 
 
+def plots(rows: list[dict], metric: str, out: str) -> list[Path]:
+    """The objective against epochs trained and against architecture."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    best = f"best {metric}"
+    scored = [r for r in rows if r[best] == r[best]]
+    written = []
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.scatter([r["epochs"] for r in scored], [r[best] for r in scored])
+    ax.set_xlabel("epochs trained")
+    ax.set_ylabel(best)
+    ax.set_title(f"{best} against epochs")
+    fig.tight_layout()
+    fig.savefig(f"{out}_epochs.png", dpi=100)
+    written.append(Path(f"{out}_epochs.png"))
+    plt.close(fig)
+    arches = sorted({r["model.arch"] or "?" for r in scored})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for i, arch in enumerate(arches):
+        values = [r[best] for r in scored if (r["model.arch"] or "?") == arch]
+        ax.scatter([i] * len(values), values, alpha=0.7)
+    ax.set_xticks(range(len(arches)), arches)
+    ax.set_ylabel(best)
+    ax.set_title(f"{best} by architecture")
+    fig.tight_layout()
+    fig.savefig(f"{out}_architecture.png", dpi=100)
+    written.append(Path(f"{out}_architecture.png"))
+    plt.close(fig)
+    return written
+
+
 def markdown(rows: list[dict]) -> str:
     if not rows:
         return "(no runs)\n"
@@ -68,11 +111,14 @@ def markdown(rows: list[dict]) -> str:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--experiment", required=True)
+    parser.add_argument("--sweep", default=None, help="only the trials of this study")
     parser.add_argument("--metric", default="val/mIoU")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--out", default=None, help="write <out>.md and <out>.csv")
     args = parser.parse_args(argv)
-    rows = comparison_rows(MlflowClient(args.tracking_uri), args.experiment, args.metric)
+    rows = comparison_rows(
+        MlflowClient(args.tracking_uri), args.experiment, args.metric, args.sweep
+    )
     table = markdown(rows)
     sys.stdout.write(table)
     if args.out and rows:
@@ -81,6 +127,7 @@ def main(argv: list[str] | None = None) -> None:
             writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(rows)
+        plots(rows, args.metric, args.out)
 
 
 if __name__ == "__main__":

@@ -142,3 +142,5 @@ def test_comparison_table_reads_mlflow_alone(model_run, tmp_path):
     table = (tmp_path / "cmp.md").read_text()
     assert result.run_id in table and "best val/mIoU" in table
     assert (tmp_path / "cmp.csv").read_text().count("\n") >= 2
+    assert (tmp_path / "cmp_epochs.png").stat().st_size > 0
+    assert (tmp_path / "cmp_architecture.png").stat().st_size > 0

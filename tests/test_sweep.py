@@ -132,6 +132,18 @@ def test_two_workers_share_one_study(tmp_path):
     runs = children(tmp_path)
     assert len(runs) == 6
     assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1  # one parent
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
+    assert parent.data.params["study_name"] == "smoke"
+    assert parent.data.params["space.optimizer.lr"] == "tag(log, interval(1e-4, 1e-2))"
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {
+        "sweep/trials.csv",
+        "sweep/best.json",
+        "sweep/plot_optimization_history.png",
+        "sweep/plot_intermediate_values.png",
+    } <= artifacts
+    assert "best/val/mIoU" in parent.data.metrics
     by_number = {int(r.data.tags["sweep.trial_number"]): r for r in runs}
     for trial in trials:
         params = by_number[trial.number].data.params

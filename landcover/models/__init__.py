@@ -44,7 +44,9 @@ class SegmentationModel(nn.Module):
         self.size_divisor = size_divisor
 
     def normalize(self, x: torch.Tensor) -> torch.Tensor:
-        return (x.float() - self.mean) / self.std
+        # one float copy, then in place: a batch of 16 x 4 x 256 x 256 is 16 MiB per temporary
+        out = x.float() if x.dtype != torch.float32 else x.clone()
+        return out.sub_(self.mean).div_(self.std)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
