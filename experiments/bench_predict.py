@@ -4,7 +4,8 @@ On generated 4-band GeoTIFFs (4096 x 4096 and 16384 x 16384) with unet/resnet18 
 scene Mpx/s end to end (read, tile, forward, blend, write a COG), the forward-only rate over
 the same tiles, the model's FLOP floor (FLOPs per pixel against a measured matmul peak), and
 peak RSS of the predicting process. Each scene is mapped in a fresh process so its peak RSS is
-its own. Figures are printed and logged to MLflow (experiment `benchmarks`).
+its own (that process imports neither MLflow nor anything it does not need to map).
+Figures are printed and logged to MLflow (experiment `benchmarks`).
 
     .venv/bin/python experiments/bench_predict.py [--sizes 4096 16384] [--tile 512 --overlap 64]
 """
@@ -18,7 +19,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import mlflow
 import numpy as np
 import rasterio
 import torch
@@ -28,7 +28,6 @@ from landcover.data.synthetic import generate_labels, render_image
 from landcover.models import build_model
 from landcover.predict.predictor import PredictSettings, plan_layout, predict_raster
 from landcover.predict.reference import from_module
-from landcover.tracking import environment_tags
 
 SCHEMA = {
     "name": "tutorial5",
@@ -131,7 +130,7 @@ def main() -> None:
     parser.add_argument("--sizes", type=int, nargs="+", default=[4096, 16384])
     parser.add_argument("--tile", type=int, default=512)
     parser.add_argument("--overlap", type=int, default=64)
-    parser.add_argument("--batch-size", type=int, default=4)
+    parser.add_argument("--batch-size", type=int, default=1)
     parser.add_argument(
         "--forward-sample-tiles",
         type=int,
@@ -179,6 +178,10 @@ def main() -> None:
                 }
             )
             scene.unlink()
+    import mlflow  # only here: the mapping processes must not pay for it in memory
+
+    from landcover.tracking import environment_tags
+
     mlflow.set_tracking_uri(args.tracking_uri)
     mlflow.set_experiment("benchmarks")
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")

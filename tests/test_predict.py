@@ -84,6 +84,7 @@ def test_centre_mode_equals_a_full_raster_pass(tmp_path):
         tmp_path / "out.tif",
         PredictSettings(tile_size=40, overlap=16, mode="centre", progress=False),
         on_rows=on_rows,
+        keep_probabilities=True,
     )
     expected = full_pass(module, pixels, 8)
     np.testing.assert_allclose(canvas, expected, atol=1e-5)
@@ -114,7 +115,9 @@ def test_blending_leaves_no_seams(tmp_path):
 
     def column_jumps(settings):
         canvas, on_rows = capture_probabilities(192, 192)
-        predict_raster(loaded, path, tmp_path / "x.tif", settings, on_rows=on_rows)
+        predict_raster(
+            loaded, path, tmp_path / "x.tif", settings, on_rows=on_rows, keep_probabilities=True
+        )
         return np.abs(np.diff(canvas, axis=2)).mean(axis=(0, 1))  # jump between col k and k+1
 
     blended = column_jumps(PredictSettings(tile_size=64, overlap=32, mode="blend", progress=False))

@@ -36,10 +36,13 @@ def test_accumulator_hands_out_every_row_once_with_constant_memory(blend):
             probabilities = np.zeros((2, layout.tile, layout.tile), np.float32)
             probabilities[0] = 1.0
             accumulator.add(probabilities, top, col)
-        row, merged = accumulator.flush(tops[index + 1] if index + 1 < len(tops) else None)
+        row, classes, confidence, merged = accumulator.flush(
+            tops[index + 1] if index + 1 < len(tops) else None, keep_probabilities=True, chunk=40
+        )
         seen[row : row + merged.shape[1]] += 1
-        assert merged.shape[2] == layout.width
+        assert merged.shape[2] == layout.width and classes.shape == merged.shape[1:]
         np.testing.assert_allclose(merged[0], 1.0, rtol=1e-5)  # weights normalise exactly
+        assert (classes == 0).all() and np.allclose(confidence, 1.0)
         assert accumulator.sums.shape == buffer_shape
     assert (seen == 1).all()
 

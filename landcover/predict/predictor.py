@@ -8,12 +8,13 @@ is bounded by one strip (tile height x raster width), never by the raster's area
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import rasterio
 import torch
 from rasterio.enums import MaskFlags
 from rasterio.windows import Window
@@ -36,10 +37,11 @@ class PredictSettings:
     tile_size: int = 512
     overlap: int = 64
     mode: str = "auto"  # auto | centre | blend
-    batch_size: int = 4
+    batch_size: int = 1
     confidence: bool = False
     probabilities: bool = False
     progress: bool = True
+    gdal_cache_mb: int = 128  # GDAL's block cache; its default (5 % of RAM) grows with area
 
 
 @dataclass
@@ -109,18 +111,20 @@ def read_valid_mask(src, row: int, rows: int) -> np.ndarray | None:
     return None
 
 
-def _strip_probabilities(
+def _tile_probabilities(
     model: LoadedModel, strip: np.ndarray, layout: TileLayout, batch_size: int, bar
-) -> list[tuple[int, np.ndarray]]:
-    tiles = [(col, strip[:, :, col : col + layout.tile]) for col in layout.col_lefts()]
-    out = []
-    for start in range(0, len(tiles), batch_size):
-        chunk = tiles[start : start + batch_size]
-        batch = torch.from_numpy(np.stack([t for _, t in chunk])).float()
+) -> Iterator[tuple[int, np.ndarray]]:
+    """(column, class probabilities) of each tile of a strip, batch by batch, so that no more
+    than one batch of probabilities exists at a time."""
+    cols = layout.col_lefts()
+    for start in range(0, len(cols), batch_size):
+        chunk = cols[start : start + batch_size]
+        batch = torch.from_numpy(
+            np.stack([strip[:, :, col : col + layout.tile] for col in chunk])
+        ).float()
         probabilities = torch.softmax(model.forward(batch), dim=1).cpu().numpy()
-        out.extend((col, p) for (col, _), p in zip(chunk, probabilities, strict=True))
         bar.update(len(chunk))
-    return out
+        yield from zip(chunk, probabilities, strict=True)
 
 
 def predict_raster(
@@ -129,8 +133,10 @@ def predict_raster(
     output_path: str | Path,
     settings: PredictSettings = PredictSettings(),
     on_rows: RowsCallback | None = None,
+    keep_probabilities: bool = False,
 ) -> PredictionResult:
-    """Map one raster; `on_rows(row, classes, confidence, probabilities)` sees every strip."""
+    """Map one raster; `on_rows(row, classes, confidence, probabilities)` sees every strip
+    (probabilities only with `keep_probabilities` or `settings.probabilities`)."""
     import time
 
     started = time.perf_counter()
@@ -138,7 +144,11 @@ def predict_raster(
     schema = model.schema
     # GDAL handles are not thread-safe: the reader thread and the finisher (which reads the
     # nodata mask) each get their own.
-    with open_raster(input_path) as src, open_raster(input_path) as mask_src:
+    with (
+        rasterio.Env(GDAL_CACHEMAX=settings.gdal_cache_mb),
+        open_raster(input_path) as src,
+        open_raster(input_path) as mask_src,
+    ):
         if src.count != model.bands:
             raise SceneError(
                 f"{input_path}: has {src.count} band(s) but model "
@@ -177,17 +187,18 @@ def predict_raster(
                 strip = next_strip.result()
                 if index + 1 < len(tops):
                     next_strip = reader.submit(read_strip, src, layout, tops[index + 1])
-                for col, probabilities in _strip_probabilities(
+                for col, probabilities in _tile_probabilities(
                     model, strip, layout, settings.batch_size, bar
                 ):
                     accumulator.add(probabilities, top, col)
-                row, merged = accumulator.flush(tops[index + 1] if index + 1 < len(tops) else None)
+                finished = accumulator.flush(
+                    tops[index + 1] if index + 1 < len(tops) else None,
+                    keep_probabilities=settings.probabilities or keep_probabilities,
+                )
                 if pending is not None:
                     pending.result()
-                if merged.shape[1]:
-                    pending = finisher.submit(
-                        _finish_rows, mask_src, writer, row, merged, settings, on_rows
-                    )
+                if finished[1].shape[0]:
+                    pending = finisher.submit(_finish_rows, mask_src, writer, *finished, on_rows)
             if pending is not None:
                 pending.result()
             bar.close()
@@ -205,17 +216,18 @@ def _finish_rows(
     src,
     writer: ClassMapWriter,
     row: int,
-    merged: np.ndarray,
-    settings: PredictSettings,
+    classes: np.ndarray,
+    confidence: np.ndarray,
+    probabilities: np.ndarray | None,
     on_rows: RowsCallback | None,
 ) -> None:
-    classes = merged.argmax(axis=0).astype(np.uint8)
-    confidence = merged.max(axis=0)
-    valid = read_valid_mask(src, row, merged.shape[1])
+    valid = read_valid_mask(src, row, classes.shape[0])
     if valid is not None:
         classes[~valid] = IGNORE_INDEX
     confidence_u8 = np.round(confidence * 255).astype(np.uint8)
-    probabilities_u8 = np.round(merged * 255).astype(np.uint8) if settings.probabilities else None
+    probabilities_u8 = (
+        np.round(probabilities * 255).astype(np.uint8) if probabilities is not None else None
+    )
     writer.write_rows(row, classes, confidence_u8, probabilities_u8)
     if on_rows is not None:
-        on_rows(row, classes, confidence, merged)
+        on_rows(row, classes, confidence, probabilities)

@@ -106,25 +106,42 @@ class StripAccumulator:
             self.sums[:, r : r + layout.core, c : c + layout.core] = core
             self.total_weight[r : r + layout.core, c : c + layout.core] = 1.0
 
-    def flush(self, next_row: int | None) -> tuple[int, np.ndarray]:
-        """Hand out the finished rows (those above the next strip's reach) and shift the buffer.
+    def flush(
+        self, next_row: int | None, *, keep_probabilities: bool = False, chunk: int = 2048
+    ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
+        """Hand out the finished rows (those the next strip cannot reach) and shift the buffer.
 
-        Returns (first raster row, merged probabilities (classes, rows, raster width)); rows
-        outside the raster are dropped.
+        Returns (first raster row, class indices (rows, width) uint8, confidence (rows, width)
+        float32, and the merged probabilities (classes, rows, width) if asked for). Merging goes
+        column chunk by chunk so no full-strip float copy is ever made; rows outside the raster
+        are dropped.
         """
         layout = self.layout
-        reach = (
-            (next_row - layout.context if self.blend else next_row)
-            if next_row is not None
-            else self.top + self.sums.shape[1]
-        )
+        if next_row is None:
+            reach = self.top + self.sums.shape[1]
+        else:
+            reach = next_row - layout.context if self.blend else next_row
         count = reach - self.top
-        merged = self.sums[:, :count] / np.maximum(self.total_weight[:count], 1e-12)
         start = self.top
-        merged = merged[:, :, layout.context : layout.context + layout.width]
-        keep_from = max(0, -start)
-        keep_to = min(count, layout.height - start)
-        finished = merged[:, keep_from:keep_to]
+        keep_from, keep_to = max(0, -start), max(0, min(count, layout.height - start))
+        rows = max(keep_to - keep_from, 0)
+        classes = np.empty((rows, layout.width), dtype=np.uint8)
+        confidence = np.empty((rows, layout.width), dtype=np.float32)
+        probabilities = (
+            np.empty((self.num_classes, rows, layout.width), dtype=np.float32)
+            if keep_probabilities
+            else None
+        )
+        for col in range(0, layout.width, chunk):
+            width = min(chunk, layout.width - col)
+            c0 = layout.context + col
+            merged = self.sums[:, keep_from:keep_to, c0 : c0 + width] / np.maximum(
+                self.total_weight[keep_from:keep_to, c0 : c0 + width], 1e-12
+            )
+            classes[:, col : col + width] = merged.argmax(axis=0)
+            confidence[:, col : col + width] = merged.max(axis=0)
+            if probabilities is not None:
+                probabilities[:, :, col : col + width] = merged
         # shift what stays (the overlap with the next strip) to the top of the buffer
         rest = self.sums.shape[1] - count
         if rest > 0:
@@ -133,4 +150,4 @@ class StripAccumulator:
         self.sums[:, max(rest, 0) :] = 0
         self.total_weight[max(rest, 0) :] = 0
         self.top = reach
-        return start + keep_from, finished
+        return start + keep_from, classes, confidence, probabilities
