@@ -5,7 +5,7 @@ N trials of a small U-Net, a fixed number of epochs, learning rate and decoder w
 by TPE with the same seed. Pruning uses the median pruner. Printed and logged to MLflow
 (experiment `benchmarks`).
 
-    .venv/bin/python experiments/bench_sweep.py [--trials 10] [--epochs 6]
+    .venv/bin/python experiments/bench_sweep.py [--trials 12] [--epochs 8] [--patches 256]
 """
 
 from __future__ import annotations
@@ -39,7 +39,9 @@ hydra:
 """
 
 
-def run_study(folder: Path, trials: int, epochs: int, pruner: str) -> tuple[float, float, dict]:
+def run_study(
+    folder: Path, trials: int, epochs: int, patches: int, pruner: str
+) -> tuple[float, float, dict]:
     (folder / "conf" / "sweep").mkdir(parents=True)
     (folder / "conf" / "sweep" / "bench.yaml").write_text(
         STUDY.format(trials=trials, pruner=pruner)
@@ -76,7 +78,7 @@ def run_study(folder: Path, trials: int, epochs: int, pruner: str) -> tuple[floa
         "-m",
         "sweep=bench",
         *data,
-        "data.patches_per_epoch=64",
+        f"data.patches_per_epoch={patches}",
         f"trainer.max_epochs={epochs}",
         f"tracking.uri=sqlite:///{folder / 'mlflow.db'}",
         "tracking.experiment=bench_sweep",
@@ -93,8 +95,14 @@ def run_study(folder: Path, trials: int, epochs: int, pruner: str) -> tuple[floa
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--trials", type=int, default=10)
-    parser.add_argument("--epochs", type=int, default=6)
+    parser.add_argument("--trials", type=int, default=12)
+    parser.add_argument("--epochs", type=int, default=8)
+    parser.add_argument(
+        "--patches",
+        type=int,
+        default=256,
+        help="patches per epoch: enough that an epoch outweighs a trial's start",
+    )
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     args = parser.parse_args()
     results = {}
@@ -103,7 +111,9 @@ def main() -> None:
             ("no_pruning", "{name: none}"),
             ("median_pruning", "{name: median, n_startup_trials: 3, n_warmup_steps: 1}"),
         ):
-            seconds, best, states = run_study(Path(tmp) / label, args.trials, args.epochs, pruner)
+            seconds, best, states = run_study(
+                Path(tmp) / label, args.trials, args.epochs, args.patches, pruner
+            )
             print(f"{label:15s}: {seconds:6.0f} s, best val/mIoU {best:.4f}, trials {states}")
             results[f"{label}_seconds"] = seconds
             results[f"{label}_best_mIoU"] = best
@@ -114,7 +124,9 @@ def main() -> None:
     mlflow.set_tracking_uri(args.tracking_uri)
     mlflow.set_experiment("benchmarks")
     with mlflow.start_run(run_name="bench_sweep"):
-        mlflow.log_params({"trials": args.trials, "epochs": args.epochs})
+        mlflow.log_params(
+            {"trials": args.trials, "epochs": args.epochs, "patches_per_epoch": args.patches}
+        )
         mlflow.log_metrics({**results, "time_ratio": ratio, "best_gap_points": gap})
 
 
