@@ -13,7 +13,6 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
-from matplotlib.colors import ListedColormap  # noqa: E402
 
 from landcover.data.schema import IGNORE_INDEX, ClassSchema  # noqa: E402
 
@@ -94,10 +93,6 @@ def panels_figure(
             ax.axis("off")
     add_class_legend(fig, schema)
     return fig
-
-
-def class_colormap(schema: ClassSchema) -> ListedColormap:
-    return ListedColormap(schema.rgb_palette() / 255.0)
 
 
 def quicklook_figure(

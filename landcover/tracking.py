@@ -360,18 +360,12 @@ class Tracker:
     def log_params(self, params: Mapping[str, str]) -> None:
         mlflow.log_params(dict(params))
 
-    def set_tags(self, tags: Mapping[str, str]) -> None:
-        mlflow.set_tags(dict(tags))
-
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
         finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
         mlflow.log_metrics(finite, step=step)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         mlflow.log_text(text, artifact_file)
-
-    def log_dict(self, data: Mapping[str, Any], artifact_file: str) -> None:
-        mlflow.log_dict(dict(data), artifact_file)
 
     def log_figure(self, figure: plt.Figure, artifact_file: str) -> None:
         mlflow.log_figure(figure, artifact_file)
@@ -385,9 +379,6 @@ class Tracker:
         directory: str = "confusion_matrix",
     ) -> None:
         log_confusion_matrix(matrix, class_names, figure, directory)
-
-    def log_file(self, path: Path, artifact_path: str | None = None) -> None:
-        mlflow.log_artifact(str(path), artifact_path)
 
     def log_model(
         self, model: torch.nn.Module, *, bands: int, num_classes: int, metadata: Mapping[str, Any]

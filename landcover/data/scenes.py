@@ -12,14 +12,13 @@ import glob
 import hashlib
 import os
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
-from rasterio.windows import Window
 
 from landcover.data.schema import ClassSchema
 from landcover.errors import SceneError
@@ -219,10 +218,3 @@ def dataset_fingerprint(scenes: Sequence[Scene]) -> str:
             digest.update(path.name.encode())
             digest.update(_file_digest(path))
     return digest.hexdigest()[:16]
-
-
-def grid_windows(width: int, height: int, size: int) -> Iterator[Window]:
-    """Non-overlapping windows of `size` covering the grid; the last row/column may hang over."""
-    for row in range(0, height, size):
-        for col in range(0, width, size):
-            yield Window(col, row, size, size)

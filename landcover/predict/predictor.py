@@ -7,7 +7,7 @@ is bounded by one strip (tile height x raster width), never by the raster's area
 
 from __future__ import annotations
 
-import logging
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -27,9 +27,8 @@ from landcover.predict.reference import LoadedModel
 from landcover.predict.tiling import StripAccumulator, TileLayout
 from landcover.predict.writer import AreaTable, ClassMapWriter
 
-log = logging.getLogger(__name__)
-
-RowsCallback = Callable[[int, np.ndarray, np.ndarray, np.ndarray], None]
+# (first row, class indices, confidence, merged probabilities or None) of finished rows
+RowsCallback = Callable[[int, np.ndarray, np.ndarray, np.ndarray | None], None]
 
 
 @dataclass(frozen=True)
@@ -137,8 +136,6 @@ def predict_raster(
 ) -> PredictionResult:
     """Map one raster; `on_rows(row, classes, confidence, probabilities)` sees every strip
     (probabilities only with `keep_probabilities` or `settings.probabilities`)."""
-    import time
-
     started = time.perf_counter()
     input_path, output_path = Path(input_path), Path(output_path)
     schema = model.schema
