@@ -13,16 +13,7 @@ from landcover.evaluate import DISAGREE, UNLABELLED, evaluate_scene
 from landcover.predict.predictor import PredictSettings
 from landcover.predict.reference import from_module
 from tests.conftest import write_raster
-
-SCHEMA = {
-    "name": "three",
-    "classes": [
-        {"name": "water", "color": "#0000ff", "codes": [1]},
-        {"name": "trees", "color": "#008000", "codes": [2]},
-        {"name": "field", "color": "#80ff80", "codes": [3]},
-    ],
-    "ignore_codes": [15],
-}
+from tests.test_predict import SCHEMA
 
 
 class BandsAreLogits(nn.Module):
