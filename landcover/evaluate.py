@@ -27,7 +27,7 @@ from scipy import ndimage
 from landcover import tracking
 from landcover.config import DataConfig
 from landcover.data.loaders import ensure_synthetic, split_scenes
-from landcover.data.scenes import Scene, open_raster
+from landcover.data.scenes import Scene, open_raster, quiet_georeferencing_warnings
 from landcover.data.schema import IGNORE_INDEX, ClassSchema
 from landcover.errors import ConfigError, LandcoverError
 from landcover.figures import class_map_rgb, confusion_matrix_figure, evaluation_panels_figure
@@ -213,10 +213,13 @@ def evaluate_scene(
 
 
 def _csv(rows: list[dict]) -> str:
+    """Rows may differ in keys (a metric is absent for a scene without that class): the header
+    is their union, in first-seen order, and missing cells stay empty."""
     if not rows:
         return ""
+    fields = list(dict.fromkeys(key for row in rows for key in row))
     buffer = io.StringIO()
-    writer = csv.DictWriter(buffer, fieldnames=list(rows[0]))
+    writer = csv.DictWriter(buffer, fieldnames=fields, restval="")
     writer.writeheader()
     writer.writerows(rows)
     return buffer.getvalue()
@@ -358,4 +361,5 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    quiet_georeferencing_warnings()
     _hydra_main()

@@ -23,6 +23,7 @@ from landcover import tracking
 from landcover.checkpoint import load_checkpoint
 from landcover.config import validate_config
 from landcover.data.loaders import build_training_data
+from landcover.data.scenes import quiet_georeferencing_warnings
 from landcover.engine import EpochCallback, FitResult, FitSettings, Trainer
 from landcover.errors import LandcoverError
 from landcover.models import build_model, count_parameters
@@ -231,6 +232,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
+    quiet_georeferencing_warnings()
     _hydra_main()
 
 

@@ -86,3 +86,13 @@ def test_disagreement_marks_exactly_the_confident_wrong_pixels(tmp_path):
     )
     assert top[1]["label_class"] == "field"
     assert top[0]["mean_confidence"] > 0.9
+
+
+def test_per_scene_table_tolerates_metrics_missing_for_some_scenes():
+    """A scene without a class has no precision for it: the CSV still holds every column."""
+    from landcover.evaluate import _csv
+
+    text = _csv(
+        [{"scene": "a", "iou_water": 0.5}, {"scene": "b", "iou_water": 0.4, "precision_road": 0.9}]
+    )
+    assert text.splitlines() == ["scene,iou_water,precision_road", "a,0.5,", "b,0.4,0.9"]

@@ -40,6 +40,12 @@ class Scene:
         return self.width * self.height
 
 
+def quiet_georeferencing_warnings() -> None:
+    """Rasters without a CRS are supported on purpose (the real sample patches have none, and
+    their maps keep none); rasterio's NotGeoreferencedWarning on each open is noise here."""
+    warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
+
+
 def open_raster(path: str | Path) -> rasterio.io.DatasetReader:
     """Open a raster, turning rasterio's terse failures into errors that name the file.
 

@@ -10,6 +10,7 @@ import hydra
 from omegaconf import DictConfig
 
 from landcover import tracking
+from landcover.data.scenes import quiet_georeferencing_warnings
 from landcover.errors import LandcoverError
 from landcover.interop.onnx import export_onnx, max_abs_difference
 from landcover.paths import COMMANDS_CONFIG_DIR
@@ -61,4 +62,5 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    quiet_georeferencing_warnings()
     _hydra_main()

@@ -14,6 +14,7 @@ import rasterio
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from landcover import tracking
+from landcover.data.scenes import quiet_georeferencing_warnings
 from landcover.errors import ConfigError, LandcoverError
 from landcover.figures import quicklook_figure
 from landcover.paths import COMMANDS_CONFIG_DIR
@@ -115,4 +116,5 @@ def _hydra_main(cfg: DictConfig) -> None:
 
 
 def main() -> None:
+    quiet_georeferencing_warnings()
     _hydra_main()

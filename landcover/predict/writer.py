@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import rasterio
 import rasterio.shutil
+from affine import Affine
 from rasterio.windows import Window
 
 from landcover.data.schema import IGNORE_INDEX, ClassSchema, hex_to_rgb
@@ -159,13 +160,15 @@ def grid_profile(profile: dict) -> dict:
         "driver": "GTiff",
         "width": profile["width"],
         "height": profile["height"],
-        "transform": profile["transform"],
         "tiled": True,
         "blockxsize": BLOCK,
         "blockysize": BLOCK,
     }
     if profile.get("crs") is not None:
         base["crs"] = profile["crs"]
+    if profile.get("crs") is not None or profile["transform"] != Affine.identity():
+        # an input without georeferencing gives an output without one (no identity transform)
+        base["transform"] = profile["transform"]
     return base
 
 
