@@ -127,7 +127,8 @@ def test_two_workers_share_one_study(tmp_path):
         assert worker.returncode == 0, err[-3000:]
     trials = load(tmp_path, "smoke").get_trials()
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
-    assert len(done) == 6 and len(trials) == 6
+    summary = [(t.number, t.state.name, t.user_attrs.get("error")) for t in trials]
+    assert len(done) == 6 and len(trials) == 6, summary
     assert sorted(t.number for t in trials) == list(range(6))
     runs = children(tmp_path)
     assert len(runs) == 6

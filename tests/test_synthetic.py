@@ -62,3 +62,21 @@ def test_unchanged_spec_is_not_regenerated(tmp_path):
     stamp = target.stat().st_mtime_ns
     generate(tmp_path, spec)
     assert target.stat().st_mtime_ns == stamp
+
+
+def test_concurrent_generation_is_serialised(tmp_path):
+    """Two processes asking at once (two sweep workers' first trials) both get the finished
+    dataset; neither sees the other's half-written or deleted files."""
+    import multiprocessing as mp
+
+    spec = SyntheticSpec(scenes={"train": 2, "val": 1}, size=96, seed=5)
+    context = mp.get_context("fork")
+    workers = [context.Process(target=generate, args=(tmp_path, spec)) for _ in range(3)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(timeout=120)
+        assert worker.exitcode == 0
+    assert len(list((tmp_path / "train").glob("*_naip.tif"))) == 2
+    assert len(list((tmp_path / "val").glob("*_lc.tif"))) == 1
+    assert (tmp_path / "synthetic.json").exists()

@@ -10,6 +10,7 @@ seed, so two machines generate byte-identical scenes.
 from __future__ import annotations
 
 import argparse
+import fcntl
 import json
 import os
 import tempfile
@@ -215,30 +216,44 @@ def write_scene(
 
 
 def generate(root: str | Path, spec: SyntheticSpec) -> Path:
-    """Generate the dataset under `root` unless an identical one is already there."""
+    """Generate the dataset under `root` unless an identical one is already there.
+
+    Safe when several processes ask at once (sweep workers, DataLoader-less DDP ranks): they
+    serialise on a lock file, and those that come second find the finished dataset.
+    """
     root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
     marker = root / "synthetic.json"
     wanted = json.dumps(asdict(spec), sort_keys=True)
-    if marker.exists() and marker.read_text() == wanted:
-        return root
-    for split_index, (split, count) in enumerate(sorted(spec.scenes.items())):
-        directory = root / split
-        directory.mkdir(parents=True, exist_ok=True)
-        for stale in directory.glob("synth_*.tif"):
-            stale.unlink()
-        for i in range(count):
-            rng = np.random.default_rng((spec.seed, split_index, i))
-            origin = (400_000.0 + i * (spec.size + 1000), 4_300_000.0 - split_index * 100_000)
-            write_scene(
-                directory,
-                f"synth_{i:03d}",
-                spec.size,
-                rng,
-                origin=origin,
-                compress=spec.compress,
-                blocksize=spec.blocksize,
-            )
-    marker.write_text(wanted)
+    with open(root / ".generate.lock", "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        try:
+            if marker.exists() and marker.read_text() == wanted:
+                return root
+            marker.unlink(missing_ok=True)  # a half-regenerated dataset must not look finished
+            for split_index, (split, count) in enumerate(sorted(spec.scenes.items())):
+                directory = root / split
+                directory.mkdir(parents=True, exist_ok=True)
+                for stale in directory.glob("synth_*.tif"):
+                    stale.unlink()
+                for i in range(count):
+                    rng = np.random.default_rng((spec.seed, split_index, i))
+                    origin = (
+                        400_000.0 + i * (spec.size + 1000),
+                        4_300_000.0 - split_index * 100_000,
+                    )
+                    write_scene(
+                        directory,
+                        f"synth_{i:03d}",
+                        spec.size,
+                        rng,
+                        origin=origin,
+                        compress=spec.compress,
+                        blocksize=spec.blocksize,
+                    )
+            marker.write_text(wanted)
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
     return root
 
 
