@@ -109,7 +109,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for label, pruner in (
             ("no_pruning", "{name: none}"),
-            ("median_pruning", "{name: median, n_startup_trials: 3, n_warmup_steps: 1}"),
+            ("median_pruning", "{name: median, n_startup_trials: 3, n_warmup_steps: 0}"),
         ):
             seconds, best, states = run_study(
                 Path(tmp) / label, args.trials, args.epochs, args.patches, pruner
