@@ -12,11 +12,9 @@ from __future__ import annotations
 import csv
 import io
 import logging
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-import hydra
 import numpy as np
 import rasterio
 import torch
@@ -25,14 +23,14 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from landcover import tracking
+from landcover.commands import command_main
 from landcover.config import DataConfig
 from landcover.data.loaders import ensure_synthetic, split_scenes
-from landcover.data.scenes import Scene, open_raster, quiet_georeferencing_warnings
+from landcover.data.scenes import Scene, open_raster
 from landcover.data.schema import IGNORE_INDEX, ClassSchema
-from landcover.errors import ConfigError, LandcoverError
+from landcover.errors import ConfigError
 from landcover.figures import class_map_rgb, confusion_matrix_figure, evaluation_panels_figure
 from landcover.metrics import ConfusionMatrix, scores_from_matrix
-from landcover.paths import COMMANDS_CONFIG_DIR
 from landcover.predict.predictor import PredictSettings, predict_raster
 from landcover.predict.reference import LoadedModel, load_model_reference
 from landcover.predict.writer import OutputSet
@@ -351,15 +349,4 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     return metrics
 
 
-@hydra.main(version_base="1.3", config_path=COMMANDS_CONFIG_DIR, config_name="evaluate")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run_evaluation(cfg)
-    except (LandcoverError, ValueError) as err:
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
-
-
-def main() -> None:
-    quiet_georeferencing_warnings()
-    _hydra_main()
+main = command_main(run_evaluation, "evaluate")

@@ -44,3 +44,23 @@ def test_missing_data_is_named(tmp_path):
     out = run("data=geotiff", f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path)
     assert out.returncode != 0
     assert "found no scenes" in out.stderr and "nowhere" in out.stderr
+
+
+@pytest.mark.parametrize("command", ["landcover-predict", "landcover-evaluate", "landcover-export"])
+def test_mapping_commands_report_a_missing_model_in_one_line(tmp_path, command):
+    missing = f"model={tmp_path / 'missing.onnx'}"
+    arguments = {
+        "landcover-predict": [f"input={SCRIPT}", f"output={tmp_path / 'out.tif'}"],
+        "landcover-evaluate": ["data=synthetic", f"data.root={tmp_path}"],
+        "landcover-export": [f"output={tmp_path / 'out.onnx'}"],
+    }[command]
+    out = subprocess.run(
+        [str(SCRIPT.parent / command), missing, *arguments],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "error:" in out.stderr and "missing.onnx" in out.stderr
+    assert "Traceback" not in out.stderr

@@ -3,17 +3,14 @@
 from __future__ import annotations
 
 import logging
-import sys
 from pathlib import Path
 
-import hydra
 from omegaconf import DictConfig
 
 from landcover import tracking
-from landcover.data.scenes import quiet_georeferencing_warnings
+from landcover.commands import command_main
 from landcover.errors import LandcoverError
 from landcover.interop.onnx import export_onnx, max_abs_difference
-from landcover.paths import COMMANDS_CONFIG_DIR
 from landcover.predict.reference import load_model_reference
 from landcover.predict.writer import check_writable
 
@@ -52,15 +49,4 @@ def run_export(cfg: DictConfig) -> tuple[Path, float]:
     return output, difference
 
 
-@hydra.main(version_base="1.3", config_path=COMMANDS_CONFIG_DIR, config_name="export")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run_export(cfg)
-    except LandcoverError as err:
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
-
-
-def main() -> None:
-    quiet_georeferencing_warnings()
-    _hydra_main()
+main = command_main(run_export, "export")

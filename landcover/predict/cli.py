@@ -4,20 +4,17 @@ from __future__ import annotations
 
 import glob
 import logging
-import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-import hydra
 import numpy as np
 import rasterio
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from landcover import tracking
-from landcover.data.scenes import quiet_georeferencing_warnings
-from landcover.errors import ConfigError, LandcoverError
+from landcover.commands import command_main
+from landcover.errors import ConfigError
 from landcover.figures import quicklook_figure
-from landcover.paths import COMMANDS_CONFIG_DIR
 from landcover.predict.predictor import PredictionResult, PredictSettings, predict_raster
 from landcover.predict.reference import LoadedModel, load_model_reference
 
@@ -106,15 +103,4 @@ def run_predictions(cfg: DictConfig) -> list[PredictionResult]:
     return results
 
 
-@hydra.main(version_base="1.3", config_path=COMMANDS_CONFIG_DIR, config_name="predict")
-def _hydra_main(cfg: DictConfig) -> None:
-    try:
-        run_predictions(cfg)
-    except (LandcoverError, ValueError) as err:
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
-
-
-def main() -> None:
-    quiet_georeferencing_warnings()
-    _hydra_main()
+main = command_main(run_predictions, "predict")

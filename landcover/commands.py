@@ -1,0 +1,36 @@
+"""Console-script entry points of the mapping commands (predict, evaluate, export).
+
+Each is a Hydra app over `conf/commands/` whose user errors (bad input, missing model, bad
+config value) end as one clear line and a non-zero exit instead of a traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+from collections.abc import Callable
+
+import hydra
+from omegaconf import DictConfig
+
+from landcover.data.scenes import quiet_georeferencing_warnings
+from landcover.errors import LandcoverError
+from landcover.paths import COMMANDS_CONFIG_DIR
+
+
+def command_main(run: Callable[[DictConfig], object], config_name: str) -> Callable[[], None]:
+    log = logging.getLogger(f"landcover.{config_name}")
+
+    @hydra.main(version_base="1.3", config_path=COMMANDS_CONFIG_DIR, config_name=config_name)
+    def app(cfg: DictConfig) -> None:
+        try:
+            run(cfg)
+        except (LandcoverError, ValueError) as err:
+            log.error("%s", err)
+            sys.exit(f"error: {err}")
+
+    def main() -> None:
+        quiet_georeferencing_warnings()
+        app()
+
+    return main
