@@ -2,34 +2,25 @@
 
 from __future__ import annotations
 
-import os
 import shutil
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from landcover.atomic import atomic_target
 from landcover.errors import ConfigError
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(suffix=".pt.tmp", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         torch.save(state, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def copy_checkpoint(source: Path, target: Path) -> None:
-    fd, tmp = tempfile.mkstemp(suffix=".pt.tmp", dir=target.parent)
-    os.close(fd)
-    shutil.copyfile(source, tmp)
-    os.replace(tmp, target)
+    with atomic_target(target) as tmp:
+        shutil.copyfile(source, tmp)
 
 
 def load_checkpoint(path: str | Path) -> dict[str, Any]:

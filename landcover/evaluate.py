@@ -33,7 +33,7 @@ from landcover.figures import class_map_rgb, confusion_matrix_figure, evaluation
 from landcover.metrics import ConfusionMatrix, scores_from_matrix
 from landcover.predict.predictor import PredictSettings, predict_raster
 from landcover.predict.reference import LoadedModel, load_model_reference
-from landcover.predict.writer import OutputSet
+from landcover.predict.writer import OutputSet, class_indices_of_codes
 
 log = logging.getLogger("landcover.evaluate")
 
@@ -183,10 +183,7 @@ def evaluate_scene(
         open_raster(scene.label_path) as lab,
     ):
         mask = dis.read(1)
-        code_to_class = np.full(256, IGNORE_INDEX, np.uint8)
-        for index, info in enumerate(schema.classes):
-            code_to_class[info.codes[0]] = index
-        predicted = code_to_class[pred.read(1)]
+        predicted = class_indices_of_codes(schema)[pred.read(1)]
         target = schema.lookup_table()[lab.read(1)]
         confidence = np.zeros(mask.shape, np.float32)
         if "confidence" in result.outputs:
@@ -226,9 +223,7 @@ def _csv(rows: list[dict]) -> str:
 def scene_panels(evaluations: list[SceneEvaluation], schema: ClassSchema, limit: int):
     """image | labels | prediction | disagreement for up to `limit` scenes, downsampled."""
     rows = []
-    code_to_class = np.full(256, IGNORE_INDEX, np.uint8)
-    for index, info in enumerate(schema.classes):
-        code_to_class[info.codes[0]] = index
+    code_to_class = class_indices_of_codes(schema)
     for evaluation in evaluations[:limit]:
         scene = evaluation.scene
         factor = max(1, int(np.ceil(max(scene.width, scene.height) / 512)))

@@ -219,6 +219,11 @@ def log_export(
     client.log_metric(run_id, "onnx/max_abs_diff", max_abs_diff)
 
 
+def _experiment_id(client: mlflow.tracking.MlflowClient, experiment: str) -> str:
+    found = client.get_experiment_by_name(experiment)
+    return found.experiment_id if found else client.create_experiment(experiment)
+
+
 def create_sweep_parent(
     uri: str,
     experiment: str,
@@ -230,8 +235,7 @@ def create_sweep_parent(
     and open their own fluent runs)."""
     mlflow.set_tracking_uri(uri)
     client = mlflow.tracking.MlflowClient(uri)
-    found = client.get_experiment_by_name(experiment)
-    experiment_id = found.experiment_id if found else client.create_experiment(experiment)
+    experiment_id = _experiment_id(client, experiment)
     run = client.create_run(
         experiment_id,
         run_name=f"sweep {study_name}",
@@ -256,7 +260,7 @@ def record_failed_trial(
     """Make sure a failed trial has a FAILED child run with its error, also when it failed
     before training opened a run (a bad sampled config value, say)."""
     client = mlflow.tracking.MlflowClient(uri)
-    experiment_id = client.get_experiment_by_name(experiment).experiment_id
+    experiment_id = _experiment_id(client, experiment)
     existing = client.search_runs(
         [experiment_id],
         filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "

@@ -12,8 +12,6 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
-import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -21,6 +19,8 @@ import numpy as np
 import rasterio
 from rasterio.transform import from_origin
 from scipy import ndimage
+
+from landcover.atomic import atomic_target
 
 # Chesapeake Conservancy codes, so the shipped 4-class and 5-label schemas apply unchanged.
 WATER, TREES, LOW_VEGETATION, BARREN, IMPERVIOUS, ROAD = 1, 2, 3, 4, 5, 6
@@ -158,18 +158,10 @@ def render_image(labels: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 def _atomic_write(path: Path, array: np.ndarray, profile: dict, colormap: dict | None) -> None:
     """Write next to the target and rename, so an interrupted run leaves no half file."""
-    fd, tmp = tempfile.mkstemp(suffix=".tif", dir=path.parent)
-    os.close(fd)
-    try:
-        with rasterio.open(tmp, "w", **profile) as dst:
-            if colormap is not None:  # before the pixels: GDAL cannot change it afterwards
-                dst.write_colormap(1, colormap)
-            dst.write(array if array.ndim == 3 else array[None])
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    with atomic_target(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+        if colormap is not None:  # before the pixels: GDAL cannot change it afterwards
+            dst.write_colormap(1, colormap)
+        dst.write(array if array.ndim == 3 else array[None])
 
 
 def write_scene(

@@ -9,8 +9,6 @@ tiled predictor always sends such tiles.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from landcover.atomic import atomic_target
 from landcover.errors import LandcoverError
 from landcover.models import SegmentationModel
 
@@ -50,13 +49,11 @@ def export_onnx(
     divisor = int(metadata.get("size_divisor", model.size_divisor))
     size = max(divisor, example_size // divisor * divisor)
     example = torch.rand(1, int(metadata["bands"]), size, size) * 255
-    fd, tmp = tempfile.mkstemp(suffix=".onnx", dir=path.parent)
-    os.close(fd)
-    try:
+    with atomic_target(path) as tmp:
         torch.onnx.export(
             _Exportable(model),
             (example,),
-            tmp,
+            str(tmp),
             input_names=["pixels"],
             output_names=["logits"],
             opset_version=opset,
@@ -66,14 +63,10 @@ def export_onnx(
                 "logits": {0: "batch", 2: "out_height", 3: "out_width"},
             },
         )
-        proto = onnx.load(tmp)
+        proto = onnx.load(str(tmp))
         entry = proto.metadata_props.add()
         entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
-        onnx.save(proto, tmp)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        onnx.save(proto, str(tmp))
     return path
 
 

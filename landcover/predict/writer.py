@@ -56,6 +56,16 @@ def class_codes(schema: ClassSchema) -> np.ndarray:
     return codes
 
 
+def class_indices_of_codes(schema: ClassSchema) -> np.ndarray:
+    """The inverse of `class_codes`: a written map's code -> class index (IGNORE_INDEX else),
+    for reading maps back."""
+    lookup = np.full(256, IGNORE_INDEX, dtype=np.uint8)
+    for index, info in enumerate(schema.classes):
+        if info.codes:
+            lookup[info.codes[0]] = index
+    return lookup
+
+
 def colormap(schema: ClassSchema) -> dict[int, tuple[int, int, int, int]]:
     table = {NODATA: (0, 0, 0, 0)}
     for info in schema.classes:
