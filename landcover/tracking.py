@@ -22,9 +22,10 @@ import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
 import torch
-from mlflow.models import ModelSignature
+from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+from landcover import serving
 from landcover.errors import RunPrunedError
 
 PARAM_VALUE_LIMIT = 500
@@ -91,11 +92,14 @@ def pinned_requirements() -> list[str]:
     return requirements
 
 
-def model_signature(bands: int, num_classes: int) -> ModelSignature:
-    """Any batch, any height and width: (-1, bands, -1, -1) raw pixels -> logits."""
+def model_signature(bands: int) -> ModelSignature:
+    """The pyfunc (serving) face: (-1, bands, -1, -1) raw pixels -> (-1, -1, -1) class codes.
+
+    Any batch, any height and width; the PyTorch face returns logits (see landcover.serving).
+    """
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, bands, -1, -1), "pixels")]),
-        outputs=Schema([TensorSpec(np.dtype(np.float32), (-1, num_classes, -1, -1), "logits")]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1), "class_codes")]),
     )
 
 
@@ -384,17 +388,21 @@ class Tracker:
     ) -> None:
         log_confusion_matrix(matrix, class_names, figure, directory)
 
-    def log_model(
-        self, model: torch.nn.Module, *, bands: int, num_classes: int, metadata: Mapping[str, Any]
-    ) -> str:
+    def log_model(self, model: torch.nn.Module, *, bands: int, metadata: Mapping[str, Any]) -> str:
         """Log a CPU copy of the model in eval mode; returns its models:/ URI."""
-        info = mlflow.pytorch.log_model(
-            model,
+        info = Model.log(
+            artifact_path=None,
             name="model",
+            flavor=serving,
+            pytorch_model=model,
             serialization_format="pickle",
-            signature=model_signature(bands, num_classes),
+            signature=model_signature(bands),
             pip_requirements=pinned_requirements(),
             metadata=dict(metadata),
+            class_codes=[
+                (c["codes"] or [i])[0] for i, c in enumerate(metadata["schema"]["classes"])
+            ],
+            output_margin=int(metadata.get("output_margin", 0)),
         )
         with tempfile.TemporaryDirectory() as tmp:
             card = Path(tmp) / "landcover_model.json"

@@ -192,7 +192,6 @@ def train(
             result.model_uri = tracker.log_model(
                 cpu_model.eval(),
                 bands=cfg.data.bands,
-                num_classes=len(schema_cfg.classes),
                 metadata=metadata,
             )
         log.info(

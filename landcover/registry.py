@@ -1,0 +1,335 @@
+"""Promotion: the best run of an experiment (or of one sweep) becomes a registered model version,
+and the alias `champion` moves to it only when it beats the current champion on the same data.
+
+MLflow 3 deprecated registry stages; aliases (`champion`, `previous`) are what commands name:
+`models:/landcover@champion`. This module is the only registry writer. A model version carries
+its lineage as tags (source run, experiment, sweep study and trial, metric, dataset
+fingerprint, git commit) so that a champion can always be traced back to the run, the data and
+the code that made it.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+from mlflow.entities import Run
+from mlflow.entities.model_registry import ModelVersion
+from mlflow.exceptions import MlflowException
+from mlflow.tracking import MlflowClient
+
+from landcover.errors import LandcoverError
+
+log = logging.getLogger("landcover.registry")
+
+MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
+FINGERPRINT_TAG = "dataset_fingerprint"
+LINEAGE_RUN_TAGS = (
+    FINGERPRINT_TAG,
+    "git.commit",
+    "git.dirty",
+    "data",
+    "model.arch",
+    "sweep.study",
+    "sweep.trial_number",
+)
+
+
+class PromotionError(LandcoverError):
+    """No run can be promoted, or the promotion would compare unlike with unlike."""
+
+
+@dataclass(frozen=True)
+class Candidate:
+    """A finished run with a logged model and the value of the promotion metric."""
+
+    run: Run
+    metric: str
+    value: float
+
+    @property
+    def run_id(self) -> str:
+        return self.run.info.run_id
+
+    @property
+    def fingerprint(self) -> str | None:
+        return self.run.data.tags.get(FINGERPRINT_TAG)
+
+    @property
+    def model_id(self) -> str | None:
+        outputs = self.run.outputs.model_outputs if self.run.outputs else []
+        return outputs[-1].model_id if outputs else None
+
+
+@dataclass
+class Promotion:
+    """What `promote` did, for the log line and for tests."""
+
+    name: str
+    version: str
+    candidate: Candidate
+    created: bool
+    champion: bool
+    reason: str
+    previous_version: str | None = None
+    aliases: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_direction(metric: str, direction: str) -> str:
+    """'auto': losses and errors are minimised, everything else (mIoU, accuracy) maximised."""
+    if direction not in ("auto", "max", "min"):
+        raise PromotionError(f"direction={direction!r} is not one of auto, max, min")
+    if direction != "auto":
+        return direction
+    return "min" if any(word in metric.lower() for word in ("loss", "error")) else "max"
+
+
+def metric_of(client: MlflowClient, run: Run, metric: str) -> float | None:
+    """The metric of the weights that were logged: training logs the best epoch's model, so
+    `best/<metric>` when recorded, else the metric at the best epoch, else its last value."""
+    metrics = run.data.metrics
+    if f"best/{metric}" in metrics and math.isfinite(metrics[f"best/{metric}"]):
+        return metrics[f"best/{metric}"]
+    if metric not in metrics:
+        return None
+    if "best/epoch" in metrics:
+        epoch = int(metrics["best/epoch"])
+        for point in client.get_metric_history(run.info.run_id, metric):
+            if point.step == epoch:
+                return point.value
+    return metrics[metric]
+
+
+def epochs_of(client: MlflowClient, run: Run, metric: str) -> int:
+    """Epochs trained = distinct steps of the per-epoch metric (best/ metrics are not per epoch)."""
+    return len({point.step for point in client.get_metric_history(run.info.run_id, metric)})
+
+
+def _quote(value: str) -> str:
+    return value.replace("'", "\\'")
+
+
+def find_best_run(
+    client: MlflowClient,
+    *,
+    experiment: str,
+    metric: str,
+    direction: str = "auto",
+    study: str | None = None,
+    min_epochs: int = 0,
+    tags: Mapping[str, str] | None = None,
+    where: str = "",
+) -> Candidate:
+    """The best FINISHED run with a logged model; ties go to the earlier run (a champion is
+    not displaced by an equal), then to the smaller run id, so the choice is reproducible."""
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        names = sorted(e.name for e in client.search_experiments())
+        raise PromotionError(f"experiment {experiment!r} does not exist (experiments: {names})")
+    clauses = ["attributes.status = 'FINISHED'"]
+    if study:
+        clauses.append(f"tags.`sweep.study` = '{_quote(study)}'")
+    clauses += [f"tags.`{key}` = '{_quote(str(value))}'" for key, value in (tags or {}).items()]
+    if where:
+        clauses.append(f"({where})" if " or " in where.lower() else where)
+    try:
+        runs = client.search_runs([found.experiment_id], " and ".join(clauses), max_results=50000)
+    except MlflowException as err:
+        raise PromotionError(f"bad run filter {' and '.join(clauses)!r}: {err.message}") from err
+    scope = f"experiment {experiment!r}" + (f", sweep {study!r}" if study else "")
+    if not runs:
+        raise PromotionError(f"no FINISHED run in {scope} matches {' and '.join(clauses)!r}")
+    with_model = [run for run in runs if run.outputs and run.outputs.model_outputs]
+    if not with_model:
+        raise PromotionError(f"{len(runs)} FINISHED runs in {scope}, but none logged a model")
+    candidates = []
+    for run in with_model:
+        value = metric_of(client, run, metric)
+        if value is None or not math.isfinite(value):
+            continue
+        if min_epochs and epochs_of(client, run, metric) < min_epochs:
+            continue
+        candidates.append(Candidate(run, metric, value))
+    if not candidates:
+        present = sorted({key for run in with_model for key in run.data.metrics})
+        raise PromotionError(
+            f"no run with a model in {scope} has metric {metric!r}"
+            + (f" over at least {min_epochs} epochs" if min_epochs else "")
+            + f" (metrics present: {present[:20]})"
+        )
+    sign = -1.0 if resolve_direction(metric, direction) == "max" else 1.0
+    candidates.sort(key=lambda c: (sign * c.value, c.run.info.start_time, c.run_id))
+    return candidates[0]
+
+
+def candidate_of_run(client: MlflowClient, run_id: str, metric: str) -> Candidate:
+    try:
+        run = client.get_run(run_id)
+    except MlflowException as err:
+        raise PromotionError(f"run {run_id!r} does not exist: {err.message}") from err
+    if run.info.status != "FINISHED":
+        raise PromotionError(f"run {run_id} is {run.info.status}, not FINISHED")
+    if not (run.outputs and run.outputs.model_outputs):
+        raise PromotionError(f"run {run_id} logged no model")
+    value = metric_of(client, run, metric)
+    if value is None:
+        raise PromotionError(f"run {run_id} has no metric {metric!r}")
+    return Candidate(run, metric, value)
+
+
+def resolve_version(client: MlflowClient, uri: str) -> ModelVersion | None:
+    """`models:/name@alias` or `models:/name/version` -> the version (None if the alias or
+    the registered model does not exist yet: there is no champion to beat)."""
+    match = MODEL_URI.match(uri)
+    if not match:
+        raise PromotionError(
+            f"{uri!r} is not a registry reference (models:/<name>@<alias> or models:/<name>/<n>)"
+        )
+    try:
+        if match["alias"]:
+            return client.get_model_version_by_alias(match["name"], match["alias"])
+        return client.get_model_version(match["name"], match["version"])
+    except MlflowException as err:
+        if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
+            return None
+        raise
+
+
+def _better(value: float, than: float, direction: str) -> bool:
+    return value > than if direction == "max" else value < than
+
+
+def _lineage(candidate: Candidate, experiment: str, direction: str) -> dict[str, str]:
+    tags = {
+        "landcover.source_run_id": candidate.run_id,
+        "landcover.experiment": experiment,
+        "landcover.metric": candidate.metric,
+        "landcover.metric_value": repr(candidate.value),
+        "landcover.direction": direction,
+    }
+    run_tags = candidate.run.data.tags
+    tags.update({key: run_tags[key] for key in LINEAGE_RUN_TAGS if key in run_tags})
+    if "best/epoch" in candidate.run.data.metrics:
+        tags["landcover.best_epoch"] = str(int(candidate.run.data.metrics["best/epoch"]))
+    return tags
+
+
+def _description(candidate: Candidate, experiment: str) -> str:
+    tags = candidate.run.data.tags
+    return (
+        f"{tags.get('model.arch', 'model')} trained on {tags.get('data', 'unknown data')}: "
+        f"{candidate.metric} = {candidate.value:.4f} (run {candidate.run_id} of experiment "
+        f"{experiment!r}"
+        + (
+            f", sweep {tags['sweep.study']} trial {tags.get('sweep.trial_number')}"
+            if "sweep.study" in tags
+            else ""
+        )
+        + f"); dataset fingerprint {candidate.fingerprint or 'unknown'}; git "
+        f"{tags.get('git.commit', 'unknown')[:12]}"
+    )
+
+
+def _existing_version(client: MlflowClient, name: str, run_id: str) -> ModelVersion | None:
+    try:
+        versions = client.search_model_versions(f"name = '{_quote(name)}' and run_id = '{run_id}'")
+    except MlflowException:
+        return None
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def _register(client: MlflowClient, name: str, candidate: Candidate) -> tuple[ModelVersion, bool]:
+    """The version holding this run's model: the existing one (idempotent) or a new one."""
+    existing = _existing_version(client, name, candidate.run_id)
+    if existing is not None:
+        return existing, False
+    try:
+        client.get_registered_model(name)
+    except MlflowException:
+        client.create_registered_model(
+            name, description="Land cover segmentation models promoted by landcover-promote."
+        )
+    source = f"models:/{candidate.model_id}" if candidate.model_id else None
+    version = client.create_model_version(
+        name,
+        source=source or f"runs:/{candidate.run_id}/model",
+        run_id=candidate.run_id,
+        model_id=candidate.model_id,
+    )
+    return version, True
+
+
+def promote(
+    client: MlflowClient,
+    candidate: Candidate,
+    *,
+    name: str,
+    experiment: str,
+    direction: str = "auto",
+    alias: str = "champion",
+    previous_alias: str = "previous",
+    against: str | None = None,
+    force: bool = False,
+) -> Promotion:
+    """Register the candidate and move `alias` to it if it beats the version `against` names
+    (default `models:/<name>@<alias>`) on the same metric and the same data."""
+    direction = resolve_direction(candidate.metric, direction)
+    champion = resolve_version(client, against or f"models:/{name}@{alias}")
+    if champion is None and against:
+        raise PromotionError(f"against={against!r} names no registered model version")
+    champion_value: float | None = None
+    if champion is not None and champion.run_id != candidate.run_id:
+        champion_run = client.get_run(champion.run_id)
+        fingerprint = champion_run.data.tags.get(FINGERPRINT_TAG)
+        if fingerprint != candidate.fingerprint and not force:
+            raise PromotionError(
+                f"run {candidate.run_id} was evaluated on other data than the current champion "
+                f"({name} version {champion.version}, run {champion.run_id}): dataset "
+                f"fingerprint {candidate.fingerprint} vs {fingerprint}; their {candidate.metric} "
+                "values are not comparable (force=true promotes anyway)"
+            )
+        champion_value = metric_of(client, champion_run, candidate.metric)
+        if champion_value is None and not force:
+            raise PromotionError(
+                f"the current champion ({name} version {champion.version}) has no metric "
+                f"{candidate.metric!r} to compare with (force=true promotes anyway)"
+            )
+
+    version, created = _register(client, name, candidate)
+    for key, value in _lineage(candidate, experiment, direction).items():
+        client.set_model_version_tag(name, version.version, key, value)
+    if created or not version.description:
+        client.update_model_version(name, version.version, _description(candidate, experiment))
+
+    result = Promotion(name, str(version.version), candidate, created, False, "")
+    if champion is not None and str(champion.version) == str(version.version):
+        result.champion, result.reason = True, f"version {version.version} is already {alias}"
+    elif champion is None:
+        result.champion, result.reason = True, f"no {alias} yet"
+    elif force:
+        result.champion, result.reason = True, "forced"
+    elif _better(candidate.value, champion_value, direction):
+        result.champion = True
+        result.reason = (
+            f"{candidate.metric} {candidate.value:.4f} beats {champion_value:.4f} "
+            f"of version {champion.version}"
+        )
+    else:
+        result.reason = (
+            f"{candidate.metric} {candidate.value:.4f} does not beat {champion_value:.4f} of "
+            f"{alias} version {champion.version} ({direction}imised); {alias} stays"
+        )
+    if result.champion and not (
+        champion is not None and str(champion.version) == str(version.version)
+    ):
+        current = resolve_version(client, f"models:/{name}@{alias}")
+        if current is not None and str(current.version) != str(version.version):
+            client.set_registered_model_alias(name, previous_alias, current.version)
+            result.previous_version = str(current.version)
+        client.set_registered_model_alias(name, alias, version.version)
+    client.set_model_version_tag(name, version.version, "landcover.promotion", result.reason)
+    result.aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+    return result

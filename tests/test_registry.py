@@ -1,0 +1,242 @@
+"""Promotion to the MLflow registry: choosing the best run, the champion guard, `previous`,
+idempotency, lineage, and `models:/` references in the commands that take a model."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import mlflow
+import numpy as np
+import pytest
+import rasterio
+from mlflow.tracking import MlflowClient
+
+from landcover.data.synthetic import SyntheticSpec, generate
+from landcover.interop.export import run_export
+from landcover.promote import run_promotion
+from landcover.registry import PromotionError, find_best_run, metric_of, promote
+from landcover.train import train
+from tests.conftest import compose_config, compose_train
+from tests.test_mapping_e2e import predict
+from tests.test_train_e2e import tiny_overrides
+
+pytestmark = pytest.mark.slow
+METRIC = "val/mIoU"
+
+
+@pytest.fixture(scope="module")
+def store(tiny_synthetic, tmp_path_factory):
+    """Three runs on the same data (different seeds and lengths), one on other data, one
+    FAILED, in experiment `reg`; a fresh registry per test comes from `client` below."""
+    tmp = tmp_path_factory.mktemp("registry")
+    other_data = tmp / "other_data"
+    generate(other_data, SyntheticSpec(scenes={"train": 2, "val": 1}, size=160, seed=11))
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+
+    def run(root, *extra, epoch_callback=None):
+        return train(
+            compose_train(
+                *tiny_overrides(
+                    root, tmp, "trainer.num_panels=0", "tracking.experiment=reg", *extra
+                )
+            ),
+            epoch_callback=epoch_callback,
+        )
+
+    def explode(epoch, metrics):
+        raise RuntimeError("boom")
+
+    same = [
+        run(tiny_synthetic, "trainer.max_epochs=1", "seed=1"),
+        run(tiny_synthetic, "trainer.max_epochs=2", "seed=2"),
+        run(tiny_synthetic, "trainer.max_epochs=3", "seed=3"),
+    ]
+    other = run(other_data, "data.synthetic.seed=11", "trainer.max_epochs=1")
+    with pytest.raises(RuntimeError, match="boom"):
+        run(tiny_synthetic, "trainer.max_epochs=1", epoch_callback=explode)
+    client = MlflowClient(uri)
+    values = {r.run_id: metric_of(client, client.get_run(r.run_id), METRIC) for r in same}
+    ranked = sorted(values, key=values.get)  # worst first
+    assert len(set(values.values())) == 3, f"the three runs need distinct scores: {values}"
+    return uri, ranked, values, other.run_id, tmp
+
+
+@pytest.fixture
+def client(store):
+    """The same runs, an empty registry: every test promotes from scratch."""
+    uri = store[0]
+    client = MlflowClient(uri)
+    for model in client.search_registered_models():
+        client.delete_registered_model(model.name)
+    mlflow.set_tracking_uri(uri)
+    return client
+
+
+def promote_run(client, run_id, **kwargs):
+    candidate = find_best_run(
+        client, experiment="reg", metric=METRIC, where=f"attributes.run_id = '{run_id}'"
+    )
+    return promote(client, candidate, name="landcover", experiment="reg", **kwargs)
+
+
+def test_best_run_wins_and_ties_go_to_the_earlier_run(store, client):
+    uri, ranked, values, other, _ = store
+    best = find_best_run(client, experiment="reg", metric=METRIC, tags={"data": "synthetic"})
+    overall = max([*values.values(), metric_of(client, client.get_run(other), METRIC)])
+    assert best.value == overall
+    fingerprint = client.get_run(ranked[0]).data.tags["dataset_fingerprint"]
+    same_data = find_best_run(
+        client, experiment="reg", metric=METRIC, where=f"tags.dataset_fingerprint = '{fingerprint}'"
+    )
+    assert same_data.run_id == ranked[-1] and same_data.value == values[ranked[-1]]
+    worst = find_best_run(client, experiment="reg", metric="val/loss")  # auto: minimised
+    losses = {
+        r.info.run_id: metric_of(client, r, "val/loss")
+        for r in client.search_runs([client.get_experiment_by_name("reg").experiment_id])
+        if r.info.status == "FINISHED"
+    }
+    assert worst.value == min(losses.values())
+
+    # a tie on a metric of their own: the earlier of the two runs is chosen
+    first, second = ranked[0], ranked[1]
+    for run_id in (second, first):
+        client.log_metric(run_id, "tie/score", 0.5)
+    tied = find_best_run(client, experiment="reg", metric="tie/score")
+    starts = {r: client.get_run(r).info.start_time for r in (first, second)}
+    assert tied.run_id == min(starts, key=starts.get)
+
+
+def test_choice_failures_say_what_is_missing(store, client):
+    with pytest.raises(PromotionError, match="experiment 'nope' does not exist"):
+        find_best_run(client, experiment="nope", metric=METRIC)
+    with pytest.raises(PromotionError, match="has metric 'val/nothing'.*metrics present"):
+        find_best_run(client, experiment="reg", metric="val/nothing")
+    with pytest.raises(PromotionError, match="no FINISHED run"):
+        find_best_run(client, experiment="reg", metric=METRIC, study="no-such-sweep")
+    failed = client.search_runs(
+        [client.get_experiment_by_name("reg").experiment_id], "attributes.status = 'FAILED'"
+    )
+    assert failed, "the fixture's crashing run should have ended FAILED"
+    with pytest.raises(PromotionError, match="no FINISHED run"):
+        find_best_run(
+            client,
+            experiment="reg",
+            metric=METRIC,
+            where=f"attributes.run_id = '{failed[0].info.run_id}'",
+        )
+    with pytest.raises(PromotionError, match="over at least 99 epochs"):
+        find_best_run(client, experiment="reg", metric=METRIC, min_epochs=99)
+    assert find_best_run(client, experiment="reg", metric=METRIC, min_epochs=3).run_id == (
+        client.search_runs(
+            [client.get_experiment_by_name("reg").experiment_id],
+            "params.`trainer.max_epochs` = '3'",
+        )[0].info.run_id
+    )
+
+
+def test_guard_previous_alias_lineage_and_idempotency(store, client):
+    uri, ranked, values, _, _ = store
+    worst, middle, best = ranked
+
+    first = promote_run(client, worst)
+    assert first.created and first.champion and first.aliases == {"champion": "1"}
+
+    again = promote_run(client, worst)  # same run twice: no second version
+    assert not again.created and again.version == "1"
+    assert len(client.search_model_versions("name = 'landcover'")) == 1
+
+    better = promote_run(client, best)
+    assert better.champion and better.version == "2"
+    assert better.aliases == {"champion": "2", "previous": "1"}
+
+    worse = promote_run(client, middle)  # registered, but does not take the title
+    assert worse.created and not worse.champion and "does not beat" in worse.reason
+    assert str(client.get_model_version_by_alias("landcover", "champion").version) == "2"
+    assert str(client.get_model_version_by_alias("landcover", "previous").version) == "1"
+
+    version = client.get_model_version("landcover", "2")
+    run = client.get_run(best)
+    assert version.run_id == best
+    assert version.tags["landcover.source_run_id"] == best
+    assert version.tags["landcover.experiment"] == "reg"
+    assert version.tags["landcover.metric"] == METRIC
+    assert float(version.tags["landcover.metric_value"]) == values[best]
+    assert version.tags["dataset_fingerprint"] == run.data.tags["dataset_fingerprint"]
+    assert version.tags["git.commit"] == run.data.tags["git.commit"]
+    assert best in version.description and "fingerprint" in version.description
+    # what the registry serves is the run's model
+    loaded = mlflow.pytorch.load_model("models:/landcover@champion")
+    original = mlflow.pytorch.load_model(f"runs:/{best}/model")
+    x = np.random.default_rng(0).uniform(0, 255, (1, 4, 64, 64)).astype(np.float32)
+    import torch
+
+    with torch.no_grad():
+        assert torch.equal(loaded(torch.from_numpy(x)), original(torch.from_numpy(x)))
+
+
+def test_run_on_other_data_is_refused_unless_forced(store, client):
+    uri, ranked, _, other, _ = store
+    promote_run(client, ranked[0])
+    candidate = find_best_run(
+        client, experiment="reg", metric=METRIC, where=f"attributes.run_id = '{other}'"
+    )
+    with pytest.raises(PromotionError, match="other data.*fingerprint.*force=true"):
+        promote(client, candidate, name="landcover", experiment="reg")
+    assert len(client.search_model_versions("name = 'landcover'")) == 1  # nothing registered
+    forced = promote(client, candidate, name="landcover", experiment="reg", force=True)
+    assert forced.champion and forced.aliases == {"champion": "2", "previous": "1"}
+
+
+def test_cli_config_promotes_and_commands_take_models_uris(store, client, tiny_synthetic):
+    uri, ranked, values, _, tmp = store
+    fingerprint = client.get_run(ranked[0]).data.tags["dataset_fingerprint"]
+    result = run_promotion(
+        compose_config(
+            "promote",
+            "experiment=reg",
+            f"tracking.uri={uri}",
+            f"+filters.tags.dataset_fingerprint={fingerprint}",
+        )
+    )
+    assert result.champion and result.candidate.value == max(values.values())
+    # a second promotion, compared against an explicit version (`against=models:/name/1`)
+    second = run_promotion(
+        compose_config(
+            "promote", f"run={ranked[0]}", f"tracking.uri={uri}", "against=models:/landcover/1"
+        )
+    )
+    assert not second.champion and second.version == "2"
+
+    scene = tiny_synthetic / "val" / "synth_000_naip.tif"
+    by_alias = predict("models:/landcover@champion", scene, tmp / "alias.tif", uri)
+    by_version = predict("models:/landcover/1", scene, tmp / "version.tif", uri)
+    by_run = predict(result.candidate.run_id, scene, tmp / "run.tif", uri)
+    maps = []
+    for outcome in (*by_alias, *by_version, *by_run):
+        with rasterio.open(outcome.outputs["classes"]) as src:
+            maps.append(src.read(1))
+    assert np.array_equal(maps[0], maps[2]) and np.array_equal(maps[1], maps[2])
+    path, difference = run_export(
+        compose_config(
+            "export",
+            "model=models:/landcover@champion",
+            f"output={tmp / 'champion.onnx'}",
+            f"tracking.uri={uri}",
+        )
+    )
+    assert path.is_file() and difference < 1e-3
+
+
+def test_promote_cli_reports_a_missing_experiment_in_one_line(tmp_path):
+    script = f"{sys.prefix}/bin/landcover-promote"
+    out = subprocess.run(
+        [script, "experiment=absent", f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "experiment 'absent' does not exist" in out.stderr
+    assert "Traceback" not in out.stderr
