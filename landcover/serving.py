@@ -65,8 +65,6 @@ class ClassMapModel:
         if isinstance(data, Mapping):  # a named tensor input arrives as {"pixels": array}
             data = data["pixels"] if "pixels" in data else next(iter(data.values()))
         pixels = torch.as_tensor(np.asarray(data, dtype=np.float32))
-        if pixels.ndim == 3:  # one patch without its batch axis
-            pixels = pixels[None]
         if pixels.ndim != 4:
             raise ValueError(
                 f"expected patches shaped (N, bands, height, width), got {tuple(pixels.shape)}"

@@ -1,0 +1,132 @@
+"""The champion as users meet it outside Python: `mlflow models serve` answering REST requests
+with class maps, and `mlflow server` showing the experiment, run, artifacts and registry."""
+
+from __future__ import annotations
+
+import urllib.parse
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from landcover.predict.writer import class_codes
+from landcover.registry import find_best_run, promote
+from landcover.train import train
+from tests.conftest import compose_train
+from tests.servers import BIN, HOST, free_port, http, http_json, running
+from tests.test_train_e2e import tiny_overrides
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def champion(tiny_synthetic, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serving")
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    train(
+        compose_train(
+            *tiny_overrides(tiny_synthetic, tmp, "trainer.max_epochs=1", "tracking.experiment=srv")
+        )
+    )
+    client = MlflowClient(uri)
+    candidate = find_best_run(client, experiment="srv", metric="val/mIoU")
+    promote(client, candidate, name="landcover", experiment="srv")
+    return uri, candidate.run_id, tmp
+
+
+def patches(size: int = 48) -> np.ndarray:
+    return np.random.default_rng(7).uniform(0, 255, (2, 4, size, size + 8)).astype(np.float32)
+
+
+def expected_codes(uri: str, run_id: str, pixels: np.ndarray) -> np.ndarray:
+    """The class codes the PyTorch face gives, decoded with the logged schema."""
+    from landcover.predict.reference import load_model_reference
+
+    model = load_model_reference(run_id, tracking_uri=uri, device="cpu")
+    logits = model.forward(torch.from_numpy(pixels))
+    return class_codes(model.schema)[logits.argmax(1).numpy()]
+
+
+def test_pyfunc_face_returns_class_codes(champion):
+    uri, run_id, _ = champion
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model("models:/landcover@champion")
+    pixels = patches()
+    codes = pyfunc.predict(pixels)
+    assert codes.shape == (2, 48, 56) and codes.dtype == np.uint8
+    assert np.array_equal(codes, expected_codes(uri, run_id, pixels))
+    with pytest.raises(Exception, match="does not match expected shape"):
+        pyfunc.predict(pixels[0])  # the signature asks for a batch axis
+
+
+def test_rest_serving_answers_with_class_maps(champion):
+    uri, run_id, tmp = champion
+    port = free_port()
+    command = [
+        str(BIN / "mlflow"),
+        "models",
+        "serve",
+        "-m",
+        "models:/landcover@champion",
+        "--env-manager",
+        "local",
+        "--host",
+        HOST,
+        "-p",
+        str(port),
+    ]
+    base = f"http://{HOST}:{port}"
+    pixels = patches()
+    with running(command, f"{base}/ping", tmp / "serve.log", {"MLFLOW_TRACKING_URI": uri}):
+        answer = http_json(f"{base}/invocations", {"inputs": pixels.tolist()})
+        status, body = http(f"{base}/invocations", {"inputs": [[1, 2, 3]]})
+    codes = np.array(answer["predictions"], dtype=np.uint8)
+    assert codes.shape == (2, 48, 56)
+    assert np.array_equal(codes, expected_codes(uri, run_id, pixels))
+    assert status >= 400 and b"error" in body.lower()  # a malformed patch is refused
+    assert "POST /invocations" in (tmp / "serve.log").read_text()
+
+
+def test_tracking_server_shows_runs_artifacts_and_registry(champion):
+    uri, run_id, tmp = champion
+    port = free_port()
+    command = [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        uri,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+    ]
+    base = f"http://{HOST}:{port}"
+    with running(command, f"{base}/health", tmp / "server.log", {}):
+        api = f"{base}/api/2.0/mlflow"
+        experiment = http_json(f"{api}/experiments/get-by-name?experiment_name=srv")["experiment"]
+        runs = http_json(f"{api}/runs/search", {"experiment_ids": [experiment["experiment_id"]]})
+        (run,) = runs["runs"]
+        assert run["info"]["run_id"] == run_id and run["info"]["status"] == "FINISHED"
+        metrics = {m["key"]: m["value"] for m in run["data"]["metrics"]}
+        assert 0.0 <= metrics["val/mIoU"] <= 1.0 and "val/overall_accuracy" in metrics
+        history = http_json(f"{api}/metrics/get-history?run_id={run_id}&metric_key=train/loss")
+        assert len(history["metrics"]) == 1
+        listed = http_json(f"{api}/artifacts/list?run_id={run_id}&path=confusion_matrix")
+        names = {item["path"] for item in listed["files"]}
+        assert "confusion_matrix/confusion_matrix.png" in names
+        query = urllib.parse.urlencode(
+            {"path": "confusion_matrix/confusion_matrix.json", "run_uuid": run_id}
+        )
+        status, body = http(f"{base}/get-artifact?{query}")
+        assert status == 200 and b'"rows": "label"' in body
+        model = http_json(f"{api}/registered-models/get?name=landcover")["registered_model"]
+        aliases = {a["alias"]: a["version"] for a in model["aliases"]}
+        assert aliases == {"champion": "1"}
+        version = http_json(f"{api}/model-versions/get?name=landcover&version=1")
+        assert version["model_version"]["run_id"] == run_id
+        status, page = http(f"{base}/")
+        assert status == 200 and b"<html" in page.lower()
