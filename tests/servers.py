@@ -1,80 +1,16 @@
-"""Servers started by tests: loopback only, a port chosen free at run time, a bounded wait for
-readiness, and always stopped by their own process group (MLflow's servers fork workers)."""
+"""Test helpers around landcover.local_server."""
 
 from __future__ import annotations
 
-import contextlib
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
-BIN = Path(sys.executable).parent
-HOST = "127.0.0.1"
+from landcover.local_server import BIN, HOST, free_port, http, running
 
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((HOST, 0))
-        return sock.getsockname()[1]
-
-
-def http(url: str, payload: Any = None, timeout: float = 30) -> tuple[int, bytes]:
-    """GET (or POST JSON when a payload is given); returns the status and the body."""
-    data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(
-        url, data=data, headers={"Content-Type": "application/json"} if data else {}
-    )
-    try:
-        with urllib.request.urlopen(request, timeout=timeout) as response:
-            return response.status, response.read()
-    except urllib.error.HTTPError as err:
-        return err.code, err.read()
+__all__ = ["BIN", "HOST", "free_port", "http", "http_json", "running"]
 
 
 def http_json(url: str, payload: Any = None) -> Any:
     status, body = http(url, payload)
     assert status == 200, f"{url}: HTTP {status}: {body[:500]!r}"
     return json.loads(body)
-
-
-@contextlib.contextmanager
-def running(
-    command: list[str], ready_url: str, log: Path, env: dict[str, str], wait_s: float = 180
-) -> Iterator[subprocess.Popen]:
-    """Start `command`, wait until `ready_url` answers 200 (or fail with its log), stop it."""
-    environment = {**os.environ, **env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            command, stdout=out, stderr=subprocess.STDOUT, env=environment, start_new_session=True
-        )
-    try:
-        deadline = time.monotonic() + wait_s
-        while True:
-            if process.poll() is not None:
-                raise AssertionError(f"{command[:3]} exited early:\n{log.read_text()[-3000:]}")
-            with contextlib.suppress(OSError):
-                if http(ready_url, timeout=2)[0] == 200:
-                    break
-            if time.monotonic() > deadline:
-                raise AssertionError(
-                    f"{ready_url} not ready after {wait_s} s:\n{log.read_text()[-3000:]}"
-                )
-            time.sleep(0.5)
-        yield process
-    finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
-            os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=20)

@@ -1,0 +1,86 @@
+"""Screenshot MLflow's page of a run (or of a registered model) in headless Chromium.
+
+Starts `mlflow server` on the given store on a free loopback port, points Debian's `chromium`
+at the page, writes a PNG and stops the server. For the README; it needs Chromium
+(`apt-get install chromium`) and is not part of CI.
+
+    .venv/bin/python analysis/screenshot_run.py --run-id <run id> --out docs/run.png
+    .venv/bin/python analysis/screenshot_run.py --model landcover --out docs/model.png
+"""
+
+from __future__ import annotations
+
+import argparse
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+from mlflow.tracking import MlflowClient
+
+from landcover.local_server import BIN, HOST, free_port, running
+
+# Without the background-networking flags Chromium keeps dialling Google's hosts, which this
+# kind of machine refuses; --virtual-time-budget lets the single-page app render before the shot.
+CHROMIUM_FLAGS = (
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-quic",
+    "--no-first-run",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--hide-scrollbars",
+)
+
+
+def page_path(client: MlflowClient, run_id: str | None, model: str | None) -> str:
+    if model:
+        return f"/#/models/{model}"
+    run = client.get_run(run_id)
+    return f"/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    target = parser.add_mutually_exclusive_group(required=True)
+    target.add_argument("--run-id")
+    target.add_argument("--model", help="a registered model name")
+    parser.add_argument("--out", type=Path, default=Path("mlflow_page.png"))
+    parser.add_argument("--size", default="1600,1000", help="window width,height")
+    parser.add_argument("--render-ms", type=int, default=20000)
+    parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
+    args = parser.parse_args(argv)
+    if not Path(args.chromium).exists():
+        sys.exit(f"error: {args.chromium} not found (apt-get install chromium)")
+
+    path = page_path(MlflowClient(args.tracking_uri), args.run_id, args.model)
+    port = free_port()
+    server = [str(BIN / "mlflow"), "server", "--backend-store-uri", args.tracking_uri]
+    server += ["--host", HOST, "--port", str(port), "--workers", "1"]
+    with tempfile.TemporaryDirectory() as profile:
+        log = Path(profile) / "server.log"
+        with running(server, f"http://{HOST}:{port}/health", log, {}):
+            subprocess.run(
+                [
+                    args.chromium,
+                    *CHROMIUM_FLAGS,
+                    f"--user-data-dir={profile}/chromium",
+                    f"--window-size={args.size}",
+                    f"--virtual-time-budget={args.render_ms}",
+                    f"--screenshot={args.out.resolve()}",
+                    f"http://{HOST}:{port}{path}",
+                ],
+                check=True,
+                capture_output=True,
+                timeout=180,
+            )
+    print(f"wrote {args.out} ({path})")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
