@@ -1,0 +1,155 @@
+"""`landcover-import-cntk path.model`: the 2018 tutorial's CNTK model as an MLflow model.
+
+The imported network is logged like a trained one (PyTorch + pyfunc faces, the tutorial's
+5-label schema, its input scaling of 1/256 with the network's own per-patch R, G, B centring,
+the 64 px output margin), so predict, evaluate, export, serve and promote take it by run id or
+registry name. With `evaluate_split=val` the import run also gets whole-scene `val/*` metrics
+and the data's fingerprint, which makes it comparable with (and promotable against) runs
+trained on the same data.
+
+    landcover-import-cntk ../shared/models/seed-cntk/250epochs.model evaluate_split=val
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from landcover import tracking
+from landcover.commands import command_main
+from landcover.config import DataConfig
+from landcover.data.loaders import split_scenes
+from landcover.data.scenes import dataset_fingerprint
+from landcover.data.schema import ClassSchema
+from landcover.errors import ConfigError
+from landcover.interop.cntk_import import import_cntk_seed
+from landcover.metrics import scores_from_matrix
+from landcover.models import SegmentationModel
+from landcover.models.seed import SeedNet
+from landcover.paths import CONFIG_DIR
+from landcover.predict.predictor import PredictSettings
+from landcover.predict.reference import from_module
+
+log = logging.getLogger("landcover.import_cntk")
+
+
+def tutorial_metadata(cfg: DictConfig, schema: ClassSchema, source: Path, digest: str) -> dict:
+    return {
+        "landcover_format": 1,
+        "arch": "seed",
+        "schema": schema.to_dict(),
+        "bands": 4,
+        "band_names": list(cfg.band_names),
+        "normalize": {"mean": list(cfg.normalize.mean), "std": list(cfg.normalize.std)},
+        "input": "raw digital numbers, float32 (batch, bands, height, width), any height/width",
+        "output_margin": SeedNet.output_margin,
+        "size_divisor": SeedNet.size_divisor,
+        "patch_size": 256,
+        "source": f"CNTK {source.name} (sha256 {digest[:16]})",
+    }
+
+
+def load_schema(name: str) -> ClassSchema:
+    path = Path(CONFIG_DIR) / "data" / "schema" / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(f"schema={name!r}: no {path}")
+    return ClassSchema.from_config(OmegaConf.load(path))
+
+
+def evaluate_import(cfg: DictConfig, model, schema: ClassSchema) -> tuple[dict, str]:
+    """Whole-scene scores on one split (the tutorial's 256 in / 128 out tiling)."""
+    from landcover.evaluate import evaluate_scene
+
+    data_cfg = OmegaConf.merge(
+        OmegaConf.structured(DataConfig), OmegaConf.to_container(cfg.data, resolve=True)
+    )
+    scenes = split_scenes(data_cfg, str(cfg.evaluate_split), schema)
+    all_scenes = [s for split in data_cfg.splits for s in split_scenes(data_cfg, split, schema)]
+    settings = PredictSettings(tile_size=256, overlap=0, mode="centre", progress=False)
+    out = Path(str(cfg.output_dir))
+    out.mkdir(parents=True, exist_ok=True)
+    matrix = sum(evaluate_scene(model, s, out, settings, 0.9, 16).matrix for s in scenes)
+    scores = scores_from_matrix(matrix, schema.scored_classes)
+    metrics = scores.as_metrics(schema.names, schema.scored_classes, prefix="val/")
+    return metrics, dataset_fingerprint(all_scenes)
+
+
+def run_import(cfg: DictConfig) -> str:
+    source = Path(str(cfg.file))
+    imported = import_cntk_seed(source)
+    digest = hashlib.sha256(source.read_bytes()).hexdigest()
+    schema = load_schema(str(cfg.schema))
+    if len(schema.classes) != imported.net.head.out_channels:
+        raise ConfigError(
+            f"schema={cfg.schema} has {len(schema.classes)} classes; {source} predicts "
+            f"{imported.net.head.out_channels}"
+        )
+    metadata = tutorial_metadata(cfg, schema, source, digest)
+    model = SegmentationModel(
+        imported.net,
+        mean=list(cfg.normalize.mean),
+        std=list(cfg.normalize.std),
+        output_margin=SeedNet.output_margin,
+        size_divisor=SeedNet.size_divisor,
+    ).eval()
+    tags = {
+        "landcover.kind": "import",
+        "model.arch": "seed",
+        "source.file": str(source),
+        "source.sha256": digest,
+        **tracking.git_state(),
+    }
+    metrics: dict[str, float] = {}
+    if cfg.evaluate_split:
+        metrics, tags["dataset_fingerprint"] = evaluate_import(
+            cfg, from_module(model, metadata, str(source)), schema
+        )
+        tags["data"] = str(cfg.data.name)
+    tracker = tracking.Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    with tracker.start(
+        run_name=cfg.tracking.run_name or f"cntk {source.stem}", tags=tags
+    ) as run_id:
+        tracker.log_params(
+            {
+                "source.file": source.name,
+                "cntk.tensors": str(imported.cntk_tensors),
+                "model.parameters": str(imported.parameters),
+                "schema": str(cfg.schema),
+                "evaluate_split": str(cfg.evaluate_split),
+            }
+        )
+        tracker.log_text(json.dumps(imported.mapping, indent=1), "cntk/tensor_mapping.json")
+        if metrics:
+            tracker.log_metrics(metrics, step=0)
+        tracker.log_model(torch.nn.Module.cpu(model), bands=4, metadata=metadata)
+    log.info(
+        "imported %s: %d CNTK tensors -> %d PyTorch tensors (%d parameters); run %s%s",
+        source,
+        imported.cntk_tensors,
+        len(imported.mapping),
+        imported.parameters,
+        run_id,
+        f"; {cfg.evaluate_split} OA {metrics['val/overall_accuracy']:.4f}" if metrics else "",
+    )
+    return run_id
+
+
+_app = command_main(run_import, "import_cntk")
+
+
+def main() -> None:
+    """Accept the model file as a plain first argument (`landcover-import-cntk x.model`)."""
+    arguments = sys.argv[1:]
+    if arguments and "=" not in arguments[0] and not arguments[0].startswith("-"):
+        sys.argv = [sys.argv[0], f"file={arguments[0]}", *arguments[1:]]
+    _app()
+
+
+if __name__ == "__main__":
+    main()
