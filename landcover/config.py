@@ -153,11 +153,22 @@ class SeedConfig:
     arch: str = "seed"
 
 
+@dataclass
+class PixelGBMConfig:
+    arch: str = "pixel_gbm"
+    max_iter: int = 200
+    learning_rate: float = 0.1
+    max_leaf_nodes: int = 31
+    l2_regularization: float = 0.0
+    samples: int = 200_000
+
+
 MODEL_SCHEMAS: dict[str, type] = {
     "unet": UnetConfig,
     "fpn": FPNConfig,
     "deeplabv3plus": DeepLabV3PlusConfig,
     "seed": SeedConfig,
+    "pixel_gbm": PixelGBMConfig,
 }
 
 
@@ -283,7 +294,7 @@ def _check_ranges(cfg: DictConfig) -> None:
 def validate_model_config(model: Any) -> DictConfig:
     if model is None or "arch" not in model:
         raise ConfigError(
-            "config value model.arch is missing: choose model=unet|fpn|deeplabv3plus|seed"
+            "config value model.arch is missing: choose model=unet|fpn|deeplabv3plus|seed|pixel_gbm"
         )
     arch = model["arch"]
     if arch not in MODEL_SCHEMAS:

@@ -80,7 +80,7 @@ class Trainer:
         *,
         model: SegmentationModel,
         loss_fn: torch.nn.Module,
-        optimizer: torch.optim.Optimizer,
+        optimizer: torch.optim.Optimizer | None,
         scheduler: torch.optim.lr_scheduler.LRScheduler | None,
         data: TrainingData,
         device: torch.device,
@@ -113,7 +113,8 @@ class Trainer:
     # -- state ---------------------------------------------------------------------------------
     def restore(self, checkpoint: Mapping[str, Any]) -> None:
         self.model.load_state_dict(checkpoint["model"])
-        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        if self.optimizer is not None:
+            self.optimizer.load_state_dict(checkpoint["optimizer"])
         if self.scheduler is not None and checkpoint.get("scheduler") is not None:
             self.scheduler.load_state_dict(checkpoint["scheduler"])
         self.state = FitState(**checkpoint["fit_state"])
@@ -121,7 +122,7 @@ class Trainer:
     def _checkpoint(self) -> dict[str, Any]:
         return {
             "model": self.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "fit_state": self.state.__dict__,
             "run_id": self.tracker.run_id if self.tracker else None,
@@ -162,7 +163,27 @@ class Trainer:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return self.model(image).float()
 
+    def fit_pixels(self, epoch: int) -> dict[str, float]:
+        """A model fitted, not trained (the per-pixel baseline): one pass over the training
+        patches collects the labelled pixels, then the model fits them at once."""
+        self.data.train_dataset.set_epoch(epoch)
+        started = time.perf_counter()
+        pixels, labels, patches = [], [], 0
+        batches = self._batches(
+            self.data.train_loader, self.settings.limit_train_batches, f"epoch {epoch} pixels"
+        )
+        for image, target in batches:
+            labelled = target != IGNORE_INDEX
+            pixels.append(image.permute(0, 2, 3, 1)[labelled].cpu().numpy())
+            labels.append(target[labelled].cpu().numpy())
+            patches += image.shape[0]
+        metrics = self.model.net.fit_pixels(np.concatenate(pixels), np.concatenate(labels))
+        seconds = time.perf_counter() - started
+        return {**metrics, "train/patches_per_s": patches / max(seconds, 1e-9)}
+
     def train_epoch(self, epoch: int) -> dict[str, float]:
+        if self.optimizer is None:
+            return self.fit_pixels(epoch)
         self.model.train()
         self.data.train_dataset.set_epoch(epoch)
         total_loss, steps, patches = 0.0, 0, 0
@@ -269,7 +290,7 @@ class Trainer:
             log.info(
                 "epoch %d: train/loss %.4f val/loss %.4f %s %.4f (best %.4f @ %s) %.0fs",
                 epoch,
-                metrics["train/loss"],
+                metrics.get("train/loss", math.nan),
                 metrics["val/loss"],
                 settings.monitor,
                 value,

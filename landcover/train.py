@@ -102,10 +102,16 @@ def train(
     data = build_training_data(
         cfg.data, seed=cfg.seed, output_margin=model.output_margin, pin_memory=device.type == "cuda"
     )
-    optimizer = build_optimizer(cfg.optimizer, model.parameters())
-    scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.trainer.max_epochs)
+    fitted_once = not any(p.requires_grad for p in model.parameters())  # model=pixel_gbm
+    if fitted_once:
+        optimizer = scheduler = None
+        if cfg.trainer.max_epochs != 1:
+            log.info("%s is fitted once, not trained by epochs: one epoch", cfg.model.arch)
+    else:
+        optimizer = build_optimizer(cfg.optimizer, model.parameters())
+        scheduler = build_scheduler(cfg.scheduler, optimizer, cfg.trainer.max_epochs)
     settings = FitSettings(
-        max_epochs=cfg.trainer.max_epochs,
+        max_epochs=1 if fitted_once else cfg.trainer.max_epochs,
         monitor=cfg.trainer.monitor,
         monitor_mode=cfg.trainer.monitor_mode.value,
         patience=cfg.trainer.early_stopping.patience,

@@ -196,3 +196,40 @@ def test_early_stopping_stops_the_run(tiny_synthetic, tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     assert [m.step for m in client.get_metric_history(result.run_id, "val/mIoU")] == [0, 1]
     assert result.best_epoch == 0
+
+
+def test_pixel_gbm_baseline_is_a_run_like_any_other(tiny_synthetic, tmp_path):
+    from landcover.interop.export import run_export
+    from landcover.predict.reference import load_model_reference
+    from tests.conftest import compose_config
+
+    cfg = compose_train(
+        *tiny_overrides(
+            tiny_synthetic,
+            tmp_path,
+            "model.max_iter=20",
+            "model.samples=20000",
+            "trainer.max_epochs=3",
+            model=("model=pixel_gbm",),
+        )
+    )
+    result = train(cfg)
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run = MlflowClient(uri).get_run(result.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.metrics["train/pixels"] == 20000  # fitted once, on a sample of pixels
+    assert run.data.metrics["val/overall_accuracy"] > 0.7  # spectra separate synthetic classes
+    assert result.best_epoch == 0  # one epoch whatever trainer.max_epochs says
+    model = load_model_reference(result.run_id, tracking_uri=uri, device="cpu")
+    pixels = torch.rand(1, 4, 40, 40) * 255
+    again = load_model_reference(str(result.checkpoint_dir / "best.pt"), device="cpu")
+    assert torch.equal(model.forward(pixels), again.forward(pixels))  # estimator travels
+    with pytest.raises(Exception, match="scikit-learn model"):
+        run_export(
+            compose_config(
+                "export",
+                f"model={result.run_id}",
+                f"output={tmp_path / 'x.onnx'}",
+                f"tracking.uri={uri}",
+            )
+        )

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from landcover.models.pixel_gbm import PixelGBM
 from landcover.models.seed import SeedNet
 
 SMP_ARCHITECTURES = {"unet": smp.Unet, "fpn": smp.FPN, "deeplabv3plus": smp.DeepLabV3Plus}
@@ -92,8 +93,12 @@ def build_network(
     arch = params.pop("arch")
     if arch == "seed":
         return SeedNet(in_channels, num_classes), SeedNet.output_margin, SeedNet.size_divisor
+    if arch == "pixel_gbm":
+        return PixelGBM(in_channels, num_classes, **params), 0, 1
     if arch not in SMP_ARCHITECTURES:
-        raise ValueError(f"model.arch={arch!r} is not one of {['seed', *SMP_ARCHITECTURES]}")
+        raise ValueError(
+            f"model.arch={arch!r} is not one of {['seed', 'pixel_gbm', *SMP_ARCHITECTURES]}"
+        )
     net = build_smp(arch, in_channels=in_channels, num_classes=num_classes, **params)
     return net, 0, 2 ** int(params["encoder_depth"])
 
@@ -107,6 +112,8 @@ def build_model(
     std: Sequence[float],
 ) -> SegmentationModel:
     net, margin, divisor = build_network(cfg, in_channels=in_channels, num_classes=num_classes)
+    if isinstance(net, PixelGBM):  # it reads raw digital numbers (NDVI needs them)
+        mean, std = [0.0] * in_channels, [1.0] * in_channels
     return SegmentationModel(net, mean=mean, std=std, output_margin=margin, size_divisor=divisor)
 
 

@@ -1,0 +1,93 @@
+"""A per-pixel gradient-boosting baseline (scikit-learn) with the face of a segmentation net.
+
+Land cover papers compare their networks with per-pixel classifiers on the spectral values
+alone; this is that baseline. It is a `torch.nn.Module` so that everything downstream (the
+validation loop, checkpoints, MLflow logging, tiled prediction, evaluation, serving) takes it
+unchanged: `forward` returns log-probabilities shaped like a network's logits. It is fitted,
+not trained: the trainer hands it the labelled pixels of its training patches once
+(`fit_pixels`). The fitted estimator travels in the module's state dict as extra state.
+"""
+
+from __future__ import annotations
+
+import pickle
+
+import numpy as np
+import torch
+from sklearn.ensemble import HistGradientBoostingClassifier
+from torch import nn
+
+RED, NIR = 0, 3  # band order R, G, B, NIR (data.band_names)
+
+
+class PixelGBM(nn.Module):
+    """Features per pixel: the raw bands and, with 4 bands, NDVI."""
+
+    output_margin = 0
+    size_divisor = 1
+
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        *,
+        max_iter: int = 200,
+        learning_rate: float = 0.1,
+        max_leaf_nodes: int = 31,
+        l2_regularization: float = 0.0,
+        samples: int = 200_000,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        self.in_channels = in_channels
+        self.num_classes = num_classes
+        self.samples = samples
+        self.seed = seed
+        self.settings = {
+            "max_iter": max_iter,
+            "learning_rate": learning_rate,
+            "max_leaf_nodes": max_leaf_nodes,
+            "l2_regularization": l2_regularization,
+        }
+        self.estimator: HistGradientBoostingClassifier | None = None
+
+    def features(self, pixels: np.ndarray) -> np.ndarray:
+        """(N, bands) raw digital numbers -> (N, features)."""
+        pixels = pixels.astype(np.float32)
+        if self.in_channels < 4:
+            return pixels
+        red, nir = pixels[:, RED], pixels[:, NIR]
+        ndvi = (nir - red) / np.maximum(nir + red, 1e-3)
+        return np.concatenate([pixels, ndvi[:, None]], axis=1)
+
+    def fit_pixels(self, pixels: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+        """Fit on (N, bands) pixels with class indices; subsampled to `samples`."""
+        rng = np.random.default_rng(self.seed)
+        if len(labels) > self.samples:
+            keep = rng.choice(len(labels), self.samples, replace=False)
+            pixels, labels = pixels[keep], labels[keep]
+        self.estimator = HistGradientBoostingClassifier(
+            **self.settings, random_state=self.seed, early_stopping=False
+        )
+        self.estimator.fit(self.features(pixels), labels)
+        return {
+            "train/pixels": float(len(labels)),
+            "train/iterations": float(self.estimator.n_iter_),
+        }
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch, bands, height, width = x.shape
+        if self.estimator is None:  # not fitted yet: uniform
+            return torch.zeros(batch, self.num_classes, height, width, device=x.device)
+        pixels = x.detach().permute(0, 2, 3, 1).reshape(-1, bands).float().cpu().numpy()
+        probabilities = self.estimator.predict_proba(self.features(pixels))
+        full = np.full((len(pixels), self.num_classes), 1e-7, dtype=np.float32)
+        full[:, self.estimator.classes_] = np.maximum(probabilities, 1e-7)
+        logits = torch.from_numpy(np.log(full)).to(x.device)
+        return logits.reshape(batch, height, width, self.num_classes).permute(0, 3, 1, 2)
+
+    def get_extra_state(self) -> bytes:
+        return pickle.dumps(self.estimator)
+
+    def set_extra_state(self, state: bytes) -> None:
+        self.estimator = pickle.loads(state)
