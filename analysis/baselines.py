@@ -1,0 +1,199 @@
+"""Baselines on the real val patches, one scheme for all: the 2018 CNTK model, the seed network
+re-trained here, per-pixel gradient boosting and the best modern network.
+
+Every contender maps the val patches through the framework's own tiled predictor (the seed
+networks in the tutorial's 256 in / 128 out mode); the written maps and the labels are then
+read through the 4-class scheme (water, tree canopy, low vegetation, barren + impervious), so
+models with 5 tutorial labels and models with 4 classes are scored on the same pixels. A
+prediction of a class outside the scheme (the tutorial's "no data") counts as an error.
+
+    .venv/bin/python analysis/baselines.py --seed <run> --gbm <run> --modern <run|models:/...> \\
+        [--cntk ../shared/models/seed-cntk/250epochs.model] [--imagery naip-old] [--out baselines]
+
+writes <out>.md, <out>.csv and <out>.png (image | labels | each model, for a few patches) and
+logs them with the metrics to MLflow (experiment `baselines`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import mlflow  # noqa: E402
+import numpy as np  # noqa: E402
+import rasterio  # noqa: E402
+from hydra import compose, initialize_config_dir  # noqa: E402
+
+from landcover.data.scenes import find_pairs, quiet_georeferencing_warnings  # noqa: E402
+from landcover.data.schema import IGNORE_INDEX, ClassSchema  # noqa: E402
+from landcover.figures import class_map_rgb, image_to_rgb  # noqa: E402
+from landcover.interop.cntk_import import import_cntk_seed  # noqa: E402
+from landcover.interop.import_cntk import load_schema, tutorial_metadata  # noqa: E402
+from landcover.metrics import scores_from_matrix  # noqa: E402
+from landcover.models import SegmentationModel  # noqa: E402
+from landcover.models.seed import SeedNet  # noqa: E402
+from landcover.paths import COMMANDS_CONFIG_DIR  # noqa: E402
+from landcover.predict.predictor import PredictSettings, predict_raster  # noqa: E402
+from landcover.predict.reference import LoadedModel, from_module, load_model_reference  # noqa: E402
+
+
+def cntk_contender(path: Path) -> LoadedModel:
+    with initialize_config_dir(config_dir=COMMANDS_CONFIG_DIR, version_base="1.3"):
+        cfg = compose("import_cntk", [f"file={path}"])
+    imported = import_cntk_seed(path)
+    model = SegmentationModel(
+        imported.net,
+        mean=list(cfg.normalize.mean),
+        std=list(cfg.normalize.std),
+        output_margin=SeedNet.output_margin,
+        size_divisor=SeedNet.size_divisor,
+    ).eval()
+    metadata = tutorial_metadata(cfg, load_schema(str(cfg.schema)), path, "-")
+    return from_module(model, metadata, str(path))
+
+
+def settings_for(model: LoadedModel) -> PredictSettings:
+    tile = 256 if model.output_margin else 512
+    return PredictSettings(tile_size=tile, overlap=0 if model.output_margin else 64, progress=False)
+
+
+def score(
+    model: LoadedModel, pairs: list[tuple[Path, Path]], scheme: ClassSchema, workdir: Path
+) -> tuple[np.ndarray, list[np.ndarray]]:
+    """Confusion matrix in `scheme` (+ one column for predictions outside it) and the maps."""
+    lookup = scheme.lookup_table()
+    n = scheme.num_classes
+    matrix = np.zeros((n + 1, n + 1), dtype=np.int64)
+    maps = []
+    for image, label in pairs:
+        result = predict_raster(model, image, workdir / f"{image.stem}.tif", settings_for(model))
+        with rasterio.open(result.outputs["classes"]) as src:
+            predicted = lookup[src.read(1)]
+        with rasterio.open(label) as src:
+            target = lookup[src.read(1)]
+        maps.append(predicted)
+        labelled = target != IGNORE_INDEX
+        predicted = np.where(predicted == IGNORE_INDEX, n, predicted)
+        np.add.at(matrix, (target[labelled], predicted[labelled]), 1)
+    return matrix, maps
+
+
+def figure(pairs, names, all_maps, scheme: ClassSchema, count: int) -> plt.Figure:
+    lookup = scheme.lookup_table()
+    rows = min(count, len(pairs))
+    columns = 2 + len(names)
+    fig, axes = plt.subplots(rows, columns, figsize=(2.6 * columns, 2.6 * rows), squeeze=False)
+    for row in range(rows):
+        image, label = pairs[row]
+        with rasterio.open(image) as src:
+            pixels = src.read()
+        with rasterio.open(label) as src:
+            target = lookup[src.read(1)]
+        panels = [image_to_rgb(pixels), class_map_rgb(target, scheme)]
+        panels += [class_map_rgb(maps[row], scheme) for maps in all_maps]
+        for column, (panel, title) in enumerate(
+            zip(panels, ["image", "labels", *names], strict=True)
+        ):
+            axes[row, column].imshow(panel)
+            axes[row, column].set_axis_off()
+            if row == 0:
+                axes[row, column].set_title(title, fontsize=9)
+    fig.tight_layout()
+    return fig
+
+
+def main(argv: list[str] | None = None) -> int:
+    quiet_georeferencing_warnings()
+    shared = Path(os.environ.get("LANDCOVER_SHARED_DIR", "../shared"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cntk", type=Path, default=shared / "models/seed-cntk/250epochs.model")
+    parser.add_argument("--seed", required=True, help="re-trained seed network (run / models:/)")
+    parser.add_argument("--gbm", required=True, help="model=pixel_gbm run")
+    parser.add_argument("--modern", required=True, help="best modern network")
+    parser.add_argument("--data", type=Path, default=shared / "data/chesapeake-sample")
+    parser.add_argument("--split", default="val")
+    parser.add_argument("--imagery", default="naip-old")
+    parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument("--panels", type=int, default=4)
+    parser.add_argument("--out", type=Path, default=Path("baselines"))
+    args = parser.parse_args(argv)
+
+    pairs = [
+        (Path(i), Path(label))
+        for i, label in find_pairs(
+            pattern=str(args.data / args.split / f"*_{args.imagery}.tif"),
+            manifest=None,
+            image_suffix=f"_{args.imagery}.tif",
+            label_suffix="_lc.tif",
+        )
+    ]
+    if not pairs:
+        sys.exit(f"error: no {args.imagery} patches under {args.data / args.split}")
+    scheme = load_schema("chesapeake_4class")
+    contenders = {
+        "CNTK 2018 (250 epochs, imported)": cntk_contender(args.cntk),
+        "seed re-trained here": load_model_reference(args.seed, tracking_uri=args.tracking_uri),
+        "pixel gradient boosting": load_model_reference(args.gbm, tracking_uri=args.tracking_uri),
+        "modern network": load_model_reference(args.modern, tracking_uri=args.tracking_uri),
+    }
+    rows, all_maps = [], []
+    with tempfile.TemporaryDirectory() as tmp:
+        for index, (name, model) in enumerate(contenders.items()):
+            workdir = Path(tmp) / str(index)
+            workdir.mkdir()
+            matrix, maps = score(model, pairs, scheme, workdir)
+            all_maps.append(maps)
+            scores = scores_from_matrix(matrix, list(range(scheme.num_classes)))
+            metrics = scores.as_metrics(
+                [*scheme.names, "outside"], list(range(scheme.num_classes)), prefix=""
+            )
+            rows.append(
+                {
+                    "model": name,
+                    "reference": model.reference,
+                    "arch": model.metadata.get("arch", "?"),
+                    "overall_accuracy": metrics["overall_accuracy"],
+                    **{f"iou_{c}": metrics.get(f"iou_{c}", float("nan")) for c in scheme.names},
+                    "mIoU": metrics["mIoU"],
+                    "outside_scheme": matrix[:, -1].sum() / max(matrix.sum(), 1),
+                }
+            )
+    columns = ["overall_accuracy", *[f"iou_{c}" for c in scheme.names], "mIoU", "outside_scheme"]
+    lines = [
+        "| model | " + " | ".join(columns) + " |",
+        "| --- | " + " | ".join("---" for _ in columns) + " |",
+        *[f"| {r['model']} | " + " | ".join(f"{r[c]:.3f}" for c in columns) + " |" for r in rows],
+    ]
+    table = "\n".join(lines) + "\n"
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    Path(f"{args.out}.md").write_text(table)
+    with open(f"{args.out}.csv", "w", newline="") as handle:
+        writer = csv.DictWriter(handle, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    fig = figure(pairs, list(contenders), all_maps, scheme, args.panels)
+    fig.savefig(f"{args.out}.png", dpi=100)
+    print(table)
+    mlflow.set_tracking_uri(args.tracking_uri)
+    mlflow.set_experiment("baselines")
+    with mlflow.start_run(run_name=f"baselines {args.split} {args.imagery}"):
+        mlflow.log_params({"split": args.split, "imagery": args.imagery, "patches": len(pairs)})
+        for r in rows:
+            key = r["model"].split(" (")[0].replace(" ", "_")
+            mlflow.log_param(f"model.{key}", r["reference"][:250])
+            mlflow.log_metrics({f"{key}/{c}": float(r[c]) for c in columns if np.isfinite(r[c])})
+        mlflow.log_text(table, "baselines.md")
+        mlflow.log_figure(fig, "baselines.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
