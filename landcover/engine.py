@@ -19,11 +19,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
 from landcover.checkpoint import copy_checkpoint, save_checkpoint
 from landcover.data.loaders import TrainingData
 from landcover.data.schema import IGNORE_INDEX
+from landcover.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    all_reduce_sum,
+    sync_batchnorm,
+)
 from landcover.figures import confusion_matrix_figure, panels_figure
 from landcover.metrics import ConfusionMatrix, scores_from_matrix
 from landcover.models import SegmentationModel
@@ -91,6 +98,7 @@ class Trainer:
         tracker: Tracker | None = None,
         epoch_callback: EpochCallback | None = None,
         checkpoint_extra: Mapping[str, Any] | None = None,
+        distributed: DistributedContext = SINGLE_PROCESS,
     ) -> None:
         self.model = model.to(device)
         self.loss_fn = loss_fn.to(device)
@@ -109,6 +117,20 @@ class Trainer:
         self.checkpoint_extra = dict(checkpoint_extra or {})
         self.state = FitState()
         self.schema = data.schema
+        # Several processes: the gradient step goes through DDP (gradients averaged across
+        # ranks, batch norm over the global batch); validation, checkpoints and artefacts use
+        # the plain module. Only rank 0 writes (its tracker is the only one).
+        self.distributed = distributed
+        self.train_model: torch.nn.Module = self.model
+        if distributed.enabled and optimizer is not None:
+            sync_batchnorm(self.model)
+            self.train_model = DistributedDataParallel(
+                self.model,
+                device_ids=[device.index] if device.type == "cuda" else None,
+                # the same layers run every step; some encoders hold layers a shallow
+                # encoder_depth never uses, which a static graph tolerates at no per-step cost
+                static_graph=True,
+            )
 
     # -- state ---------------------------------------------------------------------------------
     def restore(self, checkpoint: Mapping[str, Any]) -> None:
@@ -150,7 +172,7 @@ class Trainer:
             total=total,
             desc=description,
             leave=False,
-            disable=not self.settings.progress,
+            disable=not (self.settings.progress and self.distributed.is_main),
             dynamic_ncols=True,
         )
         for step, (image, target) in enumerate(self.progress_bar):
@@ -159,9 +181,9 @@ class Trainer:
             yield self._to_device(image, target)
         self.progress_bar.close()
 
-    def _forward(self, image: torch.Tensor) -> torch.Tensor:
+    def _forward(self, image: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return self.model(image).float()
+            return (model or self.model)(image).float()
 
     def fit_pixels(self, epoch: int) -> dict[str, float]:
         """A model fitted, not trained (the per-pixel baseline): one pass over the training
@@ -194,7 +216,7 @@ class Trainer:
         for step, (image, target) in enumerate(batches):
             if not bool((target != IGNORE_INDEX).any()):
                 continue
-            loss = self.loss_fn(self._forward(image), target)
+            loss = self.loss_fn(self._forward(image, self.train_model), target)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"loss became {loss.item()} at epoch {epoch} step {step}; "
@@ -229,6 +251,10 @@ class Trainer:
             ).double()
             labelled += int((target != IGNORE_INDEX).sum())
             matrix.update(logits.argmax(dim=1), target)
+        # the confusion matrix is summed across ranks (each scored its own tiles), not averaged
+        all_reduce_sum(matrix.matrix)
+        all_reduce_sum(loss_sum)
+        labelled = int(all_reduce_sum(torch.tensor(labelled, device=self.device)))
         counts = matrix.numpy()
         scores = scores_from_matrix(counts, self.schema.scored_classes)
         metrics = scores.as_metrics(self.schema.names, self.schema.scored_classes)
@@ -246,6 +272,8 @@ class Trainer:
         return value < best - delta
 
     def _save_epoch_checkpoints(self, epoch: int, improved: bool) -> None:
+        if not self.distributed.is_main:
+            return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         epoch_path = self.checkpoint_dir / f"epoch_{epoch:03d}.pt"
         save_checkpoint(self._checkpoint(), epoch_path)
@@ -298,7 +326,7 @@ class Trainer:
                 self.state.best_epoch,
                 metrics["epoch_seconds"],
             )
-            if self.epoch_callback:
+            if self.epoch_callback and self.distributed.is_main:
                 self.epoch_callback(epoch, metrics)
             if (
                 settings.patience is not None

@@ -409,3 +409,33 @@ class Tracker:
             card.write_text(json.dumps(dict(metadata), indent=2))
             mlflow.log_artifact(str(card), "model_card")
         return info.model_uri
+
+
+class NullTracker(Tracker):
+    """What ranks other than 0 of a data-parallel run get: the same calls, nothing written
+    (one MLflow run per training, however many processes)."""
+
+    def __init__(self) -> None:
+        super().__init__("", "")
+
+    @contextlib.contextmanager
+    def start(self, run_name=None, run_id=None, tags=None) -> Iterator[str | None]:
+        yield None
+
+    def log_params(self, params: Mapping[str, str]) -> None:
+        pass
+
+    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
+        pass
+
+    def log_text(self, text: str, artifact_file: str) -> None:
+        pass
+
+    def log_figure(self, figure: plt.Figure, artifact_file: str) -> None:
+        plt.close(figure)
+
+    def log_confusion_matrix(self, matrix, class_names, figure, directory="confusion_matrix"):
+        plt.close(figure)
+
+    def log_model(self, model, *, bands, metadata) -> str:
+        return ""

@@ -19,6 +19,7 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
+from landcover import distributed as dist
 from landcover import tracking
 from landcover.checkpoint import load_checkpoint
 from landcover.config import validate_config
@@ -85,6 +86,9 @@ def train(
         torch.set_num_threads(cfg.trainer.num_threads)
     seed_everything(cfg.seed, cfg.trainer.deterministic)
     device = select_device(cfg.trainer.device.value)
+    distributed = dist.init(device.type)
+    if distributed.enabled and device.type == "cuda":
+        device = torch.device("cuda", distributed.local_rank)
     bf16 = cfg.trainer.precision.value == "bf16" or (
         cfg.trainer.precision.value == "auto" and device.type == "cuda"
     )
@@ -100,9 +104,17 @@ def train(
         std=list(cfg.data.normalize.std),
     )
     data = build_training_data(
-        cfg.data, seed=cfg.seed, output_margin=model.output_margin, pin_memory=device.type == "cuda"
+        cfg.data,
+        seed=cfg.seed,
+        output_margin=model.output_margin,
+        pin_memory=device.type == "cuda",
+        distributed=distributed,
     )
     fitted_once = not any(p.requires_grad for p in model.parameters())  # model=pixel_gbm
+    if fitted_once and distributed.enabled:
+        raise LandcoverError(
+            f"model={cfg.model.arch} is fitted once in one process; run it without torchrun"
+        )
     if fitted_once:
         optimizer = scheduler = None
         if cfg.trainer.max_epochs != 1:
@@ -126,7 +138,11 @@ def train(
     if not checkpoint_dir.is_absolute():
         checkpoint_dir = output_dir() / checkpoint_dir
     metadata = model_metadata(cfg, data, model)
-    tracker = tracking.Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+    tracker = (
+        tracking.Tracker(cfg.tracking.uri, cfg.tracking.experiment)
+        if distributed.is_main
+        else tracking.NullTracker()
+    )
     trainer = Trainer(
         model=model,
         loss_fn=build_loss(cfg.loss, data.schema),
@@ -138,8 +154,9 @@ def train(
         channels_last=channels_last,
         settings=settings,
         checkpoint_dir=checkpoint_dir,
-        tracker=tracker,
+        tracker=tracker if distributed.is_main else None,
         epoch_callback=epoch_callback,
+        distributed=distributed,
         checkpoint_extra={"config": resolved_yaml, "metadata": metadata},
     )
     if checkpoint is not None:
@@ -153,6 +170,7 @@ def train(
         "model.arch": cfg.model.arch,
         **dict(cfg.tracking.tags),
         **dict(extra_tags or {}),
+        "distributed.world_size": str(distributed.world_size),
     }
     run_id = checkpoint.get("run_id") if checkpoint else None
     with tracker.start(run_name=cfg.tracking.run_name, run_id=run_id, tags=tags):
@@ -192,8 +210,8 @@ def train(
         )
         trainer.log_best_artifacts()
         if cfg.tracking.log_model:
-            cpu_model = copy.deepcopy(trainer.model).to(
-                "cpu", memory_format=torch.contiguous_format
+            cpu_model = dist.plain_batchnorm(
+                copy.deepcopy(trainer.model).to("cpu", memory_format=torch.contiguous_format)
             )
             result.model_uri = tracker.log_model(
                 cpu_model.eval(),
@@ -238,7 +256,11 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 def main() -> None:
     quiet_georeferencing_warnings()
-    _hydra_main()
+    sys.argv += dist.hydra_overrides_for_rank(dist.context_from_env())
+    try:
+        _hydra_main()
+    finally:
+        dist.shutdown()
 
 
 if __name__ == "__main__":

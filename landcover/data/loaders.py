@@ -14,6 +14,12 @@ from landcover.data.sampling import GridPatchDataset, RandomPatchDataset, RareCl
 from landcover.data.scenes import Scene, dataset_fingerprint, find_pairs, load_scenes
 from landcover.data.schema import ClassSchema
 from landcover.data.synthetic import SyntheticSpec, generate
+from landcover.distributed import (
+    SINGLE_PROCESS,
+    DistributedContext,
+    GlobalBatchShard,
+    StridedShard,
+)
 from landcover.errors import ConfigError
 
 
@@ -72,8 +78,15 @@ def split_scenes(data_cfg: DictConfig, split: str, schema: ClassSchema) -> list[
 
 
 def build_training_data(
-    data_cfg: DictConfig, *, seed: int, output_margin: int, pin_memory: bool = False
+    data_cfg: DictConfig,
+    *,
+    seed: int,
+    output_margin: int,
+    pin_memory: bool = False,
+    distributed: DistributedContext = SINGLE_PROCESS,
 ) -> TrainingData:
+    """Scenes, datasets and loaders; with several processes each loader yields this rank's
+    share (its block of every global batch, every N-th validation tile)."""
     ensure_synthetic(data_cfg)
     schema = schema_from_config(data_cfg)
     train_scenes = split_scenes(data_cfg, "train", schema)
@@ -114,16 +127,23 @@ def build_training_data(
     workers = data_cfg.num_workers
     common = {"num_workers": workers, "pin_memory": pin_memory, "persistent_workers": workers > 0}
     generator = torch.Generator().manual_seed(seed)
+    try:
+        shard = GlobalBatchShard(len(train_dataset), data_cfg.batch_size, distributed)
+    except ValueError as err:
+        raise ConfigError(str(err)) from err
     train_loader = DataLoader(
         train_dataset,
-        batch_size=data_cfg.batch_size,
-        shuffle=False,
+        batch_size=shard.local_batch,
+        sampler=shard,
         drop_last=True,
         generator=generator,
         **common,
     )
     val_loader = DataLoader(
-        val_dataset, batch_size=data_cfg.val_batch_size, shuffle=False, **common
+        val_dataset,
+        batch_size=data_cfg.val_batch_size,
+        sampler=StridedShard(len(val_dataset), distributed),
+        **common,
     )
     if len(train_loader) == 0:
         raise ConfigError(
