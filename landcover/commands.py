@@ -13,6 +13,7 @@ from collections.abc import Callable
 import hydra
 from omegaconf import DictConfig
 
+from landcover import distributed as dist
 from landcover.data.scenes import quiet_georeferencing_warnings
 from landcover.errors import LandcoverError
 from landcover.paths import COMMANDS_CONFIG_DIR
@@ -31,6 +32,10 @@ def command_main(run: Callable[[DictConfig], object], config_name: str) -> Calla
 
     def main() -> None:
         quiet_georeferencing_warnings()
-        app()
+        sys.argv += dist.hydra_overrides_for_rank(dist.context_from_env())
+        try:
+            app()
+        finally:
+            dist.shutdown()
 
     return main

@@ -88,6 +88,16 @@ def broadcast_object(value):
     return holder[0]
 
 
+def gather_to_main(items: list) -> list:
+    """Every rank's list, concatenated in rank order, on rank 0 (others get []); in one
+    process, the list itself."""
+    if not dist.is_initialized():
+        return items
+    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    dist.gather_object(items, gathered, dst=0)
+    return [item for part in gathered for item in part] if gathered is not None else []
+
+
 class GlobalBatchShard(Sampler[int]):
     """Rank r's block of each global batch: indices [b*B + r*B/N, b*B + (r+1)*B/N)."""
 

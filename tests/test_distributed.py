@@ -102,3 +102,60 @@ def test_one_mlflow_run_one_output_folder_one_set_of_metrics(runs):
     assert sorted(p.name for p in (double / "run").iterdir()) == sorted(
         p.name for p in (single / "run").iterdir()
     )
+
+
+def test_distributed_prediction_equals_one_process(runs, tiny_synthetic, tmp_path):
+    import numpy as np
+    import rasterio
+
+    single, _ = runs
+    import shutil
+
+    model = single / "run/checkpoints/best.pt"
+    extra = tmp_path / "synth_val_naip.tif"  # a third scene, so the ranks get 2 and 1
+    shutil.copy(tiny_synthetic / "val" / "synth_000_naip.tif", extra)
+    common = [
+        f"model={model}",
+        f"input=[{tiny_synthetic}/train/*_naip.tif,{extra}]",
+        "predict.tile_size=96",
+        "predict.overlap=32",
+        "predict.progress=false",
+        "quicklook_size=64",
+        "device=cpu",
+    ]
+    one, two = tmp_path / "one", tmp_path / "two"
+    for folder in (one, two):
+        folder.mkdir()
+    launch(
+        [
+            str(BIN / "landcover-predict"),
+            *common,
+            f"output={one}/",
+            f"tracking.uri=sqlite:///{one}/m.db",
+        ],
+        one,
+    )
+    launch(
+        [
+            str(BIN / "torchrun"),
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "landcover.predict.cli",
+            *common,
+            f"output={two}/",
+            f"tracking.uri=sqlite:///{two}/m.db",
+        ],
+        two,
+    )
+    maps = sorted(p.name for p in one.glob("*_landcover.tif"))
+    assert len(maps) == 3 and maps == sorted(p.name for p in two.glob("*_landcover.tif"))
+    for name in maps:
+        with rasterio.open(one / name) as a, rasterio.open(two / name) as b:
+            assert np.array_equal(a.read(), b.read())
+            assert a.transform == b.transform and a.crs == b.crs
+    client = MlflowClient(f"sqlite:///{two}/m.db")
+    runs_logged = client.search_runs([client.get_experiment_by_name("predictions").experiment_id])
+    assert sorted(r.data.params["input"].rsplit("/", 1)[-1] for r in runs_logged) == sorted(
+        name.replace("_landcover.tif", ".tif") for name in maps
+    )

@@ -9,8 +9,10 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
+import torch
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
+from landcover import distributed as dist
 from landcover import tracking
 from landcover.commands import command_main
 from landcover.errors import ConfigError
@@ -65,10 +67,18 @@ def run_predictions(cfg: DictConfig) -> list[PredictionResult]:
     spec = OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else cfg.input
     inputs = expand_inputs(spec)
     outputs = output_paths(inputs, str(cfg.output))
-    model = load_model_reference(str(cfg.model), tracking_uri=cfg.tracking.uri, device=cfg.device)
+    device = str(cfg.device)
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    distributed = dist.init(device.split(":")[0])
+    if distributed.enabled and device == "cuda":
+        device = f"cuda:{distributed.local_rank}"
+    model = load_model_reference(str(cfg.model), tracking_uri=cfg.tracking.uri, device=device)
     settings = PredictSettings(**OmegaConf.to_container(cfg.predict))
+    # several processes (torchrun): rank r maps inputs r, r + N, ...; rank 0 records them all
+    mine = list(zip(inputs, outputs, strict=True))[distributed.rank :: distributed.world_size]
     results = []
-    for input_path, output_path in zip(inputs, outputs, strict=True):
+    for input_path, output_path in mine:
         result = predict_raster(model, input_path, output_path, settings)
         table = result.area_table
         log.info(
@@ -83,7 +93,11 @@ def run_predictions(cfg: DictConfig) -> list[PredictionResult]:
             if name == "classes":
                 path.with_suffix(".areas.csv").write_text(table.to_csv())
                 path.with_suffix(".areas.json").write_text(table.to_json())
-        if cfg.log_to_mlflow:
+        results.append(result)
+    results = dist.gather_to_main(results)
+    if distributed.is_main and cfg.log_to_mlflow:
+        for result in results:
+            input_path, table = result.input, result.area_table
             with tracking.start_run(
                 cfg.tracking.uri, cfg.tracking.experiment, run_name=f"predict {input_path.name}"
             ):
@@ -99,8 +113,10 @@ def run_predictions(cfg: DictConfig) -> list[PredictionResult]:
                     seconds=result.seconds,
                     pixels=result.pixels,
                 )
-        results.append(result)
     return results
 
 
 main = command_main(run_predictions, "predict")
+
+if __name__ == "__main__":
+    main()
