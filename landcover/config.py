@@ -193,6 +193,7 @@ class TrainerConfig:
     num_panels: int = 4
     progress: bool = True
     limit_train_batches: int | None = None
+    compile: bool = False
     limit_val_batches: int | None = None
     num_threads: int | None = None
 

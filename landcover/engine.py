@@ -99,6 +99,7 @@ class Trainer:
         epoch_callback: EpochCallback | None = None,
         checkpoint_extra: Mapping[str, Any] | None = None,
         distributed: DistributedContext = SINGLE_PROCESS,
+        compile_model: bool = False,
     ) -> None:
         self.model = model.to(device)
         self.loss_fn = loss_fn.to(device)
@@ -131,6 +132,8 @@ class Trainer:
                 # encoder_depth never uses, which a static graph tolerates at no per-step cost
                 static_graph=True,
             )
+        if compile_model and optimizer is not None:
+            self.train_model = torch.compile(self.train_model)
 
     # -- state ---------------------------------------------------------------------------------
     def restore(self, checkpoint: Mapping[str, Any]) -> None:

@@ -157,6 +157,7 @@ def train(
         tracker=tracker if distributed.is_main else None,
         epoch_callback=epoch_callback,
         distributed=distributed,
+        compile_model=cfg.trainer.compile,
         checkpoint_extra={"config": resolved_yaml, "metadata": metadata},
     )
     if checkpoint is not None:

@@ -161,7 +161,7 @@ class LandcoverOptunaSweeper(Sweeper):
                 if studies.budget_used(study) >= s["n_trials"]:
                     break
                 trial = study.ask()
-            if trial.number >= s["n_trials"] and studies.sqlite_path(s["storage"]) is None:
+            if trial.number >= s["n_trials"] and not studies.has_study_lock(s["storage"]):
                 trial.set_user_attr("reason", studies.OVER_BUDGET)
                 study.tell(trial, state=optuna.trial.TrialState.FAIL)
                 break

@@ -3,8 +3,9 @@
 Several worker processes (or machines, with a server database) share one study. Optuna gives
 every trial a unique number; to run exactly `n_trials`, a worker takes the study lock, counts
 the trials that are done or running, and asks for a new one only if the budget allows. With
-SQLite the lock is a file lock beside the database; with a server database two workers may
-race for the last slot, and the loser's trial is closed as FAILED with reason `over_budget`.
+SQLite the lock is a file lock beside the database, with PostgreSQL an advisory lock; with
+another server database two workers may race for the last slot, and the loser's trial is
+closed as FAILED with reason `over_budget`.
 """
 
 from __future__ import annotations
@@ -79,8 +80,30 @@ def make_pruner(cfg: Mapping[str, Any]) -> optuna.pruners.BasePruner:
     )
 
 
+ADVISORY_LOCK_KEY = 0x1A9DC0  # one PostgreSQL advisory lock for landcover sweeps
+
+
+def has_study_lock(storage: str) -> bool:
+    return sqlite_path(storage) is not None or storage.startswith(("postgresql:", "postgresql+"))
+
+
 @contextlib.contextmanager
 def study_lock(storage: str) -> Iterator[None]:
+    """Exclusive across workers: a file lock for SQLite, an advisory lock for PostgreSQL."""
+    if storage.startswith(("postgresql:", "postgresql+")):
+        import sqlalchemy
+
+        engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
+        with engine.connect() as connection:
+            connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({ADVISORY_LOCK_KEY})"))
+            try:
+                yield
+            finally:
+                connection.execute(
+                    sqlalchemy.text(f"SELECT pg_advisory_unlock({ADVISORY_LOCK_KEY})")
+                )
+        engine.dispose()
+        return
     path = sqlite_path(storage)
     if path is None:
         yield
