@@ -36,10 +36,8 @@ from landcover.data.scenes import find_pairs, quiet_georeferencing_warnings  # n
 from landcover.data.schema import IGNORE_INDEX, ClassSchema  # noqa: E402
 from landcover.figures import class_map_rgb, image_to_rgb  # noqa: E402
 from landcover.interop.cntk_import import import_cntk_seed  # noqa: E402
-from landcover.interop.import_cntk import load_schema, tutorial_metadata  # noqa: E402
+from landcover.interop.import_cntk import load_schema, tutorial_metadata, tutorial_model  # noqa: E402
 from landcover.metrics import scores_from_matrix  # noqa: E402
-from landcover.models import SegmentationModel  # noqa: E402
-from landcover.models.seed import SeedNet  # noqa: E402
 from landcover.paths import COMMANDS_CONFIG_DIR  # noqa: E402
 from landcover.predict.predictor import PredictSettings, predict_raster  # noqa: E402
 from landcover.predict.reference import LoadedModel, from_module, load_model_reference  # noqa: E402
@@ -49,13 +47,7 @@ def cntk_contender(path: Path) -> LoadedModel:
     with initialize_config_dir(config_dir=COMMANDS_CONFIG_DIR, version_base="1.3"):
         cfg = compose("import_cntk", [f"file={path}"])
     imported = import_cntk_seed(path)
-    model = SegmentationModel(
-        imported.net,
-        mean=list(cfg.normalize.mean),
-        std=list(cfg.normalize.std),
-        output_margin=SeedNet.output_margin,
-        size_divisor=SeedNet.size_divisor,
-    ).eval()
+    model = tutorial_model(imported.net, cfg)
     metadata = tutorial_metadata(cfg, load_schema(str(cfg.schema)), path, "-")
     return from_module(model, metadata, str(path))
 

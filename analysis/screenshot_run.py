@@ -19,7 +19,7 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from landcover.local_server import BIN, HOST, free_port, running
+from landcover.local_server import HOST, free_port, mlflow_server_command, running
 
 # Without the background-networking flags Chromium keeps dialling Google's hosts, which this
 # kind of machine refuses; --virtual-time-budget lets the single-page app render before the shot.
@@ -59,8 +59,7 @@ def main(argv: list[str] | None = None) -> int:
 
     path = page_path(MlflowClient(args.tracking_uri), args.run_id, args.model)
     port = free_port()
-    server = [str(BIN / "mlflow"), "server", "--backend-store-uri", args.tracking_uri]
-    server += ["--host", HOST, "--port", str(port), "--workers", "1"]
+    server = mlflow_server_command(args.tracking_uri, port)
     with tempfile.TemporaryDirectory() as profile:
         log = Path(profile) / "server.log"
         with running(server, f"http://{HOST}:{port}/health", log, {}):

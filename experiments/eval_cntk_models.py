@@ -20,9 +20,12 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 from landcover.interop.cntk_import import import_cntk_seed
-from landcover.interop.import_cntk import evaluate_import, load_schema, tutorial_metadata
-from landcover.models import SegmentationModel
-from landcover.models.seed import SeedNet
+from landcover.interop.import_cntk import (
+    evaluate_import,
+    load_schema,
+    tutorial_metadata,
+    tutorial_model,
+)
 from landcover.paths import COMMANDS_CONFIG_DIR
 from landcover.predict.reference import from_module
 
@@ -53,13 +56,7 @@ def main() -> None:
                             f"data.image_suffix=_{imagery}.tif",
                         ],
                     )
-                    model = SegmentationModel(
-                        imported.net,
-                        mean=list(cfg.normalize.mean),
-                        std=list(cfg.normalize.std),
-                        output_margin=SeedNet.output_margin,
-                        size_divisor=SeedNet.size_divisor,
-                    ).eval()
+                    model = tutorial_model(imported.net, cfg)
                     metadata = tutorial_metadata(cfg, schema, path, "-")
                     metrics, _ = evaluate_import(cfg, from_module(model, metadata), schema)
                     rows.append((name, imagery, split, metrics))

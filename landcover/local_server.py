@@ -75,10 +75,33 @@ def running(
             time.sleep(0.5)
         yield process
     finally:
+        stop_process_group(process)
+
+
+def stop_process_group(process: subprocess.Popen, grace_s: float = 20) -> None:
+    """SIGTERM to the whole group, SIGKILL if it lingers: no orphaned worker survives."""
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(process.pid, signal.SIGTERM)
+    try:
+        process.wait(timeout=grace_s)
+    except subprocess.TimeoutExpired:
         with contextlib.suppress(ProcessLookupError):
-            os.killpg(process.pid, signal.SIGTERM)
-        try:
-            process.wait(timeout=20)
-        except subprocess.TimeoutExpired:
             os.killpg(process.pid, signal.SIGKILL)
-            process.wait(timeout=20)
+        process.wait(timeout=grace_s)
+
+
+def mlflow_server_command(backend_store_uri: str, port: int, *extra: str) -> list[str]:
+    """`mlflow server` on loopback, one worker (what tests and scripts start)."""
+    return [
+        str(BIN / "mlflow"),
+        "server",
+        "--backend-store-uri",
+        backend_store_uri,
+        "--host",
+        HOST,
+        "--port",
+        str(port),
+        "--workers",
+        "1",
+        *extra,
+    ]

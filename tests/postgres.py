@@ -12,14 +12,13 @@ import glob
 import os
 import pwd
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from landcover.local_server import HOST, free_port
+from landcover.local_server import HOST, free_port, stop_process_group
 
 
 def find_binaries() -> Path | None:
@@ -104,12 +103,6 @@ def postgres_server(databases: tuple[str, ...]) -> Iterator[str]:
         connection.close()
         yield url
     finally:
-        with contextlib.suppress(ProcessLookupError):
-            os.killpg(server.pid, signal.SIGTERM)
-        try:
-            server.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            os.killpg(server.pid, signal.SIGKILL)
-            server.wait(timeout=30)
+        stop_process_group(server, grace_s=30)
         log.close()
         shutil.rmtree(folder, ignore_errors=True)

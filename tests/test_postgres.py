@@ -14,12 +14,13 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
+from landcover.local_server import mlflow_server_command
 from landcover.predict.reference import load_model_reference
 from landcover.train import train
 from tests.conftest import compose_train
 from tests.postgres import postgres_server, skip_reason
-from tests.servers import BIN, HOST, free_port, running
-from tests.test_sweep import sweep_command
+from tests.servers import HOST, free_port, running
+from tests.test_sweep import run_workers, sweep_command
 from tests.test_train_e2e import tiny_overrides
 
 REASON = skip_reason()
@@ -31,20 +32,9 @@ def team(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("team")
     with postgres_server(("mlflow", "optuna")) as database:
         port = free_port()
-        command = [
-            str(BIN / "mlflow"),
-            "server",
-            "--backend-store-uri",
-            f"{database}/mlflow",
-            "--artifacts-destination",
-            str(tmp / "artifacts"),
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--workers",
-            "1",
-        ]
+        command = mlflow_server_command(
+            f"{database}/mlflow", port, "--artifacts-destination", str(tmp / "artifacts")
+        )
         url = f"http://{HOST}:{port}"
         with running(command, f"{url}/health", tmp / "mlflow-server.log", {}):
             yield database, url, tmp
@@ -91,15 +81,7 @@ def test_two_workers_share_a_study_stored_in_postgres(team):
         f"hydra.sweeper.storage={storage}",
         f"tracking.uri={url}",
     )
-    workers = [
-        subprocess.Popen(
-            command, cwd=tmp, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
-    for worker in workers:
-        _, err = worker.communicate(timeout=900)
-        assert worker.returncode == 0, err[-3000:]
+    run_workers(command, tmp)
     trials = optuna.load_study(study_name="smoke", storage=storage).get_trials()
     summary = [(t.number, t.state.name, t.user_attrs) for t in trials]
     assert sorted(t.number for t in trials) == list(range(6)), summary

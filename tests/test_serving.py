@@ -11,6 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from landcover.local_server import mlflow_server_command
 from landcover.predict.writer import class_codes
 from landcover.registry import find_best_run, promote
 from landcover.train import train
@@ -92,18 +93,7 @@ def test_rest_serving_answers_with_class_maps(champion):
 def test_tracking_server_shows_runs_artifacts_and_registry(champion):
     uri, run_id, tmp = champion
     port = free_port()
-    command = [
-        str(BIN / "mlflow"),
-        "server",
-        "--backend-store-uri",
-        uri,
-        "--host",
-        HOST,
-        "--port",
-        str(port),
-        "--workers",
-        "1",
-    ]
+    command = mlflow_server_command(uri, port)
     base = f"http://{HOST}:{port}"
     with running(command, f"{base}/health", tmp / "server.log", {}):
         api = f"{base}/api/2.0/mlflow"

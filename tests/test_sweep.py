@@ -51,6 +51,19 @@ def sweep_command(tmp: Path, *extra: str, sweep: str = "smoke") -> list[str]:
     ]
 
 
+def run_workers(command: list[str], cwd: Path, count: int = 2, timeout: int = 900) -> None:
+    """`count` copies of one sweep command at once, as workers on several machines would."""
+    workers = [
+        subprocess.Popen(
+            command, cwd=cwd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
+        )
+        for _ in range(count)
+    ]
+    for worker in workers:
+        _, err = worker.communicate(timeout=timeout)
+        assert worker.returncode == 0, err[-3000:]
+
+
 def run_sweep(tmp: Path, *extra: str, sweep: str = "smoke", check: bool = True):
     out = subprocess.run(
         sweep_command(tmp, *extra, sweep=sweep),
@@ -115,16 +128,7 @@ def test_conditional_encoder_is_only_sampled_for_smp_models():
 
 def test_two_workers_share_one_study(tmp_path):
     """6 trials, 2 concurrent workers, one SQLite study: no duplicate, none lost."""
-    command = sweep_command(tmp_path, "hydra.sweeper.n_trials=6")
-    workers = [
-        subprocess.Popen(
-            command, cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True
-        )
-        for _ in range(2)
-    ]
-    for worker in workers:
-        _, err = worker.communicate(timeout=600)
-        assert worker.returncode == 0, err[-3000:]
+    run_workers(sweep_command(tmp_path, "hydra.sweeper.n_trials=6"), tmp_path)
     trials = load(tmp_path, "smoke").get_trials()
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     summary = [(t.number, t.state.name, t.user_attrs.get("error")) for t in trials]

@@ -55,6 +55,17 @@ def tutorial_metadata(cfg: DictConfig, schema: ClassSchema, source: Path, digest
     }
 
 
+def tutorial_model(net: SeedNet, cfg: DictConfig) -> SegmentationModel:
+    """The imported network behind the tutorial's input scaling and 64 px margin."""
+    return SegmentationModel(
+        net,
+        mean=list(cfg.normalize.mean),
+        std=list(cfg.normalize.std),
+        output_margin=SeedNet.output_margin,
+        size_divisor=SeedNet.size_divisor,
+    ).eval()
+
+
 def load_schema(name: str) -> ClassSchema:
     path = Path(CONFIG_DIR) / "data" / "schema" / f"{name}.yaml"
     if not path.is_file():
@@ -91,13 +102,7 @@ def run_import(cfg: DictConfig) -> str:
             f"{imported.net.head.out_channels}"
         )
     metadata = tutorial_metadata(cfg, schema, source, digest)
-    model = SegmentationModel(
-        imported.net,
-        mean=list(cfg.normalize.mean),
-        std=list(cfg.normalize.std),
-        output_margin=SeedNet.output_margin,
-        size_divisor=SeedNet.size_divisor,
-    ).eval()
+    model = tutorial_model(imported.net, cfg)
     tags = {
         "landcover.kind": "import",
         "model.arch": "seed",
