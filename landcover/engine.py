@@ -186,7 +186,7 @@ class Trainer:
 
     def _forward(self, image: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-            return (model or self.model)(image).float()
+            return (model if model is not None else self.model)(image).float()
 
     def fit_pixels(self, epoch: int) -> dict[str, float]:
         """A model fitted, not trained (the per-pixel baseline): one pass over the training
