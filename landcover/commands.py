@@ -19,11 +19,19 @@ from landcover.errors import LandcoverError
 from landcover.paths import COMMANDS_CONFIG_DIR
 
 
-def command_main(run: Callable[[DictConfig], object], config_name: str) -> Callable[[], None]:
+def command_main(
+    run: Callable[[DictConfig], object], config_name: str, *, distributed: bool = False
+) -> Callable[[], None]:
+    """`distributed`: the command splits its work across torchrun's ranks itself; otherwise,
+    launched under torchrun, rank 0 does the work alone (no duplicated maps or MLflow runs)."""
     log = logging.getLogger(f"landcover.{config_name}")
 
     @hydra.main(version_base="1.3", config_path=COMMANDS_CONFIG_DIR, config_name=config_name)
     def app(cfg: DictConfig) -> None:
+        context = dist.context_from_env()
+        if not distributed and not context.is_main:
+            log.info("rank %d: %s runs on rank 0 only", context.rank, config_name)
+            return
         try:
             run(cfg)
         except (LandcoverError, ValueError) as err:

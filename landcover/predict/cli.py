@@ -116,7 +116,7 @@ def run_predictions(cfg: DictConfig) -> list[PredictionResult]:
     return results
 
 
-main = command_main(run_predictions, "predict")
+main = command_main(run_predictions, "predict", distributed=True)
 
 if __name__ == "__main__":
     main()
