@@ -243,3 +243,22 @@ def test_import_command_logs_a_model_every_command_takes(cntk_dir, shared, tmp_p
         compose_config("promote", f"run={run_id}", f"tracking.uri={uri}", "registry.name=cntk")
     )
     assert promoted.champion and promoted.aliases == {"champion": "1"}
+
+
+def test_import_cli_takes_the_file_as_its_argument_and_names_a_bad_one(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    script = Path(sys.executable).parent / "landcover-import-cntk"
+    bad = tmp_path / "notes.model"
+    bad.write_bytes(b"\x08\x01this is not a model")
+    out = subprocess.run(
+        [str(script), str(bad), f"tracking.uri=sqlite:///{tmp_path / 'm.db'}"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode != 0
+    assert "notes.model" in out.stderr and "Traceback" not in out.stderr
