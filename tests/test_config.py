@@ -9,7 +9,7 @@ from tests.conftest import compose_train
 
 
 @pytest.mark.parametrize("data", ["synthetic", "chesapeake_sample", "geotiff", "chesapeake_cvpr"])
-@pytest.mark.parametrize("model", ["unet", "fpn", "deeplabv3plus", "seed"])
+@pytest.mark.parametrize("model", ["unet", "fpn", "deeplabv3plus", "seed", "pixel_gbm"])
 def test_every_data_and_model_option_composes(data, model):
     overrides = [f"data={data}", f"model={model}"]
     if data in ("geotiff", "chesapeake_cvpr"):
@@ -32,6 +32,19 @@ def test_presets_compose():
         ["data/schema=chesapeake_6class"],
     ):
         validate_config(compose_train(*overrides))
+
+
+def test_seed_tutorial_is_the_tutorial_recipe():
+    cfg = validate_config(compose_train("experiment=seed_tutorial"))
+    assert cfg.model.arch == "seed" and cfg.data.name == "chesapeake_sample"
+    assert (cfg.data.patch_size, cfg.data.batch_size) == (256, 10)
+    assert cfg.optimizer.name == "rmsprop" and cfg.scheduler.name == "step"
+    assert (
+        list(cfg.data.normalize.std) == [256.0] * 4 and list(cfg.data.normalize.mean) == [0.0] * 4
+    )
+    no_data = cfg.data.schema.classes[0]
+    assert no_data.name == "no_data" and no_data.ignore  # kept as an output, never a target
+    assert list(cfg.data.rare_sampling.classes) == ["water", "barren_impervious"]
 
 
 def test_typo_in_key_is_named():
