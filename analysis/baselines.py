@@ -53,8 +53,9 @@ def cntk_contender(path: Path) -> LoadedModel:
 
 
 def settings_for(model: LoadedModel) -> PredictSettings:
-    tile = 256 if model.output_margin else 512
-    return PredictSettings(tile_size=tile, overlap=0 if model.output_margin else 64, progress=False)
+    """The predictor's defaults; centre-output nets get the tutorial's 256 px tiles (the
+    predictor then uses their margin as context, whatever the overlap)."""
+    return PredictSettings(tile_size=256 if model.output_margin else 512, progress=False)
 
 
 def score(

@@ -76,10 +76,7 @@ def plots(rows: list[dict], metric: str, out: str) -> list[Path]:
     ax.set_xlabel("epochs trained")
     ax.set_ylabel(best)
     ax.set_title(f"{best} against epochs")
-    fig.tight_layout()
-    fig.savefig(f"{out}_epochs.png", dpi=100)
-    written.append(Path(f"{out}_epochs.png"))
-    plt.close(fig)
+    written.append(_save(fig, Path(f"{out}_epochs.png")))
     arches = sorted({r["model.arch"] or "?" for r in scored})
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, arch in enumerate(arches):
@@ -88,11 +85,17 @@ def plots(rows: list[dict], metric: str, out: str) -> list[Path]:
     ax.set_xticks(range(len(arches)), arches)
     ax.set_ylabel(best)
     ax.set_title(f"{best} by architecture")
-    fig.tight_layout()
-    fig.savefig(f"{out}_architecture.png", dpi=100)
-    written.append(Path(f"{out}_architecture.png"))
-    plt.close(fig)
+    written.append(_save(fig, Path(f"{out}_architecture.png")))
     return written
+
+
+def _save(fig, path: Path) -> Path:
+    import matplotlib.pyplot as plt  # loaded (headless) by plots()
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
 
 
 def markdown(rows: list[dict]) -> str:

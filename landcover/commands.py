@@ -39,11 +39,18 @@ def command_main(
             sys.exit(f"error: {err}")
 
     def main() -> None:
-        quiet_georeferencing_warnings()
-        sys.argv += dist.hydra_overrides_for_rank(dist.context_from_env())
-        try:
-            app()
-        finally:
-            dist.shutdown()
+        run_hydra_app(app)
 
     return main
+
+
+def run_hydra_app(app: Callable[[], object]) -> None:
+    """What every console script does around its Hydra app: quiet GDAL's georeferencing
+    warnings, give torchrun's other ranks no output folder of their own, leave the process
+    group however the app ends."""
+    quiet_georeferencing_warnings()
+    sys.argv += dist.hydra_overrides_for_rank(dist.context_from_env())
+    try:
+        app()
+    finally:
+        dist.shutdown()

@@ -60,8 +60,13 @@ class Candidate:
 
     @property
     def model_id(self) -> str | None:
-        outputs = self.run.outputs.model_outputs if self.run.outputs else []
-        return outputs[-1].model_id if outputs else None
+        return logged_model_id(self.run)
+
+
+def logged_model_id(run: Run) -> str | None:
+    """The run's (last) MLflow 3 logged model, None if it logged none."""
+    outputs = run.outputs.model_outputs if run.outputs else []
+    return outputs[-1].model_id if outputs else None
 
 
 @dataclass
@@ -142,7 +147,7 @@ def find_best_run(
     scope = f"experiment {experiment!r}" + (f", sweep {study!r}" if study else "")
     if not runs:
         raise PromotionError(f"no FINISHED run in {scope} matches {' and '.join(clauses)!r}")
-    with_model = [run for run in runs if run.outputs and run.outputs.model_outputs]
+    with_model = [run for run in runs if logged_model_id(run)]
     if not with_model:
         raise PromotionError(f"{len(runs)} FINISHED runs in {scope}, but none logged a model")
     candidates = []
@@ -172,7 +177,7 @@ def candidate_of_run(client: MlflowClient, run_id: str, metric: str) -> Candidat
         raise PromotionError(f"run {run_id!r} does not exist: {err.message}") from err
     if run.info.status != "FINISHED":
         raise PromotionError(f"run {run_id} is {run.info.status}, not FINISHED")
-    if not (run.outputs and run.outputs.model_outputs):
+    if logged_model_id(run) is None:
         raise PromotionError(f"run {run_id} logged no model")
     value = metric_of(client, run, metric)
     if value is None:
@@ -305,7 +310,8 @@ def promote(
         client.update_model_version(name, version.version, _description(candidate, experiment))
 
     result = Promotion(name, str(version.version), candidate, created, False, "")
-    if champion is not None and str(champion.version) == str(version.version):
+    already = champion is not None and str(champion.version) == str(version.version)
+    if already:
         result.champion, result.reason = True, f"version {version.version} is already {alias}"
     elif champion is None:
         result.champion, result.reason = True, f"no {alias} yet"
@@ -322,10 +328,11 @@ def promote(
             f"{candidate.metric} {candidate.value:.4f} does not beat {champion_value:.4f} of "
             f"{alias} version {champion.version} ({direction}imised); {alias} stays"
         )
-    if result.champion and not (
-        champion is not None and str(champion.version) == str(version.version)
-    ):
-        current = resolve_version(client, f"models:/{name}@{alias}")
+    if result.champion and not already:
+        # the alias holder is the version compared with, unless `against` named another one
+        current = (
+            champion if against is None else resolve_version(client, f"models:/{name}@{alias}")
+        )
         if current is not None and str(current.version) != str(version.version):
             client.set_registered_model_alias(name, previous_alias, current.version)
             result.previous_version = str(current.version)

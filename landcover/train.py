@@ -22,9 +22,9 @@ from omegaconf import DictConfig, OmegaConf
 from landcover import distributed as dist
 from landcover import tracking
 from landcover.checkpoint import load_checkpoint
+from landcover.commands import run_hydra_app
 from landcover.config import validate_config
 from landcover.data.loaders import build_training_data
-from landcover.data.scenes import quiet_georeferencing_warnings
 from landcover.engine import EpochCallback, FitResult, FitSettings, Trainer
 from landcover.errors import LandcoverError
 from landcover.models import build_model, count_parameters
@@ -103,6 +103,11 @@ def train(
         mean=list(cfg.data.normalize.mean),
         std=list(cfg.data.normalize.std),
     )
+    fitted_once = not any(p.requires_grad for p in model.parameters())  # model=pixel_gbm
+    if fitted_once and distributed.enabled:
+        raise LandcoverError(
+            f"model={cfg.model.arch} is fitted once in one process; run it without torchrun"
+        )
     data = build_training_data(
         cfg.data,
         seed=cfg.seed,
@@ -110,11 +115,6 @@ def train(
         pin_memory=device.type == "cuda",
         distributed=distributed,
     )
-    fitted_once = not any(p.requires_grad for p in model.parameters())  # model=pixel_gbm
-    if fitted_once and distributed.enabled:
-        raise LandcoverError(
-            f"model={cfg.model.arch} is fitted once in one process; run it without torchrun"
-        )
     if fitted_once:
         optimizer = scheduler = None
         if cfg.trainer.max_epochs != 1:
@@ -256,12 +256,7 @@ def _hydra_main(cfg: DictConfig) -> float | None:
 
 
 def main() -> None:
-    quiet_georeferencing_warnings()
-    sys.argv += dist.hydra_overrides_for_rank(dist.context_from_env())
-    try:
-        _hydra_main()
-    finally:
-        dist.shutdown()
+    run_hydra_app(_hydra_main)
 
 
 if __name__ == "__main__":

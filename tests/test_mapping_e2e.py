@@ -44,6 +44,26 @@ def predict(reference, scene, output, uri, *extra):
     return run_predictions(cfg)
 
 
+def evaluate(reference, root, uri, out, *extra):
+    """`landcover-evaluate` on the tiny generated scenes."""
+    cfg = compose_config(
+        "evaluate",
+        f"model={reference}",
+        "data=synthetic",
+        f"data.root={root}",
+        "data.synthetic.scenes={train: 2, val: 1}",
+        "data.synthetic.size=160",
+        "data.synthetic.seed=3",
+        f"tracking.uri={uri}",
+        f"output_dir={out}",
+        "predict.tile_size=96",
+        "predict.overlap=32",
+        "predict.progress=false",
+        *extra,
+    )
+    return run_evaluation(cfg)
+
+
 def test_predict_by_run_id_records_a_linked_run(model_run, tiny_synthetic):
     result, tmp, uri = model_run
     scene = tiny_synthetic / "val" / "synth_000_naip.tif"
@@ -100,22 +120,7 @@ def test_export_onnx_logs_to_training_run_and_predicts_alike(model_run, tiny_syn
 def test_evaluate_writes_disagreement_and_links_the_training_run(model_run, tiny_synthetic):
     result, tmp, uri = model_run
     out = tmp / "evaluation"
-    cfg = compose_config(
-        "evaluate",
-        f"model={result.run_id}",
-        "data=synthetic",
-        f"data.root={tiny_synthetic}",
-        "data.synthetic.scenes={train: 2, val: 1}",
-        "data.synthetic.size=160",
-        "data.synthetic.seed=3",
-        f"tracking.uri={uri}",
-        f"output_dir={out}",
-        "predict.tile_size=96",
-        "predict.overlap=32",
-        "predict.progress=false",
-        "evaluate.confidence_threshold=0.5",
-    )
-    metrics = run_evaluation(cfg)
+    metrics = evaluate(result.run_id, tiny_synthetic, uri, out, "evaluate.confidence_threshold=0.5")
     assert 0 <= metrics["eval/overall_accuracy"] <= 1
     assert (out / "synth_000_naip_disagreement.tif").exists()
     assert (out / "per_scene_metrics.csv").read_text().startswith("scene,labelled_pixels")

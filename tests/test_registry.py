@@ -13,13 +13,12 @@ import rasterio
 from mlflow.tracking import MlflowClient
 
 from landcover.data.synthetic import SyntheticSpec, generate
-from landcover.evaluate import run_evaluation
 from landcover.interop.export import run_export
 from landcover.promote import run_promotion
 from landcover.registry import PromotionError, find_best_run, metric_of, promote
 from landcover.train import train
 from tests.conftest import compose_config, compose_train
-from tests.test_mapping_e2e import predict
+from tests.test_mapping_e2e import evaluate, predict
 from tests.test_train_e2e import tiny_overrides
 
 pytestmark = pytest.mark.slow
@@ -218,22 +217,7 @@ def test_cli_config_promotes_and_commands_take_models_uris(store, client, tiny_s
         with rasterio.open(outcome.outputs["classes"]) as src:
             maps.append(src.read(1))
     assert np.array_equal(maps[0], maps[2]) and np.array_equal(maps[1], maps[2])
-    metrics = run_evaluation(
-        compose_config(
-            "evaluate",
-            "model=models:/landcover@champion",
-            "data=synthetic",
-            f"data.root={tiny_synthetic}",
-            "data.synthetic.scenes={train: 2, val: 1}",
-            "data.synthetic.size=160",
-            "data.synthetic.seed=3",
-            f"tracking.uri={uri}",
-            f"output_dir={tmp / 'evaluation'}",
-            "predict.tile_size=96",
-            "predict.overlap=32",
-            "predict.progress=false",
-        )
-    )
+    metrics = evaluate("models:/landcover@champion", tiny_synthetic, uri, tmp / "evaluation")
     assert 0 <= metrics["eval/overall_accuracy"] <= 1
     evaluation = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
     assert evaluation[0].data.tags["landcover.source_run_id"] == result.candidate.run_id

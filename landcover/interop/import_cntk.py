@@ -80,9 +80,13 @@ def evaluate_import(cfg: DictConfig, model, schema: ClassSchema) -> tuple[dict, 
     data_cfg = OmegaConf.merge(
         OmegaConf.structured(DataConfig), OmegaConf.to_container(cfg.data, resolve=True)
     )
-    scenes = split_scenes(data_cfg, str(cfg.evaluate_split), schema)
-    all_scenes = [s for split in data_cfg.splits for s in split_scenes(data_cfg, split, schema)]
-    settings = PredictSettings(tile_size=256, overlap=0, mode="centre", progress=False)
+    # every split is read (and checked) once: all of them make the fingerprint, as in training
+    by_split = {split: split_scenes(data_cfg, split, schema) for split in data_cfg.splits}
+    split = str(cfg.evaluate_split)
+    scenes = by_split.get(split) or split_scenes(data_cfg, split, schema)  # raises, naming it
+    all_scenes = [scene for found in by_split.values() for scene in found]
+    # 256 in: the tutorial's tiles; the predictor keeps their 128 px centres (the margin)
+    settings = PredictSettings(tile_size=256, progress=False)
     out = Path(str(cfg.output_dir))
     out.mkdir(parents=True, exist_ok=True)
     matrix = sum(evaluate_scene(model, s, out, settings, 0.9, 16).matrix for s in scenes)
