@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from landcover.errors import ConfigError
@@ -232,6 +232,18 @@ class TrackingConfig:
 
 
 @dataclass
+class TrialConfig:
+    """Set by the Optuna sweeper on each job it launches (`++trial.number=3 ...`): which
+    trial of which study the job is, so it can re-attach through the storage in any process."""
+
+    study: str = "???"
+    storage: str = "???"
+    number: int = MISSING
+    heartbeat_interval: int = 30
+    grace_period: int = 120
+
+
+@dataclass
 class TrainConfig:
     seed: int = 0
     data: DataConfig = field(default_factory=DataConfig)
@@ -241,6 +253,7 @@ class TrainConfig:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     loss: LossConfig = field(default_factory=LossConfig)
     tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    trial: TrialConfig | None = None
 
 
 def _positive(cfg: DictConfig, *keys: str) -> None:

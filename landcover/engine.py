@@ -65,6 +65,7 @@ class FitResult:
     run_id: str | None
     model_uri: str | None
     checkpoint_dir: Path
+    summary: dict[str, float] = field(default_factory=dict)
 
 
 @dataclass

@@ -223,108 +223,19 @@ def log_export(
     client.log_metric(run_id, "onnx/max_abs_diff", max_abs_diff)
 
 
-def _experiment_id(client: mlflow.tracking.MlflowClient, experiment: str) -> str:
+def experiment_id(client: mlflow.tracking.MlflowClient, experiment: str) -> str:
+    """The experiment's id, creating it if needed; two processes creating it at once (parallel
+    sweep slots) both get the one that won."""
     found = client.get_experiment_by_name(experiment)
-    return found.experiment_id if found else client.create_experiment(experiment)
-
-
-def create_sweep_parent(
-    uri: str,
-    experiment: str,
-    study_name: str,
-    params: Mapping[str, Any],
-    search_space: Mapping[str, str],
-) -> str:
-    """The parent run of a sweep, created through the client (trials run in the same process
-    and open their own fluent runs)."""
-    mlflow.set_tracking_uri(uri)
-    client = mlflow.tracking.MlflowClient(uri)
-    experiment_id = _experiment_id(client, experiment)
-    run = client.create_run(
-        experiment_id,
-        run_name=f"sweep {study_name}",
-        tags={"landcover.kind": "sweep", "sweep.study": study_name},
-    )
-    for key, value in params.items():
-        client.log_param(run.info.run_id, key, str(value)[:PARAM_VALUE_LIMIT])
-    for key, value in search_space.items():
-        client.log_param(run.info.run_id, f"space.{key}", str(value)[:PARAM_VALUE_LIMIT])
-    client.log_dict(run.info.run_id, dict(search_space), "sweep/search_space.json")
-    return run.info.run_id
-
-
-def record_failed_trial(
-    uri: str,
-    experiment: str,
-    parent_run_id: str,
-    tags: Mapping[str, str],
-    params: Mapping[str, Any],
-    error: str,
-) -> None:
-    """Make sure a failed trial has a FAILED child run with its error, also when it failed
-    before training opened a run (a bad sampled config value, say)."""
-    client = mlflow.tracking.MlflowClient(uri)
-    experiment_id = _experiment_id(client, experiment)
-    existing = client.search_runs(
-        [experiment_id],
-        filter_string=f"tags.`mlflow.parentRunId` = '{parent_run_id}' and "
-        f"tags.`sweep.trial_number` = '{tags['sweep.trial_number']}'",
-    )
-    if existing:
-        return
-    run = client.create_run(
-        experiment_id,
-        tags={**tags, "landcover.error": error[:5000]},
-        run_name=f"{tags['sweep.study']}-trial-{tags['sweep.trial_number']}",
-    )
-    for key, value in params.items():
-        client.log_param(run.info.run_id, f"sweep.params.{key}", str(value)[:PARAM_VALUE_LIMIT])
-    client.set_terminated(run.info.run_id, "FAILED")
-
-
-SWEEP_PLOTS = (
-    "plot_optimization_history",
-    "plot_param_importances",
-    "plot_parallel_coordinate",
-    "plot_intermediate_values",
-)
-
-
-def log_sweep_summary(uri: str, parent_run_id: str, study, metric: str) -> None:
-    """Best value and params, every trial as CSV, and Optuna's matplotlib plots."""
-    import optuna.visualization.matplotlib as optuna_plots
-    from optuna.trial import TrialState
-
-    client = mlflow.tracking.MlflowClient(uri)
-    completed = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-    if completed:
-        client.log_metric(parent_run_id, f"best/{metric}", float(study.best_value))
-        client.log_dict(
-            parent_run_id,
-            {
-                "number": study.best_trial.number,
-                "value": study.best_value,
-                "params": study.best_params,
-            },
-            "sweep/best.json",
-        )
-        client.set_tag(parent_run_id, "sweep.best_trial", str(study.best_trial.number))
-    states = {state.name: 0 for state in TrialState}
-    for trial in study.get_trials(deepcopy=False):
-        states[trial.state.name] += 1
-    for state, count in states.items():
-        client.log_metric(parent_run_id, f"trials/{state.lower()}", count)
-    client.log_text(parent_run_id, study.trials_dataframe().to_csv(index=False), "sweep/trials.csv")
-    for name in SWEEP_PLOTS:
-        try:
-            axes = getattr(optuna_plots, name)(study)
-        except Exception as err:  # a plot can need more trials than the study has
-            client.set_tag(parent_run_id, f"sweep.plot.{name}", f"skipped: {err}"[:500])
-            continue
-        figure = np.ravel(axes)[0].figure if isinstance(axes, np.ndarray) else axes.figure
-        client.log_figure(parent_run_id, figure, f"sweep/{name}.png")
-        plt.close(figure)
-    client.set_terminated(parent_run_id, "FINISHED")
+    if found:
+        return found.experiment_id
+    try:
+        return client.create_experiment(experiment)
+    except mlflow.exceptions.MlflowException:
+        found = client.get_experiment_by_name(experiment)
+        if found is None:
+            raise
+        return found.experiment_id
 
 
 class Tracker:

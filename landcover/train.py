@@ -10,6 +10,7 @@ import copy
 import logging
 import signal
 import sys
+import threading
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -27,10 +28,10 @@ from landcover.config import validate_config
 from landcover.data.loaders import build_training_data
 from landcover.engine import EpochCallback, FitResult, FitSettings, Trainer
 from landcover.errors import LandcoverError
-from landcover.models import build_model, count_parameters
+from landcover.models import build_model, count_gflops, count_parameters
 from landcover.optim import build_loss, build_optimizer, build_scheduler
 from landcover.paths import CONFIG_DIR
-from landcover.sweep.context import active_trial
+from landcover.sweep import multirun
 
 log = logging.getLogger("landcover.train")
 
@@ -79,8 +80,14 @@ def train(
     epoch_callback: EpochCallback | None = None,
     extra_tags: Mapping[str, str] | None = None,
     extra_params: Mapping[str, str] | None = None,
+    run_name: str | None = None,
 ) -> FitResult:
-    """Validate the config, build data/model/optimiser, fit, and record everything."""
+    """Validate the config, build data/model/optimiser, fit, and record everything.
+
+    The result's `summary` holds what a sweep can optimise: `best/<monitor>`, the monitor
+    itself and every other metric at the best epoch, `model/parameters` and
+    `model/gflops_per_tile`.
+    """
     cfg = validate_config(cfg)
     if cfg.trainer.num_threads:
         torch.set_num_threads(cfg.trainer.num_threads)
@@ -163,6 +170,14 @@ def train(
     if checkpoint is not None:
         trainer.restore(checkpoint)
         log.info("resuming from %s after epoch %d", cfg.trainer.resume_from, trainer.state.epoch)
+    static_metrics = {"model/parameters": float(count_parameters(model))}
+    gflops = count_gflops(model, cfg.data.bands)
+    if gflops is not None:
+        static_metrics["model/gflops_per_tile"] = gflops
+    overrides = multirun.user_overrides(multirun.job_overrides())
+    parent = multirun.job_parent() if cfg.trial is None else None
+    if parent is not None and run_name is None:
+        run_name = multirun.child_run_name(overrides, parent[1])
     tags = {
         **tracking.git_state(),
         **tracking.environment_tags(device),
@@ -172,9 +187,12 @@ def train(
         **dict(cfg.tracking.tags),
         **dict(extra_tags or {}),
         "distributed.world_size": str(distributed.world_size),
+        "landcover.overrides": " ".join(overrides)[:5000],
+        **({"mlflow.parentRunId": parent[0]} if parent else {}),
     }
     run_id = checkpoint.get("run_id") if checkpoint else None
-    with tracker.start(run_name=cfg.tracking.run_name, run_id=run_id, tags=tags):
+    run_name = cfg.tracking.run_name or run_name
+    with tracker.start(run_name=run_name, run_id=run_id, tags=tags):
         if checkpoint is None:
             tracker.log_params(tracking.flatten(OmegaConf.to_container(cfg, resolve=True)))
             tracker.log_params(dict(extra_params or {}))
@@ -201,14 +219,14 @@ def train(
             len(data.val_scenes),
             checkpoint_dir,
         )
+        tracker.log_metrics(static_metrics, step=0)
         result = trainer.fit()
+        best = {"best/" + cfg.trainer.monitor: result.best_value or float("nan")}
         tracker.log_metrics(
-            {
-                "best/" + cfg.trainer.monitor: result.best_value or float("nan"),
-                "best/epoch": float(result.best_epoch or 0),
-            },
-            step=trainer.state.epoch,
+            {**best, "best/epoch": float(result.best_epoch or 0)}, step=trainer.state.epoch
         )
+        at_best = next((h for h in trainer.state.history if h["epoch"] == result.best_epoch), {})
+        result.summary = {**at_best, **static_metrics, **best}
         trainer.log_best_artifacts()
         if cfg.tracking.log_model:
             cpu_model = dist.plain_batchnorm(
@@ -237,16 +255,13 @@ def _stop_on_sigterm(signum, frame) -> None:
 
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
-    signal.signal(signal.SIGTERM, _stop_on_sigterm)
-    trial = active_trial()
-    if trial is not None:  # a sweep trial: errors go back to the sweeper, which records them
-        result = train(
-            cfg,
-            epoch_callback=trial.report,
-            extra_tags=trial.tags,
-            extra_params={f"sweep.params.{k}": str(v) for k, v in trial.params.items()},
-        )
-        return result.best_value
+    if threading.current_thread() is threading.main_thread():
+        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+    if cfg.get("trial") is not None:
+        # a sweep trial, launched in whatever process: errors go back through the study
+        from landcover.sweep.trial import run_trial
+
+        return run_trial(cfg, train)
     try:
         result = train(cfg)
     except LandcoverError as err:

@@ -119,3 +119,24 @@ def build_model(
 
 def count_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+FLOPS_TILE = 256  # model/gflops_per_tile counts one 256 x 256 tile, whatever the patch size
+
+
+def count_gflops(model: nn.Module, in_channels: int, tile: int = FLOPS_TILE) -> float | None:
+    """Forward GFLOP (multiply-adds counted as 2) for one tile: a cost objective that sweeps can
+    trade against accuracy. None for models that are not networks (per-pixel GBM)."""
+    if not any(p.requires_grad for p in model.parameters()):
+        return None
+    from torch.utils.flop_counter import FlopCounterMode
+
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad(), FlopCounterMode(display=False) as counter:
+            model(torch.zeros(1, in_channels, tile, tile, device=device))
+    finally:
+        model.train(was_training)
+    return counter.get_total_flops() / 1e9

@@ -62,6 +62,7 @@ def parse_parameter(name: str, text: str) -> Parameter:
 
 
 def parse_space(params: Mapping[str, Any]) -> list[Parameter]:
+    """Every `key: expression` of a study config, config groups first."""
     space = [parse_parameter(str(k), str(v)) for k, v in params.items()]
     # groups first: which model is chosen decides which model.* keys exist
     return sorted(space, key=lambda p: "." in p.name)
@@ -103,3 +104,27 @@ def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> 
 
 def as_overrides(values: Mapping[str, Any]) -> list[str]:
     return [f"{name}={value}" for name, value in values.items()]
+
+
+def grid(space: list[Parameter]) -> dict[str, list[Any]]:
+    """The search space as a grid for Optuna's GridSampler: every choice, every range step.
+
+    A continuous interval has no grid; name its points with choice() instead.
+    """
+    points: dict[str, list[Any]] = {}
+    for parameter in space:
+        distribution = parameter.distribution
+        if distribution is None:
+            continue
+        if isinstance(distribution, CategoricalDistribution):
+            points[parameter.name] = list(distribution.choices)
+        elif isinstance(distribution, IntDistribution) and not distribution.log:
+            points[parameter.name] = list(
+                range(distribution.low, distribution.high + 1, distribution.step)
+            )
+        else:
+            raise ConfigError(
+                f"sweep parameter {parameter.name}: grid search needs choice() or range(), "
+                "not a continuous interval"
+            )
+    return points
