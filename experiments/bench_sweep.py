@@ -1,11 +1,15 @@
-"""Benchmark: the same Optuna study with and without pruning; wall time and best objective.
+"""Benchmark: the same Optuna study with and without pruning, or with 1 and 2 parallel slots;
+wall time and best objective.
 
 Each study is a real `landcover-train -m` sweep (our Hydra sweeper) on generated landscapes:
 N trials of a small U-Net, a fixed number of epochs, learning rate and decoder width searched
-by TPE with the same seed. Pruning uses the median pruner. Printed and logged to MLflow
+by TPE with the same seed. Pruning uses the median pruner. `--n-jobs 1 2` instead compares
+slots: the same study without pruning through `hydra/launcher=joblib` with
+`hydra.sweeper.n_jobs` 1 and 2 and one torch thread per trial. Printed and logged to MLflow
 (experiment `benchmarks`).
 
     .venv/bin/python experiments/bench_sweep.py [--trials 12] [--epochs 8] [--patches 256]
+    .venv/bin/python experiments/bench_sweep.py --n-jobs 1 2 [--trials 8] [--epochs 4]
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ hydra:
 
 
 def run_study(
-    folder: Path, trials: int, epochs: int, patches: int, pruner: str
+    folder: Path, trials: int, epochs: int, patches: int, pruner: str, extra: list[str] = ()
 ) -> tuple[float, float, dict]:
     (folder / "conf" / "sweep").mkdir(parents=True)
     (folder / "conf" / "sweep" / "bench.yaml").write_text(
@@ -84,6 +88,7 @@ def run_study(
         "tracking.experiment=bench_sweep",
         f"hydra.sweeper.storage=sqlite:///{folder}/optuna.db",
         f"hydra.sweep.dir={folder / 'multirun'}",
+        *extra,
     ]
     started = time.perf_counter()
     subprocess.run(command, check=True, capture_output=True, cwd=folder)
@@ -104,7 +109,16 @@ def main() -> None:
         help="patches per epoch: enough that an epoch outweighs a trial's start",
     )
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
+    parser.add_argument(
+        "--n-jobs",
+        type=int,
+        nargs="+",
+        help="compare these slot counts (joblib launcher, no pruning) instead of pruning",
+    )
     args = parser.parse_args()
+    if args.n_jobs:
+        compare_slots(args)
+        return
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         for label, pruner in (
@@ -128,6 +142,47 @@ def main() -> None:
             {"trials": args.trials, "epochs": args.epochs, "patches_per_epoch": args.patches}
         )
         mlflow.log_metrics({**results, "time_ratio": ratio, "best_gap_points": gap})
+
+
+def compare_slots(args: argparse.Namespace) -> None:
+    """The same study with each slot count, one torch thread per trial, in one run."""
+    results: dict[str, float] = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for slots in args.n_jobs:
+            extra = [
+                "hydra/launcher=joblib",
+                f"hydra.launcher.n_jobs={slots}",
+                f"hydra.sweeper.n_jobs={slots}",
+                "trainer.num_threads=1",
+            ]
+            seconds, best, states = run_study(
+                Path(tmp) / f"slots{slots}",
+                args.trials,
+                args.epochs,
+                args.patches,
+                "{name: none}",
+                extra,
+            )
+            print(f"{slots} slot(s): {seconds:6.0f} s, best val/mIoU {best:.4f}, trials {states}")
+            results[f"slots{slots}_seconds"] = seconds
+            results[f"slots{slots}_best_mIoU"] = best
+    first, *others = args.n_jobs
+    for slots in others:
+        ratio = results[f"slots{first}_seconds"] / results[f"slots{slots}_seconds"]
+        results[f"speedup_{slots}_over_{first}"] = ratio
+        print(f"{slots} slots: {ratio:.2f}x the speed of {first}")
+    mlflow.set_tracking_uri(args.tracking_uri)
+    mlflow.set_experiment("benchmarks")
+    with mlflow.start_run(run_name="bench_sweep slots"):
+        mlflow.log_params(
+            {
+                "trials": args.trials,
+                "epochs": args.epochs,
+                "patches_per_epoch": args.patches,
+                "n_jobs": " ".join(map(str, args.n_jobs)),
+            }
+        )
+        mlflow.log_metrics(results)
 
 
 if __name__ == "__main__":

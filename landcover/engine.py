@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from landcover.checkpoint import copy_checkpoint, save_checkpoint
+from landcover.checkpoint import copy_checkpoint, read_checkpoint, save_checkpoint
 from landcover.data.loaders import TrainingData
 from landcover.data.schema import IGNORE_INDEX
 from landcover.distributed import (
@@ -355,7 +355,7 @@ class Trainer:
     def load_best(self) -> None:
         best = self.checkpoint_dir / "best.pt"
         if best.exists():
-            state = torch.load(best, map_location=self.device, weights_only=False)
+            state = read_checkpoint(best, map_location=str(self.device))
             self.model.load_state_dict(state["model"])
 
     @torch.inference_mode()

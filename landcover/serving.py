@@ -1,30 +1,42 @@
-"""The MLflow flavour that lets `mlflow models serve` answer with land cover maps.
+"""The MLflow flavour of landcover models: safe to load, and servable by `mlflow models serve`.
 
-A trained model is logged once, with two faces: the `pytorch` flavour (what predict, evaluate,
-export and promotion load) and a `python_function` flavour whose loader is this module, so that
-a REST client that posts 4-band patches gets class codes back, not raw logits it would have to
-decode with a schema it does not have. The class codes, the output margin and the stride come
-from the `model_config` of the pyfunc flavour, written at logging time.
+A trained model is logged once, with two faces: the `landcover` flavour (weights in
+safetensors, architecture and class schema in JSON: loading rebuilds the network from this
+package's code and never unpickles anything; see `landcover.models.files`) and a
+`python_function` flavour whose loader is this module, so that a REST client that posts 4-band
+patches gets class codes back, not raw logits it would have to decode with a schema it does not
+have. Models logged by older versions (MLflow's pickled PyTorch flavour) are refused with the
+command that converts them.
 
 Request (JSON, `POST /invocations`): `{"inputs": [[[[...]]]]}`, raw digital numbers shaped
 (patches, bands, height, width), any height and width. Response: `{"predictions": [...]}`,
-class codes shaped (patches, height, width).
+class codes shaped (patches, height, width). Requests above `LANDCOVER_SERVE_MAX_PIXELS`
+pixels (default 4,194,304: sixteen 512 x 512 patches) or with non-finite values are refused
+with a 400-class error before any computation.
 """
 
 from __future__ import annotations
 
 import os
+import platform
 from collections.abc import Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
-import mlflow.pytorch
 import numpy as np
 import torch
 import torch.nn.functional as F
+import yaml
+from mlflow.exceptions import MlflowException
 from mlflow.models import Model
-from mlflow.models.model import MODEL_CONFIG
+from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from landcover.models import files
+
+FLAVOR = "landcover"
 PYFUNC = "python_function"
+MAX_PIXELS_ENV = "LANDCOVER_SERVE_MAX_PIXELS"
+DEFAULT_MAX_PIXELS = 16 * 512 * 512
 
 
 def save_model(
@@ -32,25 +44,73 @@ def save_model(
     path: str,
     *,
     mlflow_model: Model | None = None,
+    model_metadata: Mapping[str, Any],
     class_codes: Sequence[int],
     output_margin: int,
+    pip_requirements: Sequence[str] = (),
+    signature: Any = None,
     **kwargs: Any,
 ) -> None:
-    """MLflow's PyTorch save, then point its pyfunc flavour at `ClassMapModel`.
+    """Write the model directory: weights, metadata, requirements and the MLmodel file.
 
-    Called by `mlflow.models.Model.log(flavor=landcover.serving, ...)`; everything else (the
-    pickled module, requirements, signature, metadata) is MLflow's own format, unchanged.
+    Called by `mlflow.models.Model.log(flavor=landcover.serving, ...)`.
     """
-    mlflow_model = mlflow_model if mlflow_model is not None else Model()
-    mlflow.pytorch.save_model(pytorch_model, path, mlflow_model=mlflow_model, **kwargs)
-    flavor = mlflow_model.flavors[PYFUNC]
-    flavor["loader_module"] = __name__
-    flavor[MODEL_CONFIG] = {
-        "device": None,
-        "class_codes": [int(code) for code in class_codes],
-        "output_margin": int(output_margin),
+    import mlflow.pyfunc
+
+    del kwargs
+    directory = Path(path)
+    files.save(pytorch_model, directory, model_metadata)
+    (directory / "requirements.txt").write_text("\n".join(pip_requirements) + "\n")
+    python_env = {
+        "python": platform.python_version(),
+        "build_dependencies": ["pip"],
+        "dependencies": ["-r requirements.txt"],
     }
+    (directory / "python_env.yaml").write_text(yaml.safe_dump(python_env))
+    mlflow_model = mlflow_model if mlflow_model is not None else Model()
+    if signature is not None:
+        mlflow_model.signature = signature
+    mlflow_model.add_flavor(
+        FLAVOR,
+        format=files.FORMAT,
+        weights=files.WEIGHTS_FILE,
+        metadata=files.METADATA_FILE,
+    )
+    mlflow.pyfunc.add_to_model(
+        mlflow_model,
+        loader_module=__name__,
+        python_env="python_env.yaml",
+        model_config={
+            "class_codes": [int(code) for code in class_codes],
+            "output_margin": int(output_margin),
+        },
+    )
     mlflow_model.save(os.path.join(path, "MLmodel"))
+
+
+def load_module(path: str | Path) -> torch.nn.Module:
+    """The network of a downloaded model directory, rebuilt without unpickling."""
+    directory = Path(path)
+    mlmodel = Model.load(str(directory / "MLmodel")) if (directory / "MLmodel").is_file() else None
+    if mlmodel is not None and FLAVOR not in mlmodel.flavors:
+        raise files.UnsafeModelError(files.convert_hint(str(path)))
+    module, _ = files.load(directory)
+    return module
+
+
+def load_model(model_uri: str) -> torch.nn.Module:
+    """A logged landcover model as a PyTorch module (`runs:/...`, `models:/name@alias`):
+    raw pixels in, class logits out. Replaces `mlflow.pytorch.load_model`, which unpickles."""
+    import tempfile
+
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return load_module(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
+
+
+def max_pixels() -> int:
+    return int(os.environ.get(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS))
 
 
 class ClassMapModel:
@@ -64,11 +124,20 @@ class ClassMapModel:
     def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> np.ndarray:
         if isinstance(data, Mapping):  # a named tensor input arrives as {"pixels": array}
             data = data["pixels"] if "pixels" in data else next(iter(data.values()))
-        pixels = torch.as_tensor(np.asarray(data, dtype=np.float32))
-        if pixels.ndim != 4:
-            raise ValueError(
-                f"expected patches shaped (N, bands, height, width), got {tuple(pixels.shape)}"
+        array = np.asarray(data, dtype=np.float32)
+        if array.ndim != 4:
+            raise _bad_request(
+                f"expected patches shaped (N, bands, height, width), got {array.shape}"
             )
+        pixels_in = array.shape[0] * array.shape[2] * array.shape[3]
+        if pixels_in > max_pixels():
+            raise _bad_request(
+                f"request of {pixels_in} pixels {array.shape} is above the server's budget of "
+                f"{max_pixels()} ({MAX_PIXELS_ENV}): send smaller or fewer patches"
+            )
+        if not np.isfinite(array).all():
+            raise _bad_request("request holds NaN or infinite pixel values")
+        pixels = torch.from_numpy(array)
         if self.margin:
             # the network predicts only the centre of what it sees: mirror the edges so the
             # answer covers the whole patch (as whole-scene prediction does)
@@ -82,8 +151,13 @@ class ClassMapModel:
         return self.module
 
 
+def _bad_request(message: str) -> MlflowException:
+    """An error `mlflow models serve` answers with HTTP 400, not 500."""
+    return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
+
+
 def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> ClassMapModel:
     """MLflow's pyfunc entry point (`loader_module: landcover.serving` in MLmodel)."""
     config = dict(model_config or {})
-    module = mlflow.pytorch._load_model(path, device="cpu", weights_only=False)
+    module = load_module(Path(path).parent if Path(path).name == files.WEIGHTS_FILE else path)
     return ClassMapModel(module, config["class_codes"], int(config.get("output_margin", 0)))

@@ -1,9 +1,11 @@
 """Everything that writes to MLflow, in one place, so the rest stays testable without it.
 
 A run records the resolved config (flattened params plus the YAML), provenance tags, metrics
-per epoch, figures, and the trained model. The model is logged in MLflow's "pickle" format:
-the default "pt2" (torch.export) freezes input shapes, and a land cover model must run on any
-tile size. Explicit pip requirements skip MLflow's dependency inference (~13 s per log).
+per epoch, figures, and the trained model. The model is logged in landcover's own flavour
+(`landcover.serving`: safetensors weights plus JSON, never a pickle, so loading it runs no code
+from the file; MLflow's "pt2" format would be safe too but freezes input shapes, and a land
+cover model must run on any tile size). Explicit pip requirements skip MLflow's dependency
+inference (~13 s per log).
 """
 
 from __future__ import annotations
@@ -29,7 +31,15 @@ from landcover import serving
 from landcover.errors import RunPrunedError
 
 PARAM_VALUE_LIMIT = 500
-MODEL_REQUIREMENTS = ("torch", "segmentation-models-pytorch", "timm", "numpy")
+MODEL_REQUIREMENTS = (
+    "torch",
+    "segmentation-models-pytorch",
+    "timm",
+    "numpy",
+    "safetensors",
+    "skops",
+    "scikit-learn",
+)
 
 
 def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, str]:
@@ -306,7 +316,7 @@ class Tracker:
             name="model",
             flavor=serving,
             pytorch_model=model,
-            serialization_format="pickle",
+            model_metadata=dict(metadata),
             signature=model_signature(bands),
             pip_requirements=pinned_requirements(),
             metadata=dict(metadata),

@@ -61,8 +61,9 @@ def output_dir() -> Path:
 def model_metadata(cfg: DictConfig, data, model) -> dict:
     """What prediction needs to use the model with no settings repeated."""
     return {
-        "landcover_format": 1,
+        "landcover_format": 2,
         "arch": cfg.model.arch,
+        "model": OmegaConf.to_container(cfg.model, resolve=True),
         "schema": data.schema.to_dict(),
         "bands": cfg.data.bands,
         "band_names": list(cfg.data.band_names),

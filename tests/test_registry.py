@@ -16,6 +16,7 @@ from landcover.data.synthetic import SyntheticSpec, generate
 from landcover.interop.export import run_export
 from landcover.promote import run_promotion
 from landcover.registry import PromotionError, find_best_run, metric_of, promote
+from landcover.serving import load_model
 from landcover.train import train
 from tests.conftest import compose_config, compose_train
 from tests.test_mapping_e2e import evaluate, predict
@@ -166,8 +167,8 @@ def test_guard_previous_alias_lineage_and_idempotency(store, client):
     assert version.tags["git.commit"] == run.data.tags["git.commit"]
     assert best in version.description and "fingerprint" in version.description
     # what the registry serves is the run's model
-    loaded = mlflow.pytorch.load_model("models:/landcover@champion")
-    original = mlflow.pytorch.load_model(f"runs:/{best}/model")
+    loaded = load_model("models:/landcover@champion")
+    original = load_model(f"runs:/{best}/model")
     x = np.random.default_rng(0).uniform(0, 255, (1, 4, 64, 64)).astype(np.float32)
     import torch
 

@@ -11,6 +11,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from landcover.serving import load_model
 from landcover.train import train
 from tests.conftest import compose_train
 
@@ -103,7 +104,7 @@ def test_run_records_figures_confusion_matrix_and_config(trained):
 def test_logged_model_reloads_and_runs_on_unseen_size(trained):
     result, tmp = trained
     mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
-    model = mlflow.pytorch.load_model(result.model_uri)
+    model = load_model(result.model_uri)
     with torch.inference_mode():
         logits = model(torch.rand(1, 4, 320, 320) * 255)
     assert logits.shape == (1, 4, 320, 320)

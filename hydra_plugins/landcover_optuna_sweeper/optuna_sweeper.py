@@ -61,6 +61,9 @@ class OptunaSweeperConf:
     min_trials_for_failure_rate: int = 3
     heartbeat_interval: int = 30  # seconds between a running trial's heartbeats
     grace_period: int = 120  # a RUNNING trial silent this long is failed and replaced
+    # when the budget is used, stay until other workers' trials end (replacing any that die),
+    # so that no trial is left RUNNING once every worker has exited
+    wait_for_others: bool = True
     sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe", "seed": 0})
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "median"})
     params: dict[str, Any] = field(default_factory=dict)
@@ -97,6 +100,7 @@ class LandcoverOptunaSweeper(Sweeper):
         min_trials_for_failure_rate: int,
         heartbeat_interval: int,
         grace_period: int,
+        wait_for_others: bool,
         sampler: dict,
         pruner: dict,
         params: dict,
@@ -123,6 +127,8 @@ class LandcoverOptunaSweeper(Sweeper):
         self.max_failure_rate = max_failure_rate
         self.min_trials_for_failure_rate = min_trials_for_failure_rate
         self.heartbeat = studies.Heartbeat(heartbeat_interval, grace_period)
+        self.wait_for_others = wait_for_others
+        self.waiting_logged = False
         self.sampler_cfg = dict(sampler)
         self.pruner_cfg = dict(pruner)
         self.space = space.parse_space(params or {})
@@ -172,10 +178,12 @@ class LandcoverOptunaSweeper(Sweeper):
         return min(self.n_trials, size)
 
     def _study(self, name: str) -> optuna.Study:
+        """The study object slots tell through; they ask through one seeded per trial. Its
+        sampler only sees `tell`, where a grid sampler would try to stop an optimize loop."""
         return optuna.create_study(
             study_name=name,
             storage=self.storage,
-            sampler=self._sampler(0),
+            sampler=optuna.samplers.RandomSampler(),
             pruner=studies.make_pruner(self.pruner_cfg),
             directions=self.directions,
             load_if_exists=True,
@@ -277,8 +285,18 @@ class LandcoverOptunaSweeper(Sweeper):
                     trial = self._ask(context)
                     if trial is None:
                         continue  # failed at sampling: recorded, ask again
-                elif not studies.running_elsewhere(study, self.in_flight):
-                    return
+                else:
+                    others = studies.running_elsewhere(study, self.in_flight)
+                    if not others or not self.wait_for_others:
+                        return
+                    if not self.waiting_logged:
+                        self.waiting_logged = True
+                        log.info(
+                            "budget used; waiting for trials %s of other workers (one that "
+                            "dies is replaced here; hydra.sweeper.wait_for_others=false to "
+                            "leave now)",
+                            others,
+                        )
             if trial is None:  # the budget is used but another worker's trial may yet die
                 self.stop.wait(min(self.heartbeat.interval, 5))
                 continue

@@ -41,8 +41,9 @@ log = logging.getLogger("landcover.import_cntk")
 
 def tutorial_metadata(cfg: DictConfig, schema: ClassSchema, source: Path, digest: str) -> dict:
     return {
-        "landcover_format": 1,
+        "landcover_format": 2,
         "arch": "seed",
+        "model": {"arch": "seed"},
         "schema": schema.to_dict(),
         "bands": 4,
         "band_names": list(cfg.band_names),

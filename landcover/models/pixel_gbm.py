@@ -5,19 +5,24 @@ alone; this is that baseline. It is a `torch.nn.Module` so that everything downs
 validation loop, checkpoints, MLflow logging, tiled prediction, evaluation, serving) takes it
 unchanged: `forward` returns log-probabilities shaped like a network's logits. It is fitted,
 not trained: the trainer hands it the labelled pixels of its training patches once
-(`fit_pixels`). The fitted estimator travels in the module's state dict as extra state.
+(`fit_pixels`). The fitted estimator travels in the module's state dict as extra state: a uint8
+tensor of skops bytes (never pickle), loaded with a fixed list of trusted types, so a model
+file cannot make loading run code.
 """
 
 from __future__ import annotations
 
-import pickle
-
 import numpy as np
+import skops.io
 import torch
 from sklearn.ensemble import HistGradientBoostingClassifier
 from torch import nn
 
+from landcover.errors import LandcoverError
+
 RED, NIR = 0, 3  # band order R, G, B, NIR (data.band_names)
+# beyond skops' defaults (numpy, builtins, sklearn estimators), the fitted trees' own class
+TRUSTED_TYPES = ["sklearn.ensemble._hist_gradient_boosting.predictor.TreePredictor"]
 
 
 class PixelGBM(nn.Module):
@@ -86,8 +91,22 @@ class PixelGBM(nn.Module):
         logits = torch.from_numpy(np.log(full)).to(x.device)
         return logits.reshape(batch, height, width, self.num_classes).permute(0, 3, 1, 2)
 
-    def get_extra_state(self) -> bytes:
-        return pickle.dumps(self.estimator)
+    def get_extra_state(self) -> torch.Tensor:
+        if self.estimator is None:
+            return torch.zeros(0, dtype=torch.uint8)
+        return torch.frombuffer(bytearray(skops.io.dumps(self.estimator)), dtype=torch.uint8)
 
-    def set_extra_state(self, state: bytes) -> None:
-        self.estimator = pickle.loads(state)
+    def set_extra_state(self, state: object) -> None:
+        if not isinstance(state, torch.Tensor):
+            raise LandcoverError(
+                "the per-pixel GBM's state is a pickle (saved by an older landcover), which can "
+                "run code when loaded: convert the file with `landcover-convert-model --trust`"
+            )
+        if state.numel() == 0:
+            self.estimator = None
+            return
+        data = state.cpu().numpy().tobytes()
+        untrusted = [t for t in skops.io.get_untrusted_types(data=data) if t not in TRUSTED_TYPES]
+        if untrusted:
+            raise LandcoverError(f"the per-pixel GBM's state holds untrusted types {untrusted}")
+        self.estimator = skops.io.loads(data, trusted=TRUSTED_TYPES)

@@ -9,6 +9,7 @@ training time, so prediction needs no settings repeated and can refuse a wrong i
 from __future__ import annotations
 
 import re
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -17,8 +18,10 @@ from typing import Any
 import numpy as np
 import torch
 
+from landcover.checkpoint import read_checkpoint
 from landcover.data.schema import ClassSchema
 from landcover.errors import LandcoverError
+from landcover.models.files import UnsafeModelError, convert_hint
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -76,10 +79,7 @@ def _from_checkpoint(path: Path, device: torch.device, channels_last: bool) -> L
 
     from landcover.models import build_model
 
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=False)
-    except Exception as err:  # torch raises many types for a damaged file
-        raise ModelReferenceError(f"{path}: not a readable checkpoint ({err})") from err
+    state = read_checkpoint(path, ModelReferenceError)
     if not isinstance(state, dict) or "metadata" not in state or "config" not in state:
         raise ModelReferenceError(f"{path}: not a landcover training checkpoint")
     cfg = OmegaConf.create(state["config"])
@@ -91,7 +91,11 @@ def _from_checkpoint(path: Path, device: torch.device, channels_last: bool) -> L
         mean=metadata["normalize"]["mean"],
         std=metadata["normalize"]["std"],
     )
-    model.load_state_dict(state["model"])
+    try:
+        model.load_state_dict(state["model"])
+    except (RuntimeError, LandcoverError) as err:
+        first = str(err).splitlines()[0]
+        raise ModelReferenceError(f"{path}: weights do not fit its model config ({first})") from err
     return LoadedModel(
         _torch_forward(model, device, channels_last),
         metadata,
@@ -121,11 +125,16 @@ def _from_mlflow(
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from landcover.serving import load_module
+
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
         info = mlflow.models.get_model_info(uri)
-        module = mlflow.pytorch.load_model(uri, map_location="cpu")
+        with tempfile.TemporaryDirectory() as tmp:
+            module = load_module(mlflow.artifacts.download_artifacts(uri, dst_path=tmp))
+    except UnsafeModelError as err:
+        raise ModelReferenceError(convert_hint(uri)) from err
     except (MlflowException, OSError) as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ModelReferenceError(
