@@ -7,6 +7,7 @@ a crafted file cannot make loading execute anything.
 
 from __future__ import annotations
 
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -25,9 +26,15 @@ def save_checkpoint(state: dict[str, Any], path: Path) -> None:
         torch.save(state, tmp)
 
 
-def copy_checkpoint(source: Path, target: Path) -> None:
+def link_checkpoint(source: Path, target: Path) -> None:
+    """`target` becomes the same file as `source` (a hard link: no extra space until `source`
+    is replaced), or a copy where the filesystem has no hard links; atomic either way."""
     with atomic_target(target) as tmp:
-        shutil.copyfile(source, tmp)
+        try:
+            tmp.unlink()
+            os.link(source, tmp)
+        except OSError:
+            shutil.copyfile(source, tmp)
 
 
 def read_checkpoint(

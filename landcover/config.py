@@ -8,11 +8,12 @@ checked against the schema its `arch` selects.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from omegaconf import MISSING, DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from landcover.errors import ConfigError
@@ -189,6 +190,7 @@ class TrainerConfig:
     monitor_mode: Direction = Direction.max
     early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
     checkpoint_dir: str = "checkpoints"
+    keep_epoch_checkpoints: int = 0
     resume_from: str | None = None
     num_panels: int = 4
     progress: bool = True
@@ -263,6 +265,19 @@ def _positive(cfg: DictConfig, *keys: str) -> None:
             raise ConfigError(f"config value {key}={value} must be positive")
 
 
+def _check_finite(node: Any, prefix: str = "") -> None:
+    """NaN or infinity in any float value (`optimizer.lr=nan`) is a config error, not a run
+    that trains on garbage."""
+    if isinstance(node, DictConfig):
+        for key in node:
+            _check_finite(node[key], f"{prefix}{key}.")
+    elif isinstance(node, ListConfig):
+        for index, value in enumerate(node):
+            _check_finite(value, f"{prefix}{index}.")
+    elif isinstance(node, float) and not math.isfinite(node):
+        raise ConfigError(f"config value {prefix.rstrip('.')}={node} must be a finite number")
+
+
 def _check_ranges(cfg: DictConfig) -> None:
     _positive(
         cfg,
@@ -278,6 +293,11 @@ def _check_ranges(cfg: DictConfig) -> None:
         "trainer.limit_val_batches",
         "trainer.num_threads",
     )
+    if cfg.trainer.keep_epoch_checkpoints < 0:
+        raise ConfigError(
+            f"config value trainer.keep_epoch_checkpoints={cfg.trainer.keep_epoch_checkpoints} "
+            "must be >= 0"
+        )
     if cfg.data.num_workers < 0:
         raise ConfigError(f"config value data.num_workers={cfg.data.num_workers} must be >= 0")
     for key in ("mean", "std"):
@@ -336,5 +356,6 @@ def validate_config(cfg: DictConfig) -> DictConfig:
             f"config values {missing} are required but not set (???); set them "
             "on the command line, e.g. data.root=/path/to/scenes"
         )
+    _check_finite(typed)
     _check_ranges(typed)
     return typed

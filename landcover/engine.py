@@ -22,7 +22,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from landcover.checkpoint import copy_checkpoint, read_checkpoint, save_checkpoint
+from landcover.checkpoint import link_checkpoint, read_checkpoint, save_checkpoint
 from landcover.data.loaders import TrainingData
 from landcover.data.schema import IGNORE_INDEX
 from landcover.distributed import (
@@ -32,7 +32,7 @@ from landcover.distributed import (
     sync_batchnorm,
 )
 from landcover.figures import confusion_matrix_figure, panels_figure
-from landcover.metrics import ConfusionMatrix, scores_from_matrix
+from landcover.metrics import ConfusionMatrix, metric_names, scores_from_matrix
 from landcover.models import SegmentationModel
 from landcover.tracking import Tracker
 
@@ -79,7 +79,7 @@ class FitSettings:
     progress: bool = True
     limit_train_batches: int | None = None
     limit_val_batches: int | None = None
-    keep_epoch_checkpoints: int | None = 2
+    keep_epoch_checkpoints: int = 0
 
 
 class Trainer:
@@ -135,6 +135,14 @@ class Trainer:
             )
         if compile_model and optimizer is not None:
             self.train_model = torch.compile(self.train_model)
+
+    def metric_names(self) -> set[str]:
+        """Every per-epoch metric this trainer logs: a monitor must be one of them."""
+        names = metric_names(self.schema.names, self.schema.scored_classes)
+        names |= {"val/loss", "epoch_seconds", "train/patches_per_s"}
+        if self.optimizer is None:
+            return names | {"train/pixels", "train/iterations"}
+        return names | {"train/loss", "train/lr"}
 
     # -- state ---------------------------------------------------------------------------------
     def restore(self, checkpoint: Mapping[str, Any]) -> None:
@@ -276,19 +284,32 @@ class Trainer:
         return value < best - delta
 
     def _save_epoch_checkpoints(self, epoch: int, improved: bool) -> None:
+        """last.pt every epoch, best.pt when the monitor improved (a hard link to last.pt, so
+        no second copy while they are the same epoch), epoch_NNN.pt only if asked to keep some:
+        each is a whole model, and twenty short runs must not fill a disk."""
         if not self.distributed.is_main:
             return
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        epoch_path = self.checkpoint_dir / f"epoch_{epoch:03d}.pt"
-        save_checkpoint(self._checkpoint(), epoch_path)
-        copy_checkpoint(epoch_path, self.checkpoint_dir / "last.pt")
+        last = self.checkpoint_dir / "last.pt"
+        save_checkpoint(self._checkpoint(), last)
         if improved:
-            copy_checkpoint(epoch_path, self.checkpoint_dir / "best.pt")
+            link_checkpoint(last, self.checkpoint_dir / "best.pt")
         keep = self.settings.keep_epoch_checkpoints
-        if keep is not None:
-            for old in sorted(self.checkpoint_dir.glob("epoch_*.pt"))[: -keep or None]:
-                if old != epoch_path:
-                    os.remove(old)
+        if keep > 0:
+            link_checkpoint(last, self.checkpoint_dir / f"epoch_{epoch:03d}.pt")
+            for old in sorted(self.checkpoint_dir.glob("epoch_*.pt"))[:-keep]:
+                os.remove(old)
+
+    def checkpoint_bytes(self) -> int:
+        """Disk space the checkpoints use (hard links counted once)."""
+        seen: set[int] = set()
+        total = 0
+        for path in self.checkpoint_dir.glob("*.pt"):
+            status = path.stat()
+            if status.st_ino not in seen:
+                seen.add(status.st_ino)
+                total += status.st_size
+        return total
 
     def fit(self) -> FitResult:
         settings = self.settings
@@ -342,6 +363,15 @@ class Trainer:
                     settings.patience,
                 )
                 break
+        if self.distributed.is_main and self.checkpoint_dir.is_dir():
+            log.info(
+                "checkpoints: %.1f MB in %s (last.pt, best.pt%s)",
+                self.checkpoint_bytes() / 1e6,
+                self.checkpoint_dir,
+                f", {settings.keep_epoch_checkpoints} per-epoch"
+                if settings.keep_epoch_checkpoints
+                else "",
+            )
         return FitResult(
             self.state.best_value,
             self.state.best_epoch,

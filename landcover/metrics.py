@@ -60,15 +60,26 @@ class Scores:
         }
         for index in scored:
             name = class_names[index]
-            for key, values in (
-                ("iou", self.iou),
-                ("f1", self.f1),
-                ("precision", self.precision),
-                ("recall", self.recall),
+            for key, values in zip(
+                PER_CLASS, (self.iou, self.f1, self.precision, self.recall), strict=True
             ):
                 if not np.isnan(values[index]):
                     metrics[f"{prefix}{key}_{name}"] = float(values[index])
         return metrics
+
+
+PER_CLASS = ("iou", "f1", "precision", "recall")
+OVERALL = ("overall_accuracy", "mIoU", "kappa")
+
+
+def metric_names(
+    class_names: Sequence[str], scored: Sequence[int], prefix: str = "val/"
+) -> set[str]:
+    """Every name `Scores.as_metrics` can produce for this schema (to check a monitor early)."""
+    names = {f"{prefix}{key}" for key in OVERALL}
+    for index in scored:
+        names |= {f"{prefix}{key}_{class_names[index]}" for key in PER_CLASS}
+    return names
 
 
 def _safe_divide(numerator: np.ndarray, denominator: np.ndarray) -> np.ndarray:

@@ -21,6 +21,7 @@ from mlflow.entities.model_registry import ModelVersion
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 
+from landcover import locks
 from landcover.errors import LandcoverError
 
 log = logging.getLogger("landcover.registry")
@@ -280,7 +281,38 @@ def promote(
     force: bool = False,
 ) -> Promotion:
     """Register the candidate and move `alias` to it if it beats the version `against` names
-    (default `models:/<name>@<alias>`) on the same metric and the same data."""
+    (default `models:/<name>@<alias>`) on the same metric and the same data.
+
+    Decide, register and move the alias under one lock on the registry's store (a file lock
+    beside SQLite, an advisory lock on PostgreSQL): two promotions at once never give one run
+    two versions, and the champion is always the best of what was promoted.
+    """
+    with locks.store_lock(client._registry_uri, "registry"):
+        return _promote(
+            client,
+            candidate,
+            name=name,
+            experiment=experiment,
+            direction=direction,
+            alias=alias,
+            previous_alias=previous_alias,
+            against=against,
+            force=force,
+        )
+
+
+def _promote(
+    client: MlflowClient,
+    candidate: Candidate,
+    *,
+    name: str,
+    experiment: str,
+    direction: str,
+    alias: str,
+    previous_alias: str,
+    against: str | None,
+    force: bool,
+) -> Promotion:
     direction = resolve_direction(candidate.metric, direction)
     champion = resolve_version(client, against or f"models:/{name}@{alias}")
     if champion is None and against:

@@ -13,8 +13,10 @@ from __future__ import annotations
 import contextlib
 import json
 import platform
+import re
 import subprocess
 import tempfile
+import zlib
 from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
@@ -118,7 +120,9 @@ def start_run(
 ):
     """A plain run for commands other than training (prediction, evaluation, export)."""
     mlflow.set_tracking_uri(uri)
-    mlflow.set_experiment(experiment)
+    mlflow.set_experiment(
+        experiment_id=experiment_id(mlflow.tracking.MlflowClient(uri), experiment)
+    )
     return mlflow.start_run(run_name=run_name, tags=dict(tags or {}))
 
 
@@ -233,14 +237,30 @@ def log_export(
     client.log_metric(run_id, "onnx/max_abs_diff", max_abs_diff)
 
 
+def artifact_location(tracking_uri: str, experiment: str) -> str | None:
+    """Where a new experiment of a SQLite store keeps its artifacts: a folder beside the
+    database file (`<db folder>/mlartifacts/<experiment>`), whatever the working directory.
+    MLflow's default, `./mlruns` of whichever directory first created the experiment, scatters
+    one store's artifacts over working directories. None: the server decides."""
+    if not tracking_uri.startswith("sqlite:///"):
+        return None
+    database = Path(tracking_uri[len("sqlite:///") :]).resolve()
+    safe = re.sub(r"[^A-Za-z0-9._-]", "_", experiment)
+    if safe != experiment:  # keep two names that sanitise alike apart
+        safe = f"{safe}-{zlib.crc32(experiment.encode()):08x}"
+    return (database.parent / "mlartifacts" / safe).as_uri()
+
+
 def experiment_id(client: mlflow.tracking.MlflowClient, experiment: str) -> str:
-    """The experiment's id, creating it if needed; two processes creating it at once (parallel
-    sweep slots) both get the one that won."""
+    """The experiment's id, creating it if needed (artifacts beside a SQLite store); two
+    processes creating it at once (parallel sweep slots) both get the one that won."""
     found = client.get_experiment_by_name(experiment)
     if found:
         return found.experiment_id
     try:
-        return client.create_experiment(experiment)
+        return client.create_experiment(
+            experiment, artifact_location=artifact_location(client.tracking_uri, experiment)
+        )
     except mlflow.exceptions.MlflowException:
         found = client.get_experiment_by_name(experiment)
         if found is None:
@@ -266,7 +286,8 @@ class Tracker:
         """Open (or reopen, to resume) a run and always close it with an honest status:
         FINISHED, KILLED (interrupted, or a pruned sweep trial) or FAILED (with the error)."""
         mlflow.set_tracking_uri(self.uri)
-        mlflow.set_experiment(self.experiment)
+        client = mlflow.tracking.MlflowClient(self.uri)
+        mlflow.set_experiment(experiment_id=experiment_id(client, self.experiment))
         run = mlflow.start_run(
             run_id=run_id, run_name=None if run_id else run_name, tags=dict(tags or {})
         )

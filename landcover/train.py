@@ -27,7 +27,7 @@ from landcover.commands import run_hydra_app
 from landcover.config import validate_config
 from landcover.data.loaders import build_training_data
 from landcover.engine import EpochCallback, FitResult, FitSettings, Trainer
-from landcover.errors import LandcoverError
+from landcover.errors import ConfigError, LandcoverError
 from landcover.models import build_model, count_gflops, count_parameters
 from landcover.optim import build_loss, build_optimizer, build_scheduler
 from landcover.paths import CONFIG_DIR
@@ -140,6 +140,7 @@ def train(
         progress=cfg.trainer.progress,
         limit_train_batches=cfg.trainer.limit_train_batches,
         limit_val_batches=cfg.trainer.limit_val_batches,
+        keep_epoch_checkpoints=cfg.trainer.keep_epoch_checkpoints,
     )
     resolved_yaml = OmegaConf.to_yaml(cfg)
     checkpoint_dir = Path(cfg.trainer.checkpoint_dir)
@@ -168,6 +169,11 @@ def train(
         compile_model=cfg.trainer.compile,
         checkpoint_extra={"config": resolved_yaml, "metadata": metadata},
     )
+    if cfg.trainer.monitor not in trainer.metric_names():
+        raise ConfigError(
+            f"config value trainer.monitor={cfg.trainer.monitor!r} is never logged by training; "
+            f"choose one of {sorted(trainer.metric_names())}"
+        )
     if checkpoint is not None:
         trainer.restore(checkpoint)
         log.info("resuming from %s after epoch %d", cfg.trainer.resume_from, trainer.state.epoch)

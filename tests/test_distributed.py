@@ -31,6 +31,7 @@ def overrides(root: Path, tmp: Path) -> list[str]:
         root,
         tmp,
         "trainer.max_epochs=2",
+        "trainer.keep_epoch_checkpoints=2",
         "trainer.num_panels=1",
         "trainer.num_threads=1",
         # plain SGD: Adam turns float noise in near-zero gradients into lr-sized steps, which

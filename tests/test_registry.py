@@ -15,7 +15,13 @@ from mlflow.tracking import MlflowClient
 from landcover.data.synthetic import SyntheticSpec, generate
 from landcover.interop.export import run_export
 from landcover.promote import run_promotion
-from landcover.registry import PromotionError, find_best_run, metric_of, promote
+from landcover.registry import (
+    PromotionError,
+    candidate_of_run,
+    find_best_run,
+    metric_of,
+    promote,
+)
 from landcover.serving import load_model
 from landcover.train import train
 from tests.conftest import compose_config, compose_train
@@ -245,3 +251,38 @@ def test_promote_cli_reports_a_missing_experiment_in_one_line(tmp_path):
     assert out.returncode != 0
     assert "experiment 'absent' does not exist" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+def _promote_in_child(uri: str, run_id: str, name: str, barrier, results) -> None:
+    client = MlflowClient(uri)
+    barrier.wait()
+    result = promote(client, candidate_of_run(client, run_id, METRIC), name=name, experiment="reg")
+    results.put((run_id, result.version, result.champion))
+
+
+def test_concurrent_promotions_stay_consistent(store, client):
+    """10 rounds of two promotions at the same moment (the worse and the better run, then
+    one run twice): never a second version for one run, the champion always the better."""
+    import multiprocessing
+
+    uri, ranked, values, _, _ = store
+    worse, better = ranked[0], ranked[-1]
+    context = multiprocessing.get_context("fork")
+    for round_ in range(10):
+        name = f"race{round_}"
+        pair = (worse, better) if round_ % 3 else (better, better)
+        barrier, results = context.Barrier(2), context.Queue()
+        workers = [
+            context.Process(target=_promote_in_child, args=(uri, run, name, barrier, results))
+            for run in pair
+        ]
+        for worker in workers:
+            worker.start()
+        for worker in workers:
+            worker.join(timeout=120)
+            assert worker.exitcode == 0, f"round {round_}: a promotion failed"
+        versions = client.search_model_versions(f"name = '{name}'")
+        per_run = [v.run_id for v in versions]
+        assert sorted(per_run) == sorted(set(per_run)), f"round {round_}: {per_run}"
+        champion = client.get_model_version_by_alias(name, "champion")
+        assert champion.run_id == better, f"round {round_}: champion is {champion.run_id}"

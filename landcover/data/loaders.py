@@ -72,9 +72,17 @@ def split_scenes(data_cfg: DictConfig, split: str, schema: ClassSchema) -> list[
             f"data split {split!r} of data={data_cfg.name} found no scenes at {where!r} "
             f"(data.root={data_cfg.root}); point data.root at the data or fix the pattern"
         )
-    return load_scenes(
+    scenes = load_scenes(
         pairs, bands=data_cfg.bands, schema=schema, check_label_codes=data_cfg.check_label_codes
     )
+    if all(scene.labelled_pixels == 0 for scene in scenes):
+        files = [scene.label_path for scene in scenes][:5]
+        raise ConfigError(
+            f"data split {split!r} has no labelled pixel: every label in {files}"
+            f"{' ...' if len(scenes) > 5 else ''} is an ignored or no-data code of schema "
+            f"{schema.name!r}; nothing to train or score on"
+        )
+    return scenes
 
 
 def build_training_data(
@@ -103,16 +111,19 @@ def build_training_data(
             min_fraction=float(data_cfg.rare_sampling.min_fraction),
             keep_probability=float(data_cfg.rare_sampling.keep_probability),
         )
-    train_dataset = RandomPatchDataset(
-        SceneReader(train_scenes, lut, data_cfg.cache_max_pixels),
-        patch_size=data_cfg.patch_size,
-        length=data_cfg.patches_per_epoch,
-        seed=seed,
-        rare=rare,
-        flips=data_cfg.augment.flips,
-        rot90=data_cfg.augment.rot90,
-        color_jitter=data_cfg.augment.color_jitter,
-    )
+    try:
+        train_dataset = RandomPatchDataset(
+            SceneReader(train_scenes, lut, data_cfg.cache_max_pixels),
+            patch_size=data_cfg.patch_size,
+            length=data_cfg.patches_per_epoch,
+            seed=seed,
+            rare=rare,
+            flips=data_cfg.augment.flips,
+            rot90=data_cfg.augment.rot90,
+            color_jitter=data_cfg.augment.color_jitter,
+        )
+    except ValueError as err:
+        raise ConfigError(f"config value data.patch_size={data_cfg.patch_size}: {err}") from err
     val_tile = data_cfg.patch_size - 2 * output_margin if output_margin else data_cfg.val_tile
     if val_tile <= 0:
         raise ConfigError(

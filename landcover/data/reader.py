@@ -11,10 +11,12 @@ import os
 from collections.abc import Sequence
 
 import numpy as np
+from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 
 from landcover.data.scenes import Scene, open_raster
 from landcover.data.schema import IGNORE_INDEX
+from landcover.errors import SceneError
 
 
 class SceneReader:
@@ -63,7 +65,8 @@ class SceneReader:
         if cached is not None:
             return cached[1][row : row + height, col : col + width]
         _, label = self._open(index)
-        codes = label.read(1, window=Window(col, row, width, height))
+        window = Window(col, row, width, height)
+        codes = self._read(label, self.scenes[index].label_path, window, 1)
         return self.lookup_table[codes]
 
     def read_image(self, index: int, row: int, col: int, height: int, width: int) -> np.ndarray:
@@ -72,7 +75,18 @@ class SceneReader:
         if cached is not None:
             return cached[0][:, row : row + height, col : col + width]
         image, _ = self._open(index)
-        return image.read(window=Window(col, row, width, height))
+        return self._read(image, self.scenes[index].image_path, Window(col, row, width, height))
+
+    @staticmethod
+    def _read(source, path: str, window: Window, band: int | None = None) -> np.ndarray:
+        """A windowed read whose failure (a corrupt block met mid-epoch) names file and window."""
+        try:
+            return source.read(band, window=window) if band else source.read(window=window)
+        except RasterioIOError as err:
+            raise SceneError(
+                f"{path}: reading window col {window.col_off}, row {window.row_off}, "
+                f"{window.width} x {window.height} failed: corrupt block? ({err})"
+            ) from err
 
     def read_padded(
         self, index: int, row: int, col: int, height: int, width: int

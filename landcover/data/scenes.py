@@ -20,7 +20,7 @@ import numpy as np
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
-from landcover.data.schema import ClassSchema
+from landcover.data.schema import IGNORE_INDEX, ClassSchema
 from landcover.errors import SceneError
 
 
@@ -34,6 +34,7 @@ class Scene:
     height: int
     crs: str | None
     transform: tuple[float, ...]
+    labelled_pixels: int | None = None  # pixels of a scored class (None: labels not scanned)
 
     @property
     def pixels(self) -> int:
@@ -79,6 +80,29 @@ def scan_label_codes(src: rasterio.io.DatasetReader, path: str) -> np.ndarray:
     except RasterioIOError as err:
         raise SceneError(f"{path}: corrupt or truncated raster, reading failed ({err})") from err
     return counts
+
+
+FULL_CHECK_PIXELS = 16_000_000  # images up to this size have every block decoded at validation
+
+
+def _check_image(src: rasterio.io.DatasetReader, path: str) -> None:
+    """Decode every block of an image up to FULL_CHECK_PIXELS (a corrupt block in the middle
+    fails here, not mid-epoch), else its last block (a truncated file fails there); refuse an
+    image that is nodata everywhere (nothing to learn from)."""
+    nodata = src.nodata if src.nodata is not None else 0
+    try:
+        windows = [w for _, w in src.block_windows(1)]
+        if src.width * src.height > FULL_CHECK_PIXELS:
+            src.read(window=windows[-1])
+            return
+        for window in windows:
+            if (src.read(window=window) != nodata).any():
+                for rest in windows[windows.index(window) + 1 :]:
+                    src.read(window=rest)
+                return
+    except RasterioIOError as err:
+        raise SceneError(f"{path}: corrupt or truncated raster, reading failed ({err})") from err
+    raise SceneError(f"{path}: every pixel of every band is nodata ({nodata:g}): an empty image")
 
 
 def _check_readable(src: rasterio.io.DatasetReader, path: str) -> None:
@@ -127,9 +151,11 @@ def validate_scene(
                 f"transform mismatch: {image_path} has {tuple(image.transform)[:6]} but "
                 f"{label_path} has {tuple(label.transform)[:6]}"
             )
-        _check_readable(image, image_path)
+        _check_image(image, image_path)
+        labelled = None
         if check_label_codes:
             counts = scan_label_codes(label, label_path)
+            labelled = int(counts[schema.lookup_table() != IGNORE_INDEX].sum())
             unknown = schema.unknown_codes(np.flatnonzero(counts))
             if unknown:
                 raise SceneError(
@@ -145,6 +171,7 @@ def validate_scene(
             height=image.height,
             crs=_crs_text(image),
             transform=tuple(image.transform)[:6],
+            labelled_pixels=labelled,
         )
 
 

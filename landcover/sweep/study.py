@@ -16,7 +16,6 @@ count against the budget.
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -26,6 +25,7 @@ from typing import Any
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
+from landcover import locks
 from landcover.errors import ConfigError
 
 OVER_BUDGET = "over_budget"
@@ -34,9 +34,8 @@ SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "grid")
 PRUNERS = ("none", "median", "hyperband", "threshold")
 
 
-def sqlite_path(storage: str) -> Path | None:
-    prefix = "sqlite:///"
-    return Path(storage[len(prefix) :]) if storage.startswith(prefix) else None
+sqlite_path = locks.sqlite_path
+is_postgresql = locks.is_postgresql
 
 
 def absolute_sqlite_url(url: str, base: Path | None = None) -> str:
@@ -46,10 +45,6 @@ def absolute_sqlite_url(url: str, base: Path | None = None) -> str:
     if path is None or path.is_absolute() or str(path) in ("", ":memory:"):
         return url
     return f"sqlite:///{((base or Path.cwd()) / path).resolve()}"
-
-
-def is_postgresql(url: str) -> bool:
-    return url.startswith(("postgresql:", "postgresql+"))
 
 
 @dataclass(frozen=True)
@@ -171,48 +166,16 @@ def make_pruner(cfg: Mapping[str, Any]) -> optuna.pruners.BasePruner:
     raise ConfigError(f"hydra.sweeper.pruner.name={name!r} is not one of {', '.join(PRUNERS)}")
 
 
-ADVISORY_LOCK_KEY = 0x1A9DC0  # one PostgreSQL advisory lock for landcover sweeps
-_THREAD_LOCK = threading.Lock()  # slots of one sweeper are threads of one process
-
-
 def has_study_lock(storage: str) -> bool:
-    return sqlite_path(storage) is not None or is_postgresql(storage)
+    return locks.can_lock(storage)
 
 
 @contextlib.contextmanager
 def study_lock(storage: str) -> Iterator[None]:
     """Exclusive across slots, workers and machines: a file lock for SQLite, an advisory
     lock for PostgreSQL (and a thread lock for the slots of one process)."""
-    with _THREAD_LOCK, _process_lock(storage):
+    with locks.store_lock(storage, "sweep"):
         yield
-
-
-@contextlib.contextmanager
-def _process_lock(storage: str) -> Iterator[None]:
-    if is_postgresql(storage):
-        import sqlalchemy
-
-        engine = sqlalchemy.create_engine(storage, poolclass=sqlalchemy.pool.NullPool)
-        with engine.connect() as connection:
-            connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({ADVISORY_LOCK_KEY})"))
-            try:
-                yield
-            finally:
-                connection.execute(
-                    sqlalchemy.text(f"SELECT pg_advisory_unlock({ADVISORY_LOCK_KEY})")
-                )
-        engine.dispose()
-        return
-    path = sqlite_path(storage)
-    if path is None:
-        yield
-        return
-    with open(f"{path}.lock", "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def replaced_numbers(trials: Sequence[FrozenTrial]) -> set[int]:

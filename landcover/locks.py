@@ -1,0 +1,76 @@
+"""One lock per store across processes and machines: sweeps claiming trials, promotions moving
+an alias. Two processes doing the same thing at once must not corrupt shared state.
+
+The lock lives where the state lives: beside a SQLite file (an `flock` on `<file>.<name>.lock`,
+released by the kernel if the process dies), or in PostgreSQL (an advisory lock, released when
+the connection drops). Other stores (an `http://` MLflow server) get no lock: the caller
+decides whether that is acceptable.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import threading
+import zlib
+from collections.abc import Iterator
+from pathlib import Path
+
+_THREAD_LOCKS: dict[str, threading.Lock] = {}
+_GUARD = threading.Lock()
+
+
+def sqlite_path(url: str) -> Path | None:
+    prefix = "sqlite:///"
+    return Path(url[len(prefix) :]) if url.startswith(prefix) else None
+
+
+def is_postgresql(url: str) -> bool:
+    return url.startswith(("postgresql:", "postgresql+"))
+
+
+def can_lock(url: str) -> bool:
+    return sqlite_path(url) is not None or is_postgresql(url)
+
+
+def advisory_key(name: str) -> int:
+    """A stable 31-bit key per lock name (the sweeps' lock keeps its historical key)."""
+    return 0x1A9DC0 if name == "sweep" else zlib.crc32(f"landcover.{name}".encode()) & 0x7FFFFFFF
+
+
+@contextlib.contextmanager
+def store_lock(url: str, name: str) -> Iterator[bool]:
+    """Exclusive across threads, processes and machines sharing the store at `url`.
+
+    Yields whether a cross-process lock is held (False for stores that have none).
+    """
+    with _GUARD:
+        thread_lock = _THREAD_LOCKS.setdefault(f"{url}#{name}", threading.Lock())
+    with thread_lock:
+        if is_postgresql(url):
+            import sqlalchemy
+
+            engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool)
+            key = advisory_key(name)
+            try:
+                with engine.connect() as connection:
+                    connection.execute(sqlalchemy.text(f"SELECT pg_advisory_lock({key})"))
+                    try:
+                        yield True
+                    finally:
+                        connection.execute(sqlalchemy.text(f"SELECT pg_advisory_unlock({key})"))
+            finally:
+                engine.dispose()
+            return
+        path = sqlite_path(url)
+        if path is None:
+            yield False
+            return
+        suffix = ".lock" if name == "sweep" else f".{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(f"{path}{suffix}", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield True
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)

@@ -1,0 +1,322 @@
+"""Hostile files and faults: no code runs from a model file, servers protect themselves."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.exceptions import MlflowException
+
+from landcover.checkpoint import load_checkpoint
+from landcover.errors import ConfigError
+from landcover.models import build_model
+from landcover.models.pixel_gbm import PixelGBM
+from landcover.predict.reference import ModelReferenceError, load_model_reference
+from landcover.serving import ClassMapModel
+
+BIN = Path(sys.executable).parent
+
+
+class Payload:
+    """Unpickling this creates a marker file: what a hostile model file would do."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def crafted_checkpoint(tmp: Path) -> tuple[Path, Path]:
+    marker = tmp / "pwned"
+    path = tmp / "crafted.pt"
+    torch.save({"model": Payload(marker), "metadata": {}, "config": ""}, path)
+    return path, marker
+
+
+def test_a_crafted_checkpoint_runs_no_code(tmp_path):
+    path, marker = crafted_checkpoint(tmp_path)
+    with pytest.raises(ModelReferenceError, match="landcover-convert-model"):
+        load_model_reference(str(path))
+    with pytest.raises(ConfigError, match="--trust"):
+        load_checkpoint(path)  # trainer.resume_from
+    assert not marker.exists()
+    # the one-time converter refuses without --trust, and names why
+    out = subprocess.run(
+        [str(BIN / "landcover-convert-model"), str(path)], capture_output=True, text=True
+    )
+    assert out.returncode != 0 and "--trust" in out.stderr and not marker.exists()
+
+
+def test_a_crafted_mlflow_model_runs_no_code(tmp_path):
+    """An MLflow model in the pickled PyTorch flavour (what older versions logged) is refused."""
+    marker = tmp_path / "pwned"
+    model_dir = tmp_path / "model"
+    (model_dir / "data").mkdir(parents=True)
+    torch.save(Payload(marker), model_dir / "data" / "model.pth")
+    (model_dir / "MLmodel").write_text(
+        "flavors:\n  pytorch:\n    model_data: data\n    pytorch_version: 2.0\n"
+        "metadata:\n  schema: {name: x, classes: []}\n  bands: 4\n"
+    )
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    mlflow.set_tracking_uri(uri)
+    with mlflow.start_run() as run:
+        mlflow.log_artifacts(str(model_dir), "model")
+    with pytest.raises(ModelReferenceError, match="landcover-convert-model"):
+        load_model_reference(run.info.run_id, tracking_uri=uri)
+    assert not marker.exists()
+
+
+def test_pixel_gbm_state_travels_without_pickle(tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    model = build_model(
+        {"arch": "pixel_gbm", "max_iter": 5, "samples": 1000},
+        in_channels=4,
+        num_classes=3,
+        mean=[0.0] * 4,
+        std=[1.0] * 4,
+    )
+    rng = np.random.default_rng(0)
+    pixels = rng.uniform(0, 255, (600, 4)).astype(np.float32)
+    model.net.fit_pixels(pixels, (pixels[:, 3] > 128).astype(int) + (pixels[:, 0] > 200))
+    save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
+    again = build_model(
+        {"arch": "pixel_gbm"}, in_channels=4, num_classes=3, mean=[0.0] * 4, std=[1.0] * 4
+    )
+    again.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
+    x = torch.from_numpy(rng.uniform(0, 255, (1, 4, 8, 8)).astype(np.float32))
+    assert torch.equal(model(x), again(x))
+    # the old pickled state is refused with the way out
+    with pytest.raises(Exception, match="convert"):
+        PixelGBM(4, 3).set_extra_state(b"\x80\x04N.")
+
+
+def test_old_checkpoint_converts_with_trust(tmp_path):
+    """A checkpoint as the previous format wrote it (pickled GBM estimator bytes inside)."""
+    import pickle
+
+    from sklearn.ensemble import HistGradientBoostingClassifier
+
+    rng = np.random.default_rng(1)
+    pixels = rng.uniform(0, 255, (300, 5))
+    estimator = HistGradientBoostingClassifier(max_iter=3).fit(pixels, (pixels[:, 3] > 100) * 1)
+    model = build_model(
+        {"arch": "pixel_gbm"}, in_channels=4, num_classes=2, mean=[0.0] * 4, std=[1.0] * 4
+    )
+    state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
+    state["net._extra_state"] = pickle.dumps(estimator)
+    metadata = {
+        "arch": "pixel_gbm",
+        "schema": {
+            "name": "two",
+            "classes": [{"name": "a", "codes": [1]}, {"name": "b", "codes": [2]}],
+            "ignore_codes": [],
+        },
+        "bands": 4,
+        "normalize": {"mean": [0.0] * 4, "std": [1.0] * 4},
+    }
+    old = tmp_path / "old.pt"
+    torch.save({"model": state, "metadata": metadata, "config": "model: {arch: pixel_gbm}\n"}, old)
+    with pytest.raises(ModelReferenceError, match="--trust"):
+        load_model_reference(str(old))
+    out = subprocess.run(
+        [str(BIN / "landcover-convert-model"), str(old), "--trust"], capture_output=True, text=True
+    )
+    assert out.returncode == 0, out.stderr
+    loaded = load_model_reference(str(tmp_path / "old.safe.pt"))
+    x = torch.from_numpy(rng.uniform(0, 255, (1, 4, 6, 6)).astype(np.float32))
+    probabilities = loaded.forward(x).exp()[0, 1].flatten().numpy()
+    features = loaded.torch_module.net.features(x[0].permute(1, 2, 0).reshape(-1, 4).numpy())
+    assert np.allclose(probabilities, estimator.predict_proba(features)[:, 1], atol=1e-5)
+
+
+def test_serving_refuses_oversized_and_non_finite_requests(monkeypatch):
+    model = ClassMapModel(torch.nn.Conv2d(4, 2, 1), class_codes=[1, 2], output_margin=0)
+    monkeypatch.setenv("LANDCOVER_SERVE_MAX_PIXELS", str(64 * 64))
+    assert model.predict(np.zeros((1, 4, 64, 64), np.float32)).shape == (1, 64, 64)
+    with pytest.raises(MlflowException, match="budget") as too_big:
+        model.predict(np.zeros((2, 4, 64, 64), np.float32))
+    assert too_big.value.get_http_status_code() == 400
+    bad = np.zeros((1, 4, 8, 8), np.float32)
+    bad[0, 2, 3, 3] = np.nan
+    with pytest.raises(MlflowException, match="NaN") as not_finite:
+        model.predict(bad)
+    assert not_finite.value.get_http_status_code() == 400
+
+
+def test_artifacts_live_beside_a_sqlite_store(tmp_path, monkeypatch):
+    from landcover import tracking
+
+    store = tmp_path / "store"
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    monkeypatch.chdir(elsewhere)
+    uri = f"sqlite:///{store / 'mlflow.db'}"
+    store.mkdir()
+    with tracking.start_run(uri, "odd/name: x") as run:
+        mlflow.log_text("hello", "note.txt")
+    artifact_dir = Path(run.info.artifact_uri.removeprefix("file://"))
+    assert artifact_dir.is_relative_to(store / "mlartifacts")
+    assert (artifact_dir / "note.txt").read_text() == "hello"
+    assert not (elsewhere / "mlruns").exists()
+
+
+# -- unusable data and bad values: one line naming the file or key, before any epoch -----------
+
+
+def scene_pair(folder: Path, image: np.ndarray, label: np.ndarray, name: str = "s") -> None:
+    from tests.conftest import write_raster
+
+    folder.mkdir(parents=True, exist_ok=True)
+    write_raster(folder / f"{name}_image.tif", image)
+    write_raster(folder / f"{name}_label.tif", label)
+
+
+def geotiff_overrides(root: Path, tmp: Path, *extra: str) -> list[str]:
+    from tests.test_train_e2e import TINY_UNET
+
+    return [
+        "data=geotiff",
+        f"data.root={root}",
+        "data.patch_size=64",
+        "data.patches_per_epoch=16",
+        "data.batch_size=8",
+        "data.val_tile=64",
+        "data.num_workers=0",
+        *TINY_UNET,
+        "trainer.max_epochs=1",
+        "trainer.progress=false",
+        "trainer.num_panels=0",
+        f"trainer.checkpoint_dir={tmp / 'checkpoints'}",
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        *extra,
+    ]
+
+
+def usable_scenes(root: Path, size: int = 96) -> None:
+    rng = np.random.default_rng(0)
+    for split in ("train", "val"):
+        image = rng.integers(1, 255, (4, size, size), dtype=np.uint8)
+        label = rng.integers(1, 4, (size, size), dtype=np.uint8)
+        scene_pair(root / split, image, label)
+
+
+def train_fails(root: Path, tmp: Path, *extra: str):
+    from landcover.errors import LandcoverError
+    from landcover.train import train
+    from tests.conftest import compose_train
+
+    with pytest.raises(LandcoverError) as failure:
+        train(compose_train(*geotiff_overrides(root, tmp, *extra)))
+    message = str(failure.value)
+    assert "\n" not in message  # one line
+    assert not (tmp / "checkpoints").exists()  # nothing ran
+    return message
+
+
+def test_labels_that_are_all_ignored_are_refused(tmp_path):
+    root = tmp_path / "data"
+    usable_scenes(root)
+    (root / "train" / "s_label.tif").unlink()
+    from tests.conftest import write_raster
+
+    write_raster(root / "train" / "s_label.tif", np.full((96, 96), 15, np.uint8))  # 15: no data
+    message = train_fails(root, tmp_path)
+    assert "no labelled pixel" in message and "s_label.tif" in message
+
+
+def test_an_all_nodata_image_is_refused(tmp_path):
+    root = tmp_path / "data"
+    usable_scenes(root)
+    scene_pair(
+        root / "train", np.zeros((4, 96, 96), np.uint8), np.ones((96, 96), np.uint8), name="e"
+    )
+    message = train_fails(root, tmp_path)
+    assert "e_image.tif" in message and "nodata" in message
+
+
+def corrupt_middle_block(path: Path) -> None:
+    """Overwrite the compressed bytes of one inner tile with garbage."""
+    import rasterio
+
+    with rasterio.open(path) as src:
+        offset = int(src.get_tag_item("BLOCK_OFFSET_1_1", "TIFF", bidx=1))
+        size = int(src.get_tag_item("BLOCK_SIZE_1_1", "TIFF", bidx=1))
+    with open(path, "r+b") as handle:
+        handle.seek(offset)
+        handle.write(bytes(range(256)) * (size // 256 + 1))
+
+
+def tiled_image(path: Path, size: int = 128) -> None:
+    import rasterio
+    from rasterio.transform import from_origin
+
+    rng = np.random.default_rng(2)
+    with rasterio.open(
+        path,
+        "w",
+        driver="GTiff",
+        width=size,
+        height=size,
+        count=4,
+        dtype="uint8",
+        tiled=True,
+        blockxsize=32,
+        blockysize=32,
+        compress="deflate",
+        crs="EPSG:26918",
+        transform=from_origin(400000, 4300000, 1, 1),
+    ) as dst:
+        dst.write(rng.integers(0, 255, (4, size, size), dtype=np.uint8))
+
+
+def test_a_corrupt_block_in_the_middle_is_found_before_training(tmp_path):
+    root = tmp_path / "data"
+    usable_scenes(root)
+    tiled_image(root / "train" / "c_image.tif")
+    from tests.conftest import write_raster
+
+    write_raster(root / "train" / "c_label.tif", np.ones((128, 128), np.uint8))
+    corrupt_middle_block(root / "train" / "c_image.tif")
+    message = train_fails(root, tmp_path)
+    assert "c_image.tif" in message and "corrupt" in message
+
+
+def test_a_corrupt_block_met_mid_epoch_names_file_and_window(tmp_path):
+    from landcover.data.reader import SceneReader
+    from landcover.data.scenes import Scene
+    from landcover.errors import SceneError
+
+    image = tmp_path / "big_image.tif"
+    tiled_image(image)
+    corrupt_middle_block(image)
+    label = tmp_path / "big_label.tif"
+    from tests.conftest import write_raster
+
+    write_raster(label, np.ones((128, 128), np.uint8))
+    scene = Scene(str(image), str(label), 128, 128, None, (1, 0, 0, 0, -1, 0))
+    reader = SceneReader([scene], np.arange(256, dtype=np.uint8), cache_max_pixels=0)
+    reader.read_image(0, 0, 0, 32, 32)  # a sound block
+    with pytest.raises(SceneError, match=r"big_image.tif: reading window col 32, row 32"):
+        reader.read_image(0, 32, 32, 32, 32)
+
+
+@pytest.mark.parametrize(
+    ("override", "expected"),
+    [
+        ("optimizer.lr=nan", "optimizer.lr=nan must be a finite"),
+        ("data.patch_size=512", "data.patch_size=512"),
+        ("trainer.monitor=val/miou", "trainer.monitor='val/miou' is never logged"),
+    ],
+)
+def test_bad_values_fail_before_any_epoch(tmp_path, override, expected):
+    root = tmp_path / "data"
+    usable_scenes(root)
+    assert expected in train_fails(root, tmp_path, override)
