@@ -8,10 +8,17 @@ never leaves a half-written file at the target path, nor loses the one that was 
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
+import shutil
+import socket
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+
+from landcover.errors import DiskFullError
+
+LOW_SPACE_BYTES = 1 << 20  # below this, a failed write is taken for a full disk
 
 
 @contextlib.contextmanager
@@ -25,6 +32,67 @@ def atomic_target(target: str | Path) -> Iterator[Path]:
         yield Path(tmp)
         os.chmod(tmp, 0o644)
         os.replace(tmp, target)
-    except BaseException:
+    except BaseException as err:
+        full = disk_full(err, target)  # before the partial file frees its space
         Path(tmp).unlink(missing_ok=True)
+        if full is not None:
+            raise full from err
         raise
+
+
+def write_text(target: str | Path, text: str) -> None:
+    """A small text output (an area table, a manifest) written whole or not at all."""
+    with atomic_target(target) as tmp:
+        tmp.write_text(text)
+
+
+def disk_full(err: BaseException, path: str | Path) -> DiskFullError | None:
+    """A DiskFullError naming `path` if `err` came from a full disk, else None.
+
+    Libraries report a full disk many ways (ENOSPC, GDAL's "Write failed", torch's "unexpected
+    pos"); a failed write with almost no space left where it was writing is taken for one."""
+    directory = Path(path).parent if not Path(path).is_dir() else Path(path)
+    no_space = isinstance(err, OSError) and err.errno in (errno.ENOSPC, errno.EDQUOT)
+    if not no_space and isinstance(err, Exception):
+        try:
+            no_space = shutil.disk_usage(directory).free < LOW_SPACE_BYTES
+        except OSError:
+            return None
+    if not no_space:
+        return None
+    return DiskFullError(f"no space left on the device of {directory} while writing {path}")
+
+
+STAGING_PREFIX = ".landcover-"
+
+
+def staging_dir(parent: Path) -> Path:
+    """A private folder beside an output, named after this host and process so a later run
+    can tell whether its owner is gone (see `remove_stale_staging`)."""
+    remove_stale_staging(parent)
+    prefix = f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-"
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+
+
+def remove_stale_staging(parent: Path) -> list[Path]:
+    """Remove staging folders that processes of this host left when they died (SIGKILL, power
+    loss); folders of live processes and of other hosts are left alone."""
+    removed = []
+    host = socket.gethostname()
+    for folder in parent.glob(f"{STAGING_PREFIX}{host}-*-*"):
+        pid_text = folder.name[len(STAGING_PREFIX) + len(host) + 1 :].split("-", 1)[0]
+        if not pid_text.isdigit() or _alive(int(pid_text)):
+            continue
+        shutil.rmtree(folder, ignore_errors=True)
+        removed.append(folder)
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -7,6 +7,7 @@ config value) end as one clear line and a non-zero exit instead of a traceback.
 from __future__ import annotations
 
 import logging
+import signal
 import sys
 from collections.abc import Callable
 
@@ -15,7 +16,7 @@ from omegaconf import DictConfig
 
 from landcover import distributed as dist
 from landcover.data.scenes import quiet_georeferencing_warnings
-from landcover.errors import LandcoverError
+from landcover.errors import LandcoverError, Stopped
 from landcover.paths import COMMANDS_CONFIG_DIR
 
 
@@ -44,13 +45,27 @@ def command_main(
     return main
 
 
+def stop_on_signal(signum: int, frame: object) -> None:
+    """SIGTERM handler: raise Stopped where the process is, so cleanup code runs."""
+    raise Stopped(signal.Signals(signum).name)
+
+
 def run_hydra_app(app: Callable[[], object]) -> None:
     """What every console script does around its Hydra app: quiet GDAL's georeferencing
-    warnings, give torchrun's other ranks no output folder of their own, leave the process
-    group however the app ends."""
+    warnings, give torchrun's other ranks no output folder of their own, treat SIGTERM like
+    Ctrl-C (open runs end KILLED, staging is removed) and end either with one line, leave the
+    process group however the app ends."""
     quiet_georeferencing_warnings()
-    sys.argv += dist.hydra_overrides_for_rank(dist.context_from_env())
+    overrides = dist.hydra_overrides_for_rank(dist.context_from_env())
+    sys.argv += overrides
+    for stop in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(stop, stop_on_signal)
     try:
         app()
+    except KeyboardInterrupt as stop:
+        name = str(stop) or "SIGINT"
+        print(f"error: stopped by {name}; open MLflow runs ended KILLED", file=sys.stderr)
+        sys.exit(128 + int(getattr(signal, name, signal.SIGINT)))
     finally:
         dist.shutdown()
+        dist.remove_rank_scratch(overrides)

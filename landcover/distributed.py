@@ -15,6 +15,7 @@ same reason; torch's SyncBatchNorm is CUDA-only, this one works with gloo and NC
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -190,3 +191,10 @@ def hydra_overrides_for_rank(context: DistributedContext) -> list[str]:
         return []
     scratch = tempfile.mkdtemp(prefix=f"landcover-rank{context.rank}-")
     return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
+
+
+def remove_rank_scratch(overrides: list[str]) -> None:
+    """Remove the scratch folder `hydra_overrides_for_rank` made (nothing is kept there)."""
+    for override in overrides:
+        if override.startswith("hydra.run.dir="):
+            shutil.rmtree(override.split("=", 1)[1], ignore_errors=True)

@@ -19,3 +19,13 @@ class ConfigError(LandcoverError):
 
 class RunPrunedError(Exception):
     """A run stopped on purpose before its end (a pruned sweep trial): not a failure."""
+
+
+class Stopped(KeyboardInterrupt):
+    """SIGTERM (a scheduler, `kill`) treated like Ctrl-C: the run ends KILLED, staging is
+    removed, the command exits with one line. A KeyboardInterrupt, so every handler of
+    Ctrl-C handles it too."""
+
+
+class DiskFullError(LandcoverError):
+    """No space left where an output was being written (earlier files are intact)."""

@@ -52,10 +52,19 @@ def http(url: str, payload: Any = None, timeout: float = 30) -> tuple[int, bytes
 
 @contextlib.contextmanager
 def running(
-    command: list[str], ready_url: str, log: Path, env: dict[str, str], wait_s: float = 180
+    command: list[str],
+    ready_url: str,
+    log: Path,
+    env: dict[str, str],
+    wait_s: float = 180,
+    venv_on_path: bool = True,
 ) -> Iterator[subprocess.Popen]:
-    """Start `command`, wait until `ready_url` answers 200 (or fail with its log), stop it."""
-    environment = {**os.environ, **env, "PATH": f"{BIN}{os.pathsep}{os.environ['PATH']}"}
+    """Start `command`, wait until `ready_url` answers 200 (or fail with its log), stop it.
+
+    `venv_on_path=False` runs it as a user's shell would, without the venv's bin on PATH."""
+    environment = {**os.environ, **env}
+    if venv_on_path:
+        environment["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"
     with open(log, "wb") as out:
         process = subprocess.Popen(
             command, stdout=out, stderr=subprocess.STDOUT, env=environment, start_new_session=True

@@ -23,7 +23,7 @@ from omegaconf import DictConfig, OmegaConf
 from landcover import distributed as dist
 from landcover import tracking
 from landcover.checkpoint import load_checkpoint
-from landcover.commands import run_hydra_app
+from landcover.commands import run_hydra_app, stop_on_signal
 from landcover.config import validate_config
 from landcover.data.loaders import build_training_data
 from landcover.engine import EpochCallback, FitResult, FitSettings, Trainer
@@ -254,16 +254,11 @@ def train(
     return result
 
 
-def _stop_on_sigterm(signum, frame) -> None:
-    # An exception (not a silent exit) so the open MLflow run is closed as FAILED, not left
-    # RUNNING, when a scheduler or `kill` stops the job.
-    raise SystemExit(f"stopped by signal {signum}")
-
-
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _hydra_main(cfg: DictConfig) -> float | None:
     if threading.current_thread() is threading.main_thread():
-        signal.signal(signal.SIGTERM, _stop_on_sigterm)
+        # also in jobs of sweep launchers, which do not start through run_hydra_app
+        signal.signal(signal.SIGTERM, stop_on_signal)
     if cfg.get("trial") is not None:
         # a sweep trial, launched in whatever process: errors go back through the study
         from landcover.sweep.trial import run_trial

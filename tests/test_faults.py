@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -320,3 +321,172 @@ def test_bad_values_fail_before_any_epoch(tmp_path, override, expected):
     root = tmp_path / "data"
     usable_scenes(root)
     assert expected in train_fails(root, tmp_path, override)
+
+
+# -- signals, staging, full disks -----------------------------------------------------------------
+
+
+def tiny_model_checkpoint(tmp: Path) -> Path:
+    """A model file in the checkpoint format (tiny U-Net, 4 classes), made without training."""
+    from omegaconf import OmegaConf
+
+    from tests.conftest import compose_train
+
+    cfg = compose_train(
+        "model.encoder_depth=3", "model.decoder_channels=[32,16,8]", "data.root=unused"
+    )
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    schema = OmegaConf.to_container(cfg.data.schema, resolve=True)
+    normalize = OmegaConf.to_container(cfg.data.normalize, resolve=True)
+    torch.manual_seed(0)
+    model = build_model(model_cfg, in_channels=4, num_classes=len(schema["classes"]), **normalize)
+    metadata = {
+        "model": model_cfg,
+        "arch": "unet",
+        "schema": schema,
+        "bands": 4,
+        "normalize": normalize,
+        "output_margin": 0,
+        "size_divisor": 8,
+    }
+    path = tmp / "model.pt"
+    torch.save(
+        {"model": model.state_dict(), "metadata": metadata, "config": OmegaConf.to_yaml(cfg)}, path
+    )
+    return path
+
+
+def random_raster(path: Path, size: int) -> Path:
+    from tests.conftest import write_raster
+
+    rng = np.random.default_rng(5)
+    return write_raster(path, rng.integers(0, 255, (4, size, size), dtype=np.uint8))
+
+
+def start_and_stop(command: list[str], cwd: Path, ready, sig: int) -> subprocess.CompletedProcess:
+    """Run `command`, send `sig` once `ready()` is true, return how it ended."""
+    import time
+
+    process = subprocess.Popen(command, cwd=cwd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 180
+    while not ready():
+        assert process.poll() is None, process.communicate()[1].decode()[-3000:]
+        assert time.monotonic() < deadline, "never became ready"
+        time.sleep(0.1)
+    process.send_signal(sig)
+    out, err = process.communicate(timeout=120)
+    return subprocess.CompletedProcess(command, process.returncode, out.decode(), err.decode())
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_a_signal_ends_training_killed_with_one_line(tmp_path, tiny_synthetic, sig):
+    from mlflow.tracking import MlflowClient
+
+    from tests.test_train_e2e import tiny_overrides
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    command = [
+        str(BIN / "landcover-train"),
+        *tiny_overrides(tiny_synthetic, tmp_path, "trainer.max_epochs=200", "trainer.num_panels=0"),
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+
+    def training() -> bool:  # an epoch has ended: the run is open and mid-training
+        return (tmp_path / "checkpoints" / "last.pt").exists()
+
+    out = start_and_stop(command, tmp_path, training, sig)
+    assert out.returncode == 128 + sig, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert out.stderr.strip().splitlines()[-1].startswith(f"error: stopped by {sig.name}")
+    (run,) = MlflowClient(uri).search_runs(
+        [MlflowClient(uri).get_experiment_by_name("e2e").experiment_id]
+    )
+    assert run.info.status == "KILLED"
+    assert sig.name in run.data.tags["landcover.stopped"]
+
+
+@pytest.mark.slow
+def test_sigterm_on_predict_leaves_no_staging_and_no_output(tmp_path):
+    model = tiny_model_checkpoint(tmp_path)
+    scene = random_raster(tmp_path / "scene.tif", 4096)
+    out_dir = tmp_path / "maps"
+    out_dir.mkdir()
+    command = [
+        str(BIN / "landcover-predict"),
+        f"model={model}",
+        f"input={scene}",
+        f"output={out_dir / 'map.tif'}",
+        f"tracking.uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "predict.progress=false",
+        f"hydra.run.dir={tmp_path / 'run'}",
+    ]
+
+    def mapping() -> bool:
+        return any(out_dir.glob(".landcover-*/*.staging.tif"))
+
+    out = start_and_stop(command, tmp_path, mapping, signal.SIGTERM)
+    assert out.returncode == 128 + signal.SIGTERM, out.stderr[-2000:]
+    assert "Traceback" not in out.stderr
+    assert list(out_dir.iterdir()) == []  # no staging folder, no half map, no area table
+
+
+def test_stale_staging_of_dead_processes_is_removed(tmp_path):
+    import socket
+
+    from landcover.atomic import staging_dir
+
+    host = socket.gethostname()
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    stale = tmp_path / f".landcover-{host}-{dead.pid}-abc"
+    live = tmp_path / f".landcover-{host}-{os.getpid()}-def"
+    other_host = tmp_path / ".landcover-elsewhere-1-ghi"
+    for folder in (stale, live, other_host):
+        (folder / "x.staging.tif").parent.mkdir()
+        (folder / "x.staging.tif").write_bytes(b"partial")
+    mine = staging_dir(tmp_path)
+    assert not stale.exists() and live.exists() and other_host.exists() and mine.exists()
+
+
+@pytest.fixture
+def small_disk(tmp_path):
+    """A 3 MiB tmpfs (root only; skipped with the reason where mounting is not allowed)."""
+    mount = tmp_path / "disk"
+    mount.mkdir()
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+def test_a_full_disk_is_named_and_earlier_files_survive(small_disk, tmp_path):
+    from landcover.checkpoint import save_checkpoint
+    from landcover.errors import DiskFullError
+    from landcover.predict.predictor import PredictSettings, predict_raster
+    from landcover.predict.reference import load_model_reference
+
+    earlier = small_disk / "last.pt"
+    save_checkpoint({"w": torch.zeros(200_000)}, earlier)  # 0.8 MB
+    before = earlier.read_bytes()
+    with pytest.raises(DiskFullError, match=f"no space left on the device of {small_disk}"):
+        save_checkpoint({"w": torch.zeros(1_000_000)}, earlier)  # 4 MB does not fit
+    assert earlier.read_bytes() == before
+    assert sorted(p.name for p in small_disk.iterdir()) == ["last.pt"]
+
+    free = os.statvfs(small_disk)
+    (small_disk / "filler").write_bytes(b"\1" * (free.f_bavail * free.f_frsize - 150_000))
+    model = load_model_reference(str(tiny_model_checkpoint(tmp_path)))
+    scene = random_raster(tmp_path / "scene.tif", 1024)
+    settings = PredictSettings(progress=False, confidence=True)
+    with pytest.raises(DiskFullError, match="no space left"):
+        predict_raster(model, scene, small_disk / "map.tif", settings)
+    assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "last.pt"]
+    assert earlier.read_bytes() == before

@@ -3,6 +3,7 @@ with class maps, and `mlflow server` showing the experiment, run, artifacts and 
 
 from __future__ import annotations
 
+import os
 import urllib.parse
 
 import mlflow
@@ -65,28 +66,27 @@ def test_pyfunc_face_returns_class_codes(champion):
 def test_rest_serving_answers_with_class_maps(champion):
     uri, run_id, tmp = champion
     port = free_port()
-    command = [
-        str(BIN / "mlflow"),
-        "models",
-        "serve",
-        "-m",
-        "models:/landcover@champion",
-        "--env-manager",
-        "local",
-        "--host",
-        HOST,
-        "-p",
-        str(port),
-    ]
+    # the README's command, with a PATH that does not hold the venv (a user's shell)
+    command = [str(BIN / "landcover-serve"), "models:/landcover@champion", "--port", str(port)]
+    path = os.pathsep.join(p for p in os.environ["PATH"].split(os.pathsep) if p != str(BIN))
     base = f"http://{HOST}:{port}"
     pixels = patches()
-    with running(command, f"{base}/ping", tmp / "serve.log", {"MLFLOW_TRACKING_URI": uri}):
+    env = {"MLFLOW_TRACKING_URI": uri, "PATH": path, "LANDCOVER_SERVE_MAX_PIXELS": "20000"}
+    with running(command, f"{base}/ping", tmp / "serve.log", env, venv_on_path=False):
         answer = http_json(f"{base}/invocations", {"inputs": pixels.tolist()})
         status, body = http(f"{base}/invocations", {"inputs": [[1, 2, 3]]})
+        big_status, big_body = http(
+            f"{base}/invocations", {"inputs": np.zeros((1, 4, 160, 160)).tolist()}
+        )
+        nan = pixels.copy()
+        nan[0, 0, 0, 0] = np.nan
+        nan_status, _ = http(f"{base}/invocations", {"inputs": nan.tolist()})
     codes = np.array(answer["predictions"], dtype=np.uint8)
     assert codes.shape == (2, 48, 56)
     assert np.array_equal(codes, expected_codes(uri, run_id, pixels))
     assert status >= 400 and b"error" in body.lower()  # a malformed patch is refused
+    assert big_status == 400 and b"budget" in big_body  # 25,600 px > the 20,000 px budget
+    assert nan_status == 400
     assert "POST /invocations" in (tmp / "serve.log").read_text()
 
 

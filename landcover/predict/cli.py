@@ -14,6 +14,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from landcover import distributed as dist
 from landcover import tracking
+from landcover.atomic import write_text
 from landcover.commands import command_main
 from landcover.errors import ConfigError
 from landcover.figures import quicklook_figure
@@ -91,8 +92,8 @@ def run_predictions(cfg: DictConfig) -> list[PredictionResult]:
         )
         for name, path in result.outputs.items():
             if name == "classes":
-                path.with_suffix(".areas.csv").write_text(table.to_csv())
-                path.with_suffix(".areas.json").write_text(table.to_json())
+                write_text(path.with_suffix(".areas.csv"), table.to_csv())
+                write_text(path.with_suffix(".areas.json"), table.to_json())
         results.append(result)
     results = dist.gather_to_main(results)
     if distributed.is_main and cfg.log_to_mlflow:

@@ -20,6 +20,7 @@ import rasterio.shutil
 from affine import Affine
 from rasterio.windows import Window
 
+from landcover.atomic import disk_full, staging_dir
 from landcover.data.schema import IGNORE_INDEX, ClassSchema, hex_to_rgb
 from landcover.errors import LandcoverError
 
@@ -143,7 +144,13 @@ class StagedRaster:
             self.dataset.set_band_description(band, text)
 
     def write(self, data: np.ndarray, window: Window) -> None:
-        self.dataset.write(data if data.ndim == 3 else data[None], window=window)
+        try:
+            self.dataset.write(data if data.ndim == 3 else data[None], window=window)
+        except Exception as err:
+            full = disk_full(err, self.target)
+            if full is not None:
+                raise full from err
+            raise
 
     def stage_cog(self) -> Path:
         self.dataset.close()
@@ -187,7 +194,7 @@ class OutputSet:
 
     def __init__(self, anchor: Path) -> None:
         check_writable(anchor)
-        self.workdir = Path(tempfile.mkdtemp(prefix=".landcover-", dir=anchor.parent))
+        self.workdir = staging_dir(anchor.parent)
         self.rasters: dict[str, StagedRaster] = {}
 
     def add(self, name: str, target: Path, profile: dict, **options) -> StagedRaster:
@@ -201,6 +208,11 @@ class OutputSet:
             for name, path in staged.items():
                 os.replace(path, self.rasters[name].target)
             return {name: raster.target for name, raster in self.rasters.items()}
+        except Exception as err:
+            full = disk_full(err, next(iter(self.rasters.values())).target)
+            if full is not None:
+                raise full from err
+            raise
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
