@@ -340,7 +340,16 @@ def import_cntk_seed(path: Path) -> ImportedModel:
     path = Path(path)
     if not path.is_file():
         raise CntkImportError(f"{path}: file does not exist")
-    return seed_from_dictionary(read_model_dictionary(path), str(path))
+    dictionary = read_model_dictionary(path)
+    try:
+        return seed_from_dictionary(dictionary, str(path))
+    except CntkImportError:
+        raise
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError, RuntimeError) as err:
+        # a decodable file whose graph is not the tutorial's (or is crafted): one line
+        raise CntkImportError(
+            f"{path}: not the tutorial's seed network ({type(err).__name__}: {err})"
+        ) from err
 
 
 def seed_from_dictionary(dictionary: dict[str, Any], source: str) -> ImportedModel:

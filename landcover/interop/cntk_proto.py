@@ -22,6 +22,11 @@ import numpy as np
 from landcover.errors import LandcoverError
 
 VARINT, FIXED64, LENGTH, FIXED32 = 0, 1, 2, 5
+# A model file is hostile until proven otherwise: every length is checked against the bytes
+# left before anything is sliced or allocated, nesting is capped (a deep file must not exhaust
+# the stack), and tensors must hold finite numbers.
+MAX_DEPTH = 64
+MAX_DIMS = 16
 
 
 class CntkFormatError(LandcoverError):
@@ -63,26 +68,42 @@ def _varint(buf: memoryview, pos: int) -> tuple[int, int]:
             raise CntkFormatError("varint longer than 10 bytes")
 
 
+def _bytes(value: Any) -> bytes:
+    """A length-delimited field's bytes; a number where bytes belong is a damaged file (and
+    `bytes(number)` would allocate that many zeros)."""
+    if not isinstance(value, memoryview):
+        raise CntkFormatError("a number where a string, message or tensor belongs")
+    return bytes(value)
+
+
 def fields(buf: memoryview) -> list[tuple[int, int, Any]]:
     """(field number, wire type, raw value) for each field of one message."""
+    if not isinstance(buf, memoryview):
+        raise CntkFormatError("a number where a message belongs")
     out = []
     pos, end = 0, len(buf)
     while pos < end:
         key, pos = _varint(buf, pos)
         number, wire = key >> 3, key & 7
+        if number == 0:
+            raise CntkFormatError("field number 0")
         if wire == VARINT:
             value, pos = _varint(buf, pos)
+            size = 0
         elif wire == FIXED64:
-            value, pos = buf[pos : pos + 8], pos + 8
+            size = 8
         elif wire == LENGTH:
             size, pos = _varint(buf, pos)
-            value, pos = buf[pos : pos + size], pos + size
         elif wire == FIXED32:
-            value, pos = buf[pos : pos + 4], pos + 4
+            size = 4
         else:
             raise CntkFormatError(f"unsupported wire type {wire} (field {number})")
-        if pos > end or number == 0:
-            raise CntkFormatError("message runs past its end")
+        if size > end - pos:
+            raise CntkFormatError(
+                f"field {number} claims {size} bytes but only {end - pos} are left"
+            )
+        if wire != VARINT:
+            value, pos = buf[pos : pos + size], pos + size
         out.append((number, wire, value))
     return out
 
@@ -90,6 +111,8 @@ def fields(buf: memoryview) -> list[tuple[int, int, Any]]:
 def _packed_varints(value: Any, wire: int) -> list[int]:
     if wire == VARINT:
         return [value]
+    if not isinstance(value, memoryview):
+        raise CntkFormatError("a fixed-width number where packed integers belong")
     items, pos = [], 0
     while pos < len(value):
         item, pos = _varint(value, pos)
@@ -102,6 +125,8 @@ def decode_shape(buf: memoryview) -> tuple[int, ...]:
     for number, wire, value in fields(buf):
         if number == 1:
             dims += _packed_varints(value, wire)
+    if len(dims) > MAX_DIMS:
+        raise CntkFormatError(f"a shape with {len(dims)} dimensions")
     # CNTK writes "inferred" / "free" dimensions as huge sentinels; keep them visible as -1
     return tuple(d if d < 2**62 else -1 for d in dims)
 
@@ -113,7 +138,7 @@ def decode_axis(buf: memoryview) -> Axis:
             index = value - (1 << 64) if value >= 1 << 63 else value
             index = index - (1 << 32) if index >= 1 << 31 else index
         elif number == 2:
-            name = bytes(value).decode()
+            name = _bytes(value).decode()
         elif number == 3:
             ordered = bool(value)
     return Axis(index, name, ordered)
@@ -133,23 +158,29 @@ def decode_ndarray(buf: memoryview) -> NDArray:
             shape = decode_shape(value)
         elif number in (4, 5):  # FloatValues / DoubleValues: field 1 packed
             dtype = "<f4" if number == 4 else "<f8"
-            chunks = [bytes(v) for n, _, v in fields(value) if n == 1]
+            chunks = [_bytes(v) for n, _, v in fields(value) if n == 1]
             values = np.frombuffer(b"".join(chunks), dtype=dtype).copy()
         elif number == 6:  # BytesValue (float16 and int8 tensors)
-            raw = b"".join(bytes(v) for n, _, v in fields(value) if n == 1)
+            raw = b"".join(_bytes(v) for n, _, v in fields(value) if n == 1)
             values = np.frombuffer(raw, dtype=NDARRAY_DTYPES.get(data_type, np.int8)).copy()
     if storage != 0:
         raise CntkFormatError(f"sparse NDArrayView (storage format {storage}) is not supported")
     if values is None:
         values = np.zeros(0, dtype=NDARRAY_DTYPES.get(data_type, np.float32))
-    expected = int(np.prod(shape)) if shape else 1
+    expected = 1
+    for dim in shape:  # Python ints: a crafted shape cannot overflow into a match
+        expected *= dim
     if values.size != expected:
         raise CntkFormatError(f"tensor of shape {shape} holds {values.size} values")
+    if values.dtype.kind == "f" and not np.isfinite(values).all():
+        raise CntkFormatError(f"tensor of shape {shape} holds NaN or infinite values")
     return NDArray(shape, values)
 
 
-def decode_value(buf: memoryview) -> Any:
+def decode_value(buf: memoryview, depth: int = 0) -> Any:
     """One DictionaryValue -> a Python value (None for the None type)."""
+    if depth > MAX_DEPTH:
+        raise CntkFormatError(f"values nested deeper than {MAX_DEPTH}")
     for number, _wire, value in fields(buf):
         if number in (1, 2):  # version, value_type
             continue
@@ -161,25 +192,27 @@ def decode_value(buf: memoryview) -> Any:
         if number == 5:
             return int(value)
         if number == 6:
-            return struct.unpack("<f", bytes(value))[0]
+            return struct.unpack("<f", _bytes(value))[0]
         if number == 7:
-            return struct.unpack("<d", bytes(value))[0]
+            return struct.unpack("<d", _bytes(value))[0]
         if number == 8:
-            return bytes(value).decode()
+            return _bytes(value).decode()
         if number == 9:
             return decode_shape(value)
         if number == 10:
             return decode_axis(value)
         if number == 11:
-            return [decode_value(v) for n, _, v in fields(value) if n == 1]
+            return [decode_value(v, depth + 1) for n, _, v in fields(value) if n == 1]
         if number == 12:
-            return decode_dictionary(value)
+            return decode_dictionary(value, depth + 1)
         if number == 13:
             return decode_ndarray(value)
     return None
 
 
-def decode_dictionary(buf: memoryview) -> dict[str, Any]:
+def decode_dictionary(buf: memoryview, depth: int = 0) -> dict[str, Any]:
+    if depth > MAX_DEPTH:
+        raise CntkFormatError(f"values nested deeper than {MAX_DEPTH}")
     out: dict[str, Any] = {}
     for number, _, entry in fields(buf):
         if number != 2:
@@ -187,9 +220,9 @@ def decode_dictionary(buf: memoryview) -> dict[str, Any]:
         key, item = "", None
         for n, _, v in fields(entry):  # a map entry: key = 1, value = 2
             if n == 1:
-                key = bytes(v).decode()
+                key = _bytes(v).decode()
             elif n == 2:
-                item = decode_value(v)
+                item = decode_value(v, depth + 1)
         out[key] = item
     return out
 
@@ -199,7 +232,7 @@ def read_model_dictionary(path: Path) -> dict[str, Any]:
     data = Path(path).read_bytes()
     try:
         dictionary = decode_dictionary(memoryview(data))
-    except (CntkFormatError, UnicodeDecodeError, struct.error) as err:
+    except (CntkFormatError, UnicodeDecodeError, struct.error, ValueError, TypeError) as err:
         raise CntkFormatError(f"{path}: not a CNTK v2 model file ({err})") from err
     if "primitive_functions" not in dictionary and "type" not in dictionary:
         raise CntkFormatError(
