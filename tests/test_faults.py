@@ -66,8 +66,9 @@ def test_a_crafted_mlflow_model_runs_no_code(tmp_path):
         "metadata:\n  schema: {name: x, classes: []}\n  bands: 4\n"
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    mlflow.set_tracking_uri(uri)
-    with mlflow.start_run() as run:
+    from landcover import tracking
+
+    with tracking.start_run(uri, "crafted") as run:
         mlflow.log_artifacts(str(model_dir), "model")
     with pytest.raises(ModelReferenceError, match="landcover-convert-model"):
         load_model_reference(run.info.run_id, tracking_uri=uri)

@@ -1,12 +1,17 @@
-"""The team set-up for real: PostgreSQL behind an MLflow tracking server and an Optuna study.
+"""The team set-up for real: PostgreSQL behind an authenticated MLflow server and a study.
 
-A training run goes to `mlflow server` backed by PostgreSQL (artifacts served by the server),
-and two sweep workers share one Optuna study stored in the same PostgreSQL: no trial is
-duplicated or lost. Skipped, with the reason, where PostgreSQL cannot run.
+As the README's team recipe: `mlflow server --app-name basic-auth` backed by PostgreSQL (runs,
+and the users and permissions too), artifacts served by the server, an admin whose password
+comes from the environment. An anonymous request is refused; a user created by the admin
+trains with credentials passed the MLflow way (`MLFLOW_TRACKING_USERNAME/PASSWORD`), and two
+sweep workers share one Optuna study stored in the same PostgreSQL: no trial is duplicated or
+lost. Skipped, with the reason, where PostgreSQL cannot run.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import subprocess
 
 import optuna
@@ -27,17 +32,85 @@ REASON = skip_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
 
+AUTH_INI = """[mlflow]
+default_permission = NO_PERMISSIONS
+database_uri = {database}/mlflow_auth
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
+
+
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("team")
-    with postgres_server(("mlflow", "optuna")) as database:
+    with postgres_server(("mlflow", "optuna", "mlflow_auth")) as database:
         port = free_port()
+        (tmp / "auth.ini").write_text(AUTH_INI.format(database=database))
+        server_env = {
+            "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"),
+            "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-1",
+            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
+        }
         command = mlflow_server_command(
-            f"{database}/mlflow", port, "--artifacts-destination", str(tmp / "artifacts")
+            f"{database}/mlflow",
+            port,
+            "--app-name",
+            "basic-auth",
+            "--artifacts-destination",
+            str(tmp / "artifacts"),
         )
         url = f"http://{HOST}:{port}"
-        with running(command, f"{url}/health", tmp / "mlflow-server.log", {}):
-            yield database, url, tmp
+        with running(command, f"{url}/health", tmp / "mlflow-server.log", server_env):
+            # the admin creates a team member; everyone else authenticates as that member
+            admin = {
+                "MLFLOW_TRACKING_USERNAME": "admin",
+                "MLFLOW_TRACKING_PASSWORD": "admin-password-1",
+            }
+            with patched_environ(admin):
+                from mlflow.server import get_app_client
+
+                get_app_client("basic-auth", tracking_uri=url).create_user("alice", "alice-password-1")
+            member = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "alice-password-1"}
+            with patched_environ(member):
+                yield database, url, tmp
+
+
+@contextlib.contextmanager
+def patched_environ(values: dict[str, str]):
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
+
+
+def test_anonymous_and_wrong_credentials_are_refused(team):
+    _, url, _ = team
+    search = f"{url}/api/2.0/mlflow/experiments/search?max_results=5"
+    assert urllib_status(search) == 401
+    assert urllib_status(search, ("alice", "wrong")) == 401
+    assert urllib_status(search, ("alice", "alice-password-1")) == 200
+
+
+def urllib_status(url: str, credentials: tuple[str, str] | None = None) -> int:
+    import base64
+    import urllib.error
+    import urllib.request
+
+    request = urllib.request.Request(url)
+    if credentials:
+        token = base64.b64encode(":".join(credentials).encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    try:
+        with urllib.request.urlopen(request, timeout=30) as answer:
+            return answer.status
+    except urllib.error.HTTPError as err:
+        return err.code
 
 
 def test_training_run_lands_in_the_postgres_backed_server(team, tiny_synthetic):
@@ -56,6 +129,8 @@ def test_training_run_lands_in_the_postgres_backed_server(team, tiny_synthetic):
     client = MlflowClient(url)
     run = client.get_run(result.run_id)
     assert run.info.status == "FINISHED" and "val/mIoU" in run.data.metrics
+    assert run.info.user_id == "alice"  # recorded as the authenticated member
+    assert urllib_status(f"{url}/api/2.0/mlflow/runs/get?run_id={result.run_id}") == 401
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # stored by the server
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"confusion_matrix"}
     assert list((tmp / "artifacts").rglob("confusion_matrix.png"))

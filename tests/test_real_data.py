@@ -66,7 +66,7 @@ def test_thirteen_class_raster_is_refused_by_the_four_class_schema(shared, tmp_p
         crs, transform = src.crs.to_string(), src.window_transform(((4000, 4256), (4000, 4256)))
     label = write_raster(tmp_path / "x_lc.tif", window, crs=crs, transform=transform)
     image = write_raster(
-        tmp_path / "x_naip.tif", np.zeros((4, 256, 256), np.uint8), crs=crs, transform=transform
+        tmp_path / "x_naip.tif", np.ones((4, 256, 256), np.uint8), crs=crs, transform=transform
     )
     unknown = sorted(set(np.unique(window).tolist()) - {1, 2, 3, 4, 5, 6, 15})
     if not unknown:
