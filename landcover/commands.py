@@ -56,6 +56,15 @@ def run_hydra_app(app: Callable[[], object]) -> None:
     Ctrl-C (open runs end KILLED, staging is removed) and end either with one line, leave the
     process group however the app ends."""
     quiet_georeferencing_warnings()
+    for argument in sys.argv[1:]:
+        try:
+            argument.encode("utf-8")
+        except UnicodeEncodeError:
+            shown = argument.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+            sys.exit(
+                f"error: argument {shown!r} is not valid UTF-8 (a file name in another "
+                "encoding?): Hydra reads UTF-8 only; rename the file or link it under a UTF-8 name"
+            )
     overrides = dist.hydra_overrides_for_rank(dist.context_from_env())
     sys.argv += overrides
     for stop in (signal.SIGTERM, signal.SIGINT):

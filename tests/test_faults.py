@@ -491,3 +491,34 @@ def test_a_full_disk_is_named_and_earlier_files_survive(small_disk, tmp_path):
         predict_raster(model, scene, small_disk / "map.tif", settings)
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "last.pt"]
     assert earlier.read_bytes() == before
+
+
+def test_an_input_truncated_under_prediction_is_one_error(tmp_path):
+    from landcover.errors import SceneError
+    from landcover.predict.predictor import PredictSettings, predict_raster
+    from landcover.predict.reference import load_model_reference
+
+    scene = tmp_path / "scene.tif"
+    tiled_image(scene, size=256)
+    data = scene.read_bytes()
+    scene.write_bytes(data[: len(data) // 2])  # the header survives, the tiles do not
+    model = load_model_reference(str(tiny_model_checkpoint(tmp_path)))
+    out = tmp_path / "maps"
+    out.mkdir()
+    with pytest.raises(SceneError, match=r"scene.tif: .*(truncated|corrupt)") as failure:
+        predict_raster(model, scene, out / "map.tif", PredictSettings(progress=False))
+    assert "\n" not in str(failure.value)
+    assert list(out.iterdir()) == []
+
+
+def test_a_file_name_that_is_not_utf8_is_one_line(tmp_path):
+    name = os.fsdecode(b"input=" + bytes(tmp_path) + b"/\xffscene.tif")
+    out = subprocess.run(
+        [str(BIN / "landcover-predict"), "model=x.pt", name, "output=o.tif"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+    )
+    assert out.returncode == 1
+    assert out.stderr.strip().splitlines() == [out.stderr.strip()]
+    assert "not valid UTF-8" in out.stderr

@@ -69,8 +69,13 @@ def team(tmp_path_factory):
             with patched_environ(admin):
                 from mlflow.server import get_app_client
 
-                get_app_client("basic-auth", tracking_uri=url).create_user("alice", "alice-password-1")
-            member = {"MLFLOW_TRACKING_USERNAME": "alice", "MLFLOW_TRACKING_PASSWORD": "alice-password-1"}
+                get_app_client("basic-auth", tracking_uri=url).create_user(
+                    "alice", "alice-password-1"
+                )
+            member = {
+                "MLFLOW_TRACKING_USERNAME": "alice",
+                "MLFLOW_TRACKING_PASSWORD": "alice-password-1",
+            }
             with patched_environ(member):
                 yield database, url, tmp
 

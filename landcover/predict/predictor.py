@@ -17,6 +17,7 @@ import numpy as np
 import rasterio
 import torch
 from rasterio.enums import MaskFlags
+from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
@@ -86,11 +87,23 @@ def read_strip(src, layout: TileLayout, top: int) -> np.ndarray:
     row0, col0 = top - c, -c
     r0, r1 = max(row0, 0), min(row0 + t, layout.height)
     c0, c1 = 0, layout.width
-    pixels = src.read(window=Window(c0, r0, c1 - c0, r1 - r0))
+    pixels = read_window(src, Window(c0, r0, c1 - c0, r1 - r0))
     pads = ((r0 - row0, row0 + t - r1), (c0 - col0, col0 + width - c1))
     if any(p for pair in pads for p in pair):
         pixels = np.pad(pixels, ((0, 0), *pads), mode="symmetric")
     return pixels
+
+
+def read_window(src, window: Window) -> np.ndarray:
+    """A windowed read whose failure (a file truncated or corrupted under us) is one error
+    naming the file and the rows, not a GDAL traceback."""
+    try:
+        return src.read(window=window)
+    except RasterioIOError as err:
+        raise SceneError(
+            f"{src.name}: reading rows {window.row_off}-{window.row_off + window.height} failed: "
+            f"truncated or corrupt input? ({err})"
+        ) from err
 
 
 def read_valid_mask(src, row: int, rows: int) -> np.ndarray | None:
@@ -103,7 +116,7 @@ def read_valid_mask(src, row: int, rows: int) -> np.ndarray | None:
     """
     window = Window(0, row, src.width, rows)
     if src.nodata is not None:
-        return ~(src.read(window=window) == src.nodata).all(axis=0)
+        return ~(read_window(src, window) == src.nodata).all(axis=0)
     flags = src.mask_flag_enums[0]
     if MaskFlags.per_dataset in flags and MaskFlags.alpha not in flags:
         return src.read_masks(1, window=window) > 0
