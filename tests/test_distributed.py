@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,7 @@ def runs(tiny_synthetic, tmp_path_factory):
     single = tmp_path_factory.mktemp("single")
     launch([str(BIN / "landcover-train"), *overrides(tiny_synthetic, single)], single)
     double = tmp_path_factory.mktemp("ddp")
+    scratch = set(Path(tempfile.gettempdir()).glob("landcover-rank*"))
     launch(
         [
             str(BIN / "torchrun"),
@@ -61,6 +63,8 @@ def runs(tiny_synthetic, tmp_path_factory):
         ],
         double,
     )
+    # rank 1's scratch Hydra folder is gone with it
+    assert set(Path(tempfile.gettempdir()).glob("landcover-rank*")) <= scratch
     return single, double
 
 
