@@ -281,7 +281,9 @@ class LandcoverOptunaSweeper(Sweeper):
             trial = None
             with studies.study_lock(self.storage_url):
                 self._fail_stale(context)
-                if studies.budget_used(study) < self.budget:
+                # a WAITING trial (enqueued, or a dead trial's replacement) is already counted
+                # in the budget: it is run, not skipped
+                if studies.budget_used(study) < self.budget or studies.waiting(study):
                     trial = self._ask(context)
                     if trial is None:
                         continue  # failed at sampling: recorded, ask again

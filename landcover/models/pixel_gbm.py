@@ -13,7 +13,6 @@ file cannot make loading run code.
 from __future__ import annotations
 
 import numpy as np
-import skops.io
 import torch
 from sklearn.ensemble import HistGradientBoostingClassifier
 from torch import nn
@@ -94,6 +93,8 @@ class PixelGBM(nn.Module):
     def get_extra_state(self) -> torch.Tensor:
         if self.estimator is None:
             return torch.zeros(0, dtype=torch.uint8)
+        import skops.io  # 2.5 s to import: only when a GBM is saved or loaded
+
         return torch.frombuffer(bytearray(skops.io.dumps(self.estimator)), dtype=torch.uint8)
 
     def set_extra_state(self, state: object) -> None:
@@ -105,6 +106,8 @@ class PixelGBM(nn.Module):
         if state.numel() == 0:
             self.estimator = None
             return
+        import skops.io
+
         data = state.cpu().numpy().tobytes()
         untrusted = [t for t in skops.io.get_untrusted_types(data=data) if t not in TRUSTED_TYPES]
         if untrusted:

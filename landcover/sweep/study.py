@@ -200,6 +200,11 @@ def failure_rate(study: optuna.Study) -> tuple[int, int]:
     return sum(t.state == TrialState.FAIL for t in done), len(done)
 
 
+def waiting(study: optuna.Study) -> bool:
+    """Trials queued to run (enqueued settings, replacements of dead trials)."""
+    return bool(study.get_trials(deepcopy=False, states=(TrialState.WAITING,)))
+
+
 def running_elsewhere(study: optuna.Study, mine: set[int]) -> list[int]:
     """Trials in flight that this process's slots do not hold (another worker's)."""
     return [
