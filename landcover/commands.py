@@ -1,46 +1,60 @@
-"""Console-script entry points of the mapping commands (predict, evaluate, export).
+"""What every console script shares: a Hydra app whose user errors end as one line.
 
-Each is a Hydra app over `conf/commands/` whose user errors (bad input, missing model, bad
-config value) end as one clear line and a non-zero exit instead of a traceback.
+Each command is a Hydra app over `conf/commands/` whose user errors (bad input, missing model,
+bad config value) end as one clear line and a non-zero exit instead of a traceback. This module
+imports nothing heavy (no torch, MLflow, rasterio): the work is named by a dotted path and
+imported only when the app runs, so `--help` and shell completion answer at once.
 """
 
 from __future__ import annotations
 
+import importlib
 import logging
 import signal
 import sys
 from collections.abc import Callable
+from pathlib import Path
 
 import hydra
 from omegaconf import DictConfig
 
-from landcover import distributed as dist
-from landcover.data.scenes import quiet_georeferencing_warnings
+from landcover import ranks
 from landcover.errors import LandcoverError, Stopped
 from landcover.paths import COMMANDS_CONFIG_DIR
 
 
+def load(target: str) -> Callable[..., object]:
+    """`package.module:function` -> the function (imported now, not when the script starts)."""
+    module, _, name = target.partition(":")
+    return getattr(importlib.import_module(module), name)
+
+
 def command_main(
-    run: Callable[[DictConfig], object], config_name: str, *, distributed: bool = False
+    run: str | Callable[[DictConfig], object], config_name: str, *, distributed: bool = False
 ) -> Callable[[], None]:
-    """`distributed`: the command splits its work across torchrun's ranks itself; otherwise,
-    launched under torchrun, rank 0 does the work alone (no duplicated maps or MLflow runs)."""
+    """`run`: the work, or its dotted path (imported when the app runs). `distributed`: the
+    command splits its work across torchrun's ranks itself; otherwise, launched under
+    torchrun, rank 0 does the work alone (no duplicated maps or MLflow runs)."""
     log = logging.getLogger(f"landcover.{config_name}")
 
     @hydra.main(version_base="1.3", config_path=COMMANDS_CONFIG_DIR, config_name=config_name)
     def app(cfg: DictConfig) -> None:
-        context = dist.context_from_env()
+        context = ranks.context_from_env()
         if not distributed and not context.is_main:
             log.info("rank %d: %s runs on rank 0 only", context.rank, config_name)
             return
         try:
-            run(cfg)
-        except (LandcoverError, ValueError) as err:
+            from landcover.config import validate_command_config
+
+            cfg = validate_command_config(cfg, config_name)  # before any other check
+            quiet_georeferencing_warnings()
+            (load(run) if isinstance(run, str) else run)(cfg)
+        except LandcoverError as err:
             log.error("%s", err)
             sys.exit(f"error: {err}")
 
     def main() -> None:
-        run_hydra_app(app)
+        run_hydra_app(app, help_for=(COMMANDS_CONFIG_DIR, config_name))
 
     return main
 
@@ -50,12 +64,41 @@ def stop_on_signal(signum: int, frame: object) -> None:
     raise Stopped(signal.Signals(signum).name)
 
 
-def run_hydra_app(app: Callable[[], object]) -> None:
+def print_help(config_dir: str, config_name: str) -> None:
+    """`--help` without Hydra's: Hydra lists every config group (its own launchers' among them)
+    by deep-copying its whole config repository once per group, which takes most of a second;
+    this reads the command's config file and lists the groups its defaults name."""
+    from omegaconf import OmegaConf
+
+    root = Path(config_dir)
+    path = root / f"{config_name}.yaml"
+    comments = [line.lstrip("# ") for line in path.read_text().splitlines() if line[:1] == "#"]
+    command = Path(sys.argv[0]).name
+    summary = comments[0].split(": ", 1)[-1] if comments else config_name
+    defaults = OmegaConf.load(path).get("defaults", [])
+    used = {str(next(iter(entry))).split("/")[0] for entry in defaults if hasattr(entry, "keys")}
+    print(f"{command}: {summary}")
+    print(f"\nUsage: {command} [group=option ...] [key=value ...]   (-m for a multirun)\n")
+    print("Config groups (group=option):")
+    for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
+        group = folder.relative_to(root).as_posix()
+        options = sorted(f.stem for f in folder.glob("*.yaml"))
+        if options and group.split("/")[0] in used:
+            print(f"  {group}: {', '.join(options)}")
+    print(
+        "\nEvery key can be set on the command line. `--cfg job` prints the composed config, "
+        "`--hydra-help` Hydra's own options."
+    )
+
+
+def run_hydra_app(
+    app: Callable[[], object],
+    help_for: tuple[str, str] | None = None,
+) -> None:
     """What every console script does around its Hydra app: quiet GDAL's georeferencing
     warnings, give torchrun's other ranks no output folder of their own, treat SIGTERM like
     Ctrl-C (open runs end KILLED, staging is removed) and end either with one line, leave the
     process group however the app ends."""
-    quiet_georeferencing_warnings()
     for argument in sys.argv[1:]:
         try:
             argument.encode("utf-8")
@@ -65,7 +108,10 @@ def run_hydra_app(app: Callable[[], object]) -> None:
                 f"error: argument {shown!r} is not valid UTF-8 (a file name in another "
                 "encoding?): Hydra reads UTF-8 only; rename the file or link it under a UTF-8 name"
             )
-    overrides = dist.hydra_overrides_for_rank(dist.context_from_env())
+    if help_for is not None and {"--help", "-h"} & set(sys.argv[1:]):
+        print_help(*help_for)
+        return
+    overrides = ranks.hydra_overrides_for_rank(ranks.context_from_env())
     sys.argv += overrides
     for stop in (signal.SIGTERM, signal.SIGINT):
         signal.signal(stop, stop_on_signal)
@@ -76,5 +122,14 @@ def run_hydra_app(app: Callable[[], object]) -> None:
         print(f"error: stopped by {name}; open MLflow runs ended KILLED", file=sys.stderr)
         sys.exit(128 + int(getattr(signal, name, signal.SIGINT)))
     finally:
-        dist.shutdown()
-        dist.remove_rank_scratch(overrides)
+        if "torch.distributed" in sys.modules:  # only a run that imported torch can hold a group
+            from landcover.distributed import shutdown
+
+            shutdown()
+        ranks.remove_rank_scratch(overrides)
+
+
+def quiet_georeferencing_warnings() -> None:
+    from landcover.data.scenes import quiet_georeferencing_warnings as quiet
+
+    quiet()

@@ -234,6 +234,121 @@ class TrackingConfig:
 
 
 @dataclass
+class PredictSettings:
+    """Tiled prediction (`predict:` of landcover-predict and landcover-evaluate)."""
+
+    tile_size: int = 512  # input tile edge (rounded down to the model's stride)
+    overlap: int = 64  # full-output models: pixels shared by neighbours (context = overlap / 2)
+    mode: str = "auto"  # auto | centre (keep tile cores) | blend (weighted probabilities)
+    batch_size: int = 1  # 1 is as fast as 4 on CPU (measured) at a quarter of the memory
+    confidence: bool = False  # also write <output>_confidence.tif (max probability x 255)
+    probabilities: bool = False  # also write <output>_probabilities.tif (a band per class)
+    progress: bool = True
+    gdal_cache_mb: int = 128  # GDAL's block cache; its default (5 % of RAM) grows with area
+
+
+@dataclass
+class PredictCommandConfig:
+    """landcover-predict."""
+
+    model: str = MISSING  # run id | runs:/ | models:/name/N | models:/name@alias | .pt | .onnx
+    input: Any = MISSING  # a raster, a glob, or a list [a.tif, b.tif]
+    output: str = MISSING  # a file (one input) or a directory: <stem>_landcover.tif
+    device: str = "auto"
+    predict: PredictSettings = field(default_factory=PredictSettings)
+    log_to_mlflow: bool = True
+    quicklook_size: int = 1024  # longest edge of the quicklook PNG logged to MLflow
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class EvaluateSettings:
+    confidence_threshold: float = 0.9  # disagreement: the model this sure and the label differs
+    min_region_pixels: int = 16  # smaller disagreement regions are not listed
+    max_regions: int = 200  # regions listed in disagreement_regions.csv, largest first
+    max_panels: int = 8  # scenes shown in the panels figure
+
+
+@dataclass
+class EvaluateCommandConfig:
+    """landcover-evaluate."""
+
+    model: str = MISSING
+    split: str = "val"
+    device: str = "auto"
+    output_dir: str = MISSING  # maps, confidence, disagreement
+    predict: PredictSettings = field(default_factory=PredictSettings)
+    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class ExportCommandConfig:
+    """landcover-export."""
+
+    model: str = MISSING
+    output: str = MISSING
+    opset: int = 17
+    tolerance: float = 1.0e-3  # max |ONNX - PyTorch| logit difference accepted
+    log_to_mlflow: bool = True  # into the model's training run (or experiment `exports`)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class PromoteFilters:
+    min_epochs: int = 0  # ignore runs that trained fewer epochs
+    tags: dict[str, str] = field(default_factory=dict)  # e.g. +filters.tags.data=chesapeake_sample
+    where: str = ""  # any extra MLflow filter
+
+
+@dataclass
+class RegistryConfig:
+    name: str = "landcover"
+    alias: str = "champion"
+    previous_alias: str = "previous"  # the champion that was replaced
+
+
+@dataclass
+class PromoteCommandConfig:
+    """landcover-promote."""
+
+    experiment: str = MISSING  # where to look for runs
+    sweep: str | None = None  # a study name: choose among that sweep's trials only
+    metric: str = "val/mIoU"
+    direction: str = "auto"  # auto (min for losses/errors, max otherwise) | max | min
+    run: str | None = None  # promote this run id instead of choosing
+    filters: PromoteFilters = field(default_factory=PromoteFilters)
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    against: str | None = None  # compare with this models:/ reference instead of the alias
+    force: bool = False  # promote even if the data differ or the candidate is not better
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+@dataclass
+class ImportCntkCommandConfig:
+    """landcover-import-cntk."""
+
+    file: str = MISSING
+    schema: str = "tutorial_5label"
+    band_names: list[str] = field(default_factory=lambda: ["red", "green", "blue", "nir"])
+    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
+    evaluate_split: str | None = None
+    output_dir: str = MISSING
+    data: DataConfig = field(default_factory=DataConfig)
+    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+
+
+COMMAND_SCHEMAS: dict[str, type] = {
+    "predict": PredictCommandConfig,
+    "evaluate": EvaluateCommandConfig,
+    "export": ExportCommandConfig,
+    "promote": PromoteCommandConfig,
+    "import_cntk": ImportCntkCommandConfig,
+}
+
+
+@dataclass
 class TrialConfig:
     """Set by the Optuna sweeper on each job it launches (`++trial.number=3 ...`): which
     trial of which study the job is, so it can re-attach through the storage in any process."""
@@ -336,7 +451,35 @@ def validate_model_config(model: Any) -> DictConfig:
     try:
         return OmegaConf.merge(OmegaConf.structured(MODEL_SCHEMAS[arch]), model)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"bad model config for arch {arch!r}: {err}") from err
+        raise ConfigError(f"{one_line(err, 'model.')} (model.arch={arch})") from err
+
+
+def one_line(err: OmegaConfBaseException, prefix: str = "") -> str:
+    """`config value predict.tile_size: Value 'abc' ... Integer`: OmegaConf's message on one
+    line, naming the key."""
+    key = getattr(err, "full_key", None)
+    message = str(getattr(err, "msg", None) or err).splitlines()[0]
+    return f"config value {prefix}{key}: {message}" if key else f"bad config: {message}"
+
+
+def validate_command_config(cfg: DictConfig, name: str) -> DictConfig:
+    """A command's composed config, checked against its schema before any work: an unknown
+    key, a wrong type or a missing value is one ConfigError naming the key."""
+    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw.pop("hydra", None)
+    try:
+        typed = OmegaConf.merge(OmegaConf.structured(COMMAND_SCHEMAS[name]), raw)
+        OmegaConf.resolve(typed)
+    except OmegaConfBaseException as err:
+        raise ConfigError(one_line(err)) from err
+    missing = sorted(OmegaConf.missing_keys(typed))
+    if missing:
+        raise ConfigError(
+            f"config values {missing} are required but not set (???); set them on the command "
+            "line, e.g. model=<run id> input=scene.tif"
+        )
+    _check_finite(typed)
+    return typed
 
 
 def validate_config(cfg: DictConfig) -> DictConfig:
@@ -348,7 +491,7 @@ def validate_config(cfg: DictConfig) -> DictConfig:
         typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
         OmegaConf.resolve(typed)
     except OmegaConfBaseException as err:
-        raise ConfigError(f"bad config: {err}") from err
+        raise ConfigError(one_line(err)) from err
     typed.model = validate_model_config(model)
     missing = sorted(OmegaConf.missing_keys(typed))
     if missing:

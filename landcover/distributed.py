@@ -14,11 +14,7 @@ same reason; torch's SyncBatchNorm is CUDA-only, this one works with gloo and NC
 
 from __future__ import annotations
 
-import os
-import shutil
-import tempfile
 from collections.abc import Iterator
-from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
@@ -26,31 +22,9 @@ import torch.distributed.nn.functional as dist_functional
 from torch import nn
 from torch.utils.data import Sampler
 
-
-@dataclass(frozen=True)
-class DistributedContext:
-    rank: int = 0
-    world_size: int = 1
-    local_rank: int = 0
-
-    @property
-    def enabled(self) -> bool:
-        return self.world_size > 1
-
-    @property
-    def is_main(self) -> bool:
-        return self.rank == 0
-
-
-SINGLE_PROCESS = DistributedContext()
-
-
-def context_from_env() -> DistributedContext:
-    return DistributedContext(
-        rank=int(os.environ.get("RANK", 0)),
-        world_size=int(os.environ.get("WORLD_SIZE", 1)),
-        local_rank=int(os.environ.get("LOCAL_RANK", 0)),
-    )
+from landcover.ranks import SINGLE_PROCESS as SINGLE_PROCESS  # re-exported
+from landcover.ranks import DistributedContext as DistributedContext
+from landcover.ranks import context_from_env as context_from_env
 
 
 def init(device_type: str) -> DistributedContext:
@@ -183,18 +157,3 @@ def plain_batchnorm(module: nn.Module) -> nn.Module:
         if type(layer) is DistributedBatchNorm2d:
             layer.__class__ = nn.BatchNorm2d
     return module
-
-
-def hydra_overrides_for_rank(context: DistributedContext) -> list[str]:
-    """Ranks other than 0 write no Hydra output folder of their own (one run, one folder)."""
-    if context.is_main:
-        return []
-    scratch = tempfile.mkdtemp(prefix=f"landcover-rank{context.rank}-")
-    return [f"hydra.run.dir={scratch}", "hydra.output_subdir=null"]
-
-
-def remove_rank_scratch(overrides: list[str]) -> None:
-    """Remove the scratch folder `hydra_overrides_for_rank` made (nothing is kept there)."""
-    for override in overrides:
-        if override.startswith("hydra.run.dir="):
-            shutil.rmtree(override.split("=", 1)[1], ignore_errors=True)

@@ -29,3 +29,7 @@ class Stopped(KeyboardInterrupt):
 
 class DiskFullError(LandcoverError):
     """No space left where an output was being written (earlier files are intact)."""
+
+
+class ConfigValueError(ConfigError, ValueError):
+    """A bad setting found by the component that uses it (a ValueError to plain callers)."""

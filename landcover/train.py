@@ -254,8 +254,9 @@ def train(
     return result
 
 
-@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
-def _hydra_main(cfg: DictConfig) -> float | None:
+def run_job(cfg: DictConfig) -> float | None:
+    """One Hydra job of `landcover-train`: a plain run, or a sweep trial in whatever process
+    the launcher chose; user errors end as one line."""
     if threading.current_thread() is threading.main_thread():
         # also in jobs of sweep launchers, which do not start through run_hydra_app
         signal.signal(signal.SIGTERM, stop_on_signal)
@@ -272,7 +273,12 @@ def _hydra_main(cfg: DictConfig) -> float | None:
     return result.best_value
 
 
+_hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")(run_job)
+
+
 def main() -> None:
+    """`python -m landcover.train` (what torchrun starts); the console script is
+    `landcover.entrypoints:train`, which imports this module only when a job runs."""
     run_hydra_app(_hydra_main)
 
 

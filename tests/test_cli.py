@@ -64,3 +64,51 @@ def test_mapping_commands_report_a_missing_model_in_one_line(tmp_path, command):
     assert out.returncode != 0
     assert "error:" in out.stderr and "missing.onnx" in out.stderr
     assert "Traceback" not in out.stderr
+
+
+BAD_VALUES = {
+    "landcover-predict": ["model=x", "input=y", "output=z", "predict.tile_size=abc"],
+    "landcover-evaluate": ["model=x", "data=synthetic", "data.root=nowhere", "predict.overlap=abc"],
+    "landcover-export": ["model=x", "output=y.onnx", "opset=abc"],
+    "landcover-promote": ["filters.min_epochs=abc"],
+    "landcover-import-cntk": ["x.model", "evaluate_split=[1,2]"],
+    "landcover-train": ["optimizer.lr=abc"],
+}
+UNKNOWN_KEYS = {
+    "landcover-predict": ["model=x", "input=y", "output=z", "+predict.tile_sze=5"],
+    "landcover-evaluate": ["model=x", "+evaluate.treshold=0.5"],
+    "landcover-export": ["model=x", "output=y.onnx", "+opsett=3"],
+    "landcover-promote": ["+registry.nam=x"],
+    "landcover-import-cntk": ["x.model", "+schemma=x"],
+    "landcover-train": ["+trainer.max_epoch=3"],
+}
+
+
+@pytest.mark.parametrize("cases", [BAD_VALUES, UNKNOWN_KEYS], ids=["wrong type", "unknown key"])
+@pytest.mark.parametrize("command", sorted(BAD_VALUES))
+def test_a_config_mistake_is_one_line_naming_the_key(tmp_path, command, cases):
+    """Before any other check (the model `x` and input `y` do not exist either)."""
+    arguments = cases[command]
+    key = arguments[-1].lstrip("+").split("=")[0]
+    out = subprocess.run(
+        [str(SCRIPT.parent / command), *arguments],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert out.returncode == 1, out.stderr
+    assert "Traceback" not in out.stderr
+    last = out.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: config value") and key in last, out.stderr
+    assert not (tmp_path / "mlflow.db").exists()
+
+
+def test_help_lists_only_its_own_groups(tmp_path):
+    """(How fast --help answers is measured by experiments/bench_cli.py.)"""
+    train_help = run("--help", cwd=tmp_path).stdout
+    assert "commands" not in train_help  # the other commands' groups are not train's
+    predict_help = subprocess.run(
+        [str(SCRIPT.parent / "landcover-predict"), "--help"], capture_output=True, text=True
+    ).stdout
+    assert "tracking: default" in predict_help and "model:" not in predict_help

@@ -276,7 +276,7 @@ def test_grid_from_the_search_space():
 def test_storage_urls_become_absolute_and_quoted(tmp_path):
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
-    from hydra_plugins.landcover_optuna_sweeper.optuna_sweeper import _without_password, quote
+    from landcover.sweep.sweeper import _without_password, quote
 
     assert studies.absolute_sqlite_url("sqlite:///optuna.db", tmp_path) == (
         f"sqlite:///{tmp_path / 'optuna.db'}"

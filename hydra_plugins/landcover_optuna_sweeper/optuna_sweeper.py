@@ -1,51 +1,21 @@
 """A Hydra Sweeper that runs an Optuna study: `landcover-train -m hydra/sweeper=optuna ...`.
 
 Our own integration with Optuna 5 (the official hydra-optuna-sweeper pins optuna<3, runs
-trials in synchronous batches and cannot prune). `hydra.sweeper.n_jobs` slots keep that many
-trials in flight through whatever Hydra launcher is configured (joblib, submitit, Ray; the
-basic launcher runs one at a time in this process); the moment a trial ends its slot asks for
-the next one, with no batch barrier. Each launched job re-attaches to its trial through the
-study storage (see `landcover.sweep.trial`), so reporting, pruning and MLflow nesting work in
-any process. Any number of sweepers can share one study; re-running the same command resumes
-it; trials of a worker that died are failed by heartbeat and replaced; failed trials are
-recorded, up to a maximum failure rate. One MLflow parent run per study holds the search
-space, the best result, a CSV of all trials and Optuna's plots; every trial is a child run.
+trials in synchronous batches and cannot prune). Hydra imports every plugin module whenever
+any app starts (`--help` included), so this module holds only the config schema and a thin
+class; the sweep itself lives in `landcover.sweep.sweeper`, imported when a sweep starts.
 
 No `from __future__ import annotations` here: Hydra imports plugin modules without registering
 them in sys.modules, and dataclasses then cannot resolve string annotations.
 """
 
-import contextlib
-import logging
-import os
-import socket
-import threading
-import warnings
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-import optuna
 from hydra.core.config_store import ConfigStore
-from hydra.core.plugins import Plugins
-from hydra.core.utils import JobStatus
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, ListConfig, OmegaConf
-from optuna.trial import TrialState
-
-from landcover.errors import ConfigError
-from landcover.sweep import records, space
-from landcover.sweep import study as studies
-from landcover.sweep.trial import METRICS_ATTR, PARENT_ATTR, PRUNER_ATTR, heartbeat
-
-log = logging.getLogger(__name__)
-# fail_stale_trials and the matplotlib plots are marked experimental; we rely on them knowingly
-warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-
-# launchers whose jobs may run on other machines: a SQLite file must then be on shared storage
-REMOTE_LAUNCHERS = ("SlurmLauncher", "RayAWSLauncher")
-PARALLEL_LAUNCHERS = "hydra/launcher=joblib, submitit_local, submitit_slurm or ray"
+from omegaconf import DictConfig
 
 
 @dataclass
@@ -75,344 +45,20 @@ ConfigStore.instance().store(
 )
 
 
-def quote(value: str) -> str:
-    """A value as a quoted string in Hydra's override grammar (URLs with ':', '@', '=')."""
-    escaped = value.replace("\\", "\\\\").replace("'", "\\'")
-    return f"'{escaped}'"
-
-
-def as_list(value: Any) -> list[str]:
-    if isinstance(value, list | tuple | ListConfig):
-        return [str(v) for v in value]
-    return [str(value)]
-
-
 class LandcoverOptunaSweeper(Sweeper):
-    def __init__(
-        self,
-        study_name: str | None,
-        storage: str | None,
-        n_trials: int,
-        n_jobs: int,
-        direction: Any,
-        metric: Any,
-        max_failure_rate: float,
-        min_trials_for_failure_rate: int,
-        heartbeat_interval: int,
-        grace_period: int,
-        wait_for_others: bool,
-        sampler: dict,
-        pruner: dict,
-        params: dict,
-        enqueue: list,
-    ) -> None:
-        directions, metrics = as_list(direction), as_list(metric)
-        if any(d not in ("maximize", "minimize") for d in directions):
-            raise ConfigError(f"hydra.sweeper.direction={directions}: maximize or minimize")
-        if len(directions) != len(metrics):
-            raise ConfigError(
-                f"hydra.sweeper.direction has {len(directions)} entries but "
-                f"hydra.sweeper.metric has {len(metrics)}: one direction per metric"
-            )
-        if n_jobs < 1 or n_trials < 1:
-            raise ConfigError(
-                f"hydra.sweeper.n_jobs={n_jobs} and n_trials={n_trials} must be positive"
-            )
-        self.study_name = study_name
-        self.storage_url = studies.absolute_sqlite_url(storage or "sqlite:///optuna.db")
-        self.n_trials = n_trials
-        self.n_jobs = n_jobs
-        self.directions = directions
-        self.metrics = metrics
-        self.max_failure_rate = max_failure_rate
-        self.min_trials_for_failure_rate = min_trials_for_failure_rate
-        self.heartbeat = studies.Heartbeat(heartbeat_interval, grace_period)
-        self.wait_for_others = wait_for_others
-        self.waiting_logged = False
-        self.sampler_cfg = dict(sampler)
-        self.pruner_cfg = dict(pruner)
-        self.space = space.parse_space(params or {})
-        self.raw_params = {str(k): str(v) for k, v in (params or {}).items()}
-        self.enqueue = [dict(e) for e in enqueue or []]
-        self.grid = space.grid(self.space) if self.sampler_cfg.get("name") == "grid" else None
-        studies.make_sampler(self.sampler_cfg, 0, self.grid, len(metrics) > 1)  # check it now
-        studies.make_pruner(self.pruner_cfg)
-        self.stale = studies.StaleTrials()
-        self.storage: optuna.storages.RDBStorage | None = None  # made under the study lock
-        self.in_flight: set[int] = set()
-        self.stop = threading.Event()
-        self.stop_reason: str | None = None
+    """Hydra's face of `landcover.sweep.sweeper.OptunaSweep`."""
+
+    def __init__(self, **settings: Any) -> None:
+        from landcover.sweep.sweeper import OptunaSweep
+
+        self.sweep_impl = OptunaSweep(**settings)
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
-        self.config = config
-        self.launcher = Plugins.instance().instantiate_launcher(
+        self.sweep_impl.setup(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
-        launcher_name = type(self.launcher).__name__
-        if self.n_jobs > 1 and launcher_name == "BasicLauncher":
-            raise ConfigError(
-                f"hydra.sweeper.n_jobs={self.n_jobs} needs a launcher that runs jobs in other "
-                f"processes: choose {PARALLEL_LAUNCHERS} (the basic launcher runs one job at a "
-                "time in this process)"
-            )
-        if launcher_name in REMOTE_LAUNCHERS and studies.sqlite_path(self.storage_url):
-            log.warning(
-                "hydra.sweeper.storage=%s is a SQLite file and %s runs jobs on other machines: "
-                "the file must be on a filesystem they all share (PostgreSQL is the documented "
-                "way for clusters)",
-                self.storage_url,
-                launcher_name,
-            )
-
-    # ------------------------------------------------------------------------------------------
-    @property
-    def budget(self) -> int:
-        """n_trials, or fewer when a grid has fewer points."""
-        if self.grid is None:
-            return self.n_trials
-        size = 1
-        for values in self.grid.values():
-            size *= len(values)
-        return min(self.n_trials, size)
-
-    def _study(self, name: str) -> optuna.Study:
-        """The study object slots tell through; they ask through one seeded per trial. Its
-        sampler only sees `tell`, where a grid sampler would try to stop an optimize loop."""
-        return optuna.create_study(
-            study_name=name,
-            storage=self.storage,
-            sampler=optuna.samplers.RandomSampler(),
-            pruner=studies.make_pruner(self.pruner_cfg),
-            directions=self.directions,
-            load_if_exists=True,
-        )
-
-    def _sampler(self, trial_number: int) -> optuna.samplers.BaseSampler:
-        return studies.make_sampler(
-            self.sampler_cfg, trial_number, self.grid, len(self.metrics) > 1
-        )
-
-    def _parent_run(self, study: optuna.Study, uri: str, experiment: str) -> str:
-        parent = study.user_attrs.get(PARENT_ATTR)
-        if parent is None:
-            parent = records.create_parent(
-                uri,
-                experiment,
-                run_name=f"sweep {study.study_name}",
-                tags={"landcover.kind": "sweep", "sweep.study": study.study_name},
-                params={
-                    "study_name": study.study_name,
-                    "storage": _without_password(self.storage_url),
-                    "n_trials": self.n_trials,
-                    "direction": ",".join(self.directions),
-                    "metric": ",".join(self.metrics),
-                    "sampler": str(self.sampler_cfg),
-                    "pruner": str(self.pruner_cfg),
-                },
-                search_space=self.raw_params,
-            )
-            study.set_user_attr(PARENT_ATTR, parent)
-        return parent
 
     def sweep(self, arguments: list[str]) -> None:
-        fixed_model = next(
-            (a.split("=", 1)[1] for a in arguments if a.startswith("model=")),
-            self.config.hydra.runtime.choices.get("model"),
-        )
-        name = self.study_name or f"sweep-{self.config.tracking.experiment}"
-        uri = studies.absolute_sqlite_url(str(self.config.tracking.uri))
-        experiment = str(self.config.tracking.experiment)
-        with studies.study_lock(self.storage_url):
-            # two workers creating the tables of a new database at once would collide
-            self.storage = studies.make_storage(self.storage_url, self.heartbeat, self.stale)
-            study = self._study(name)
-            if list(study.directions) != [
-                optuna.study.StudyDirection[d.upper()] for d in self.directions
-            ]:
-                raise ConfigError(
-                    f"study {name} in {_without_password(self.storage_url)} has directions "
-                    f"{[d.name.lower() for d in study.directions]}, not {self.directions}"
-                )
-            study.set_user_attr(METRICS_ATTR, self.metrics)
-            study.set_user_attr(PRUNER_ATTR, self.pruner_cfg)
-            parent = self._parent_run(study, uri, experiment)
-            if self.enqueue and not study.user_attrs.get("enqueued"):
-                for values in self.enqueue:
-                    study.enqueue_trial(values, skip_if_exists=True)
-                study.set_user_attr("enqueued", True)
-        log.info(
-            "study %s in %s: %d of %d trials used; %d slot(s); MLflow parent run %s",
-            name,
-            _without_password(self.storage_url),
-            studies.budget_used(study),
-            self.budget,
-            self.n_jobs,
-            parent,
-        )
-        monitor = next((m for m in self.metrics if not m.startswith("model/")), None)
-        base = [*arguments, f"tracking.uri={quote(uri)}"]
-        if monitor is not None:
-            mode = self.directions[self.metrics.index(monitor)]
-            base += [f"trainer.monitor={monitor}", f"trainer.monitor_mode={mode[:3]}"]
-        base += [
-            f"++trial.study={quote(name)}",
-            f"++trial.storage={quote(self.storage_url)}",
-            f"++trial.heartbeat_interval={self.heartbeat.interval}",
-            f"++trial.grace_period={self.heartbeat.grace_period}",
-        ]
-        context = _SweepContext(study, base, fixed_model, parent, uri)
-        _start_engine(self.launcher)
-        if self.n_jobs == 1:
-            self._slot(context)  # in this thread: the basic launcher runs the job right here
-        else:
-            with ThreadPoolExecutor(self.n_jobs, thread_name_prefix="sweep-slot") as pool:
-                for future in [pool.submit(self._slot, context) for _ in range(self.n_jobs)]:
-                    future.result()
-        records.log_summary(uri, parent, study, self.metrics)
-        if self.stop_reason:
-            raise RuntimeError(self.stop_reason)
-
-    # -- one slot: ask, launch, wait, repeat -----------------------------------------------
-    def _slot(self, context: "_SweepContext") -> None:
-        study = context.study
-        while not self.stop.is_set():
-            trial = None
-            with studies.study_lock(self.storage_url):
-                self._fail_stale(context)
-                # a WAITING trial (enqueued, or a dead trial's replacement) is already counted
-                # in the budget: it is run, not skipped
-                if studies.budget_used(study) < self.budget or studies.waiting(study):
-                    trial = self._ask(context)
-                    if trial is None:
-                        continue  # failed at sampling: recorded, ask again
-                else:
-                    others = studies.running_elsewhere(study, self.in_flight)
-                    if not others or not self.wait_for_others:
-                        return
-                    if not self.waiting_logged:
-                        self.waiting_logged = True
-                        log.info(
-                            "budget used; waiting for trials %s of other workers (one that "
-                            "dies is replaced here; hydra.sweeper.wait_for_others=false to "
-                            "leave now)",
-                            others,
-                        )
-            if trial is None:  # the budget is used but another worker's trial may yet die
-                self.stop.wait(min(self.heartbeat.interval, 5))
-                continue
-            try:
-                self._run(context, *trial)
-            finally:
-                self.in_flight.discard(trial[0].number)
-            failed, done = studies.failure_rate(study)
-            if done >= self.min_trials_for_failure_rate and failed / done > self.max_failure_rate:
-                self.stop_reason = (
-                    f"sweep {study.study_name} stopped: {failed} of {done} trials failed, more "
-                    f"than hydra.sweeper.max_failure_rate={self.max_failure_rate}"
-                )
-                self.stop.set()
-
-    def _fail_stale(self, context: "_SweepContext") -> None:
-        """Fail trials whose worker died (enqueueing replacements); close their MLflow runs."""
-        optuna.storages.fail_stale_trials(context.study)
-        for dead in self.stale.take():
-            reason = (
-                f"worker died: trial {dead.number} sent no heartbeat for more than "
-                f"{self.heartbeat.grace_period} s (hydra.sweeper.grace_period); "
-                "a replacement trial runs its parameters again"
-            )
-            closed = records.close_dead_trial_runs(context.uri, context.parent, dead.number, reason)
-            log.warning("%s (%d MLflow run(s) closed FAILED)", reason, closed)
-
-    def _ask(self, context: "_SweepContext") -> tuple[optuna.Trial, dict] | None:
-        """A new trial, its sampler seeded by the trial's number, and its values."""
-        study = context.study
-        number = len(study.get_trials(deepcopy=False))  # the number ask() gives, under the lock
-        asker = optuna.Study(
-            study_name=study.study_name,
-            storage=self.storage,
-            sampler=self._sampler(number),
-            pruner=study.pruner,
-        )
-        trial = asker.ask()
-        self.in_flight.add(trial.number)
-        self.storage.record_heartbeat(trial._trial_id)
-        trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        if trial.number >= self.budget and not studies.has_study_lock(self.storage_url):
-            trial.set_user_attr("reason", studies.OVER_BUDGET)
-            study.tell(trial, state=TrialState.FAIL)
-            self.in_flight.discard(trial.number)
-            self.stop.set()
-            return None
-        try:
-            values = space.suggest(trial, self.space, context.fixed_model)
-        except ConfigError as err:
-            trial.set_user_attr("error", str(err))
-            study.tell(trial, state=TrialState.FAIL)
-            self.in_flight.discard(trial.number)
-            log.warning("trial %d failed at sampling: %s", trial.number, err)
-            return None
-        return trial, values
-
-    def _run(self, context: "_SweepContext", trial: optuna.Trial, values: dict) -> None:
-        overrides = [*context.base, f"++trial.number={trial.number}", *space.as_overrides(values)]
-        # the slot's heartbeats keep a trial alive while its job waits in a queue
-        with heartbeat(self.storage, trial._trial_id, self.heartbeat.interval):
-            (result,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
-        frozen = self.storage.get_trial(trial._trial_id)
-        if frozen.state != TrialState.RUNNING:
-            value = frozen.values if frozen.values and len(frozen.values) > 1 else frozen.value
-            log.info("trial %d %s: %s with %s", trial.number, frozen.state.name, value, values)
-            return
-        # the job never told the study: it could not start, or its process died
-        error = result._return_value if result.status == JobStatus.FAILED else None
-        message = (
-            f"{type(error).__name__}: {error}"[:2000]
-            if error is not None
-            else "the job ended without reporting its trial"
-        )
-        trial.set_user_attr("error", message)
-        with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
-            context.study.tell(trial, state=TrialState.FAIL)  # unless another worker closed it
-        records.record_failed_trial(
-            context.uri,
-            context.parent,
-            {"sweep.study": context.study.study_name, "sweep.trial_number": str(trial.number)},
-            values,
-            message,
-        )
-        log.warning("trial %d failed: %s", trial.number, message)
-
-
-@dataclass
-class _SweepContext:
-    study: optuna.Study
-    base: list[str]
-    fixed_model: str | None
-    parent: str
-    uri: str
-
-
-def _without_password(url: str) -> str:
-    """A storage URL fit for logs and params: `postgresql://user:***@host/db`."""
-    scheme, sep, rest = url.partition("://")
-    credentials, at, host = rest.rpartition("@")
-    if not at or ":" not in credentials:
-        return url
-    return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{host}"
-
-
-def _start_engine(launcher: Any) -> None:
-    """Start Ray once before the slots launch: its launcher initialises Ray on first use, and
-    several slots doing that at once race."""
-    if type(launcher).__name__ != "RayLauncher":
-        return
-    import ray
-
-    if not ray.is_initialized():
-        init = OmegaConf.to_container(launcher.ray_cfg.init, resolve=True) or {}
-        # as the launcher does: a small object store (our jobs return one number)
-        init.setdefault("object_store_memory", 78643200)
-        ray.init(**init)
+        self.sweep_impl.sweep(arguments)

@@ -21,27 +21,16 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
+from landcover.config import PredictSettings as PredictSettings  # the schema is the settings
 from landcover.data.scenes import open_raster
 from landcover.data.schema import IGNORE_INDEX
-from landcover.errors import SceneError
+from landcover.errors import ConfigValueError, SceneError
 from landcover.predict.reference import LoadedModel
 from landcover.predict.tiling import StripAccumulator, TileLayout
 from landcover.predict.writer import AreaTable, ClassMapWriter
 
 # (first row, class indices, confidence, merged probabilities or None) of finished rows
 RowsCallback = Callable[[int, np.ndarray, np.ndarray, np.ndarray | None], None]
-
-
-@dataclass(frozen=True)
-class PredictSettings:
-    tile_size: int = 512
-    overlap: int = 64
-    mode: str = "auto"  # auto | centre | blend
-    batch_size: int = 1
-    confidence: bool = False
-    probabilities: bool = False
-    progress: bool = True
-    gdal_cache_mb: int = 128  # GDAL's block cache; its default (5 % of RAM) grows with area
 
 
 @dataclass
@@ -64,10 +53,10 @@ def plan_layout(
     margin = model.output_margin
     mode = settings.mode
     if mode not in ("auto", "centre", "blend"):
-        raise ValueError(f"predict.mode={mode!r} is not one of auto, centre, blend")
+        raise ConfigValueError(f"predict.mode={mode!r} is not one of auto, centre, blend")
     if margin:
         if mode == "blend":
-            raise ValueError(
+            raise ConfigValueError(
                 f"predict.mode=blend needs a full-output model; {model.reference} "
                 f"predicts only the centre of its input ({margin} px margin)"
             )
@@ -143,12 +132,13 @@ def predict_raster(
     model: LoadedModel,
     input_path: str | Path,
     output_path: str | Path,
-    settings: PredictSettings = PredictSettings(),
+    settings: PredictSettings | None = None,
     on_rows: RowsCallback | None = None,
     keep_probabilities: bool = False,
 ) -> PredictionResult:
     """Map one raster; `on_rows(row, classes, confidence, probabilities)` sees every strip
     (probabilities only with `keep_probabilities` or `settings.probabilities`)."""
+    settings = settings or PredictSettings()
     started = time.perf_counter()
     input_path, output_path = Path(input_path), Path(output_path)
     schema = model.schema

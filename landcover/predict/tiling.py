@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from landcover.errors import ConfigValueError
+
 
 @dataclass(frozen=True)
 class TileLayout:
@@ -30,7 +32,7 @@ class TileLayout:
 
     def __post_init__(self) -> None:
         if self.core <= 0:
-            raise ValueError(
+            raise ConfigValueError(
                 f"tile size {self.tile} leaves no core with {self.context} px of context on "
                 "each side; raise predict.tile_size or lower predict.overlap"
             )
