@@ -467,8 +467,13 @@ def validate_command_config(cfg: DictConfig, name: str) -> DictConfig:
     key, a wrong type or a missing value is one ConfigError naming the key."""
     raw = OmegaConf.to_container(cfg, resolve=False)
     raw.pop("hydra", None)
+    return _typed(COMMAND_SCHEMAS[name], raw, "model=<run id> input=scene.tif")
+
+
+def _typed(schema: type, raw: dict, example: str) -> DictConfig:
+    """`raw` merged onto `schema`, resolved, complete and finite, or one ConfigError."""
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(COMMAND_SCHEMAS[name]), raw)
+        typed = OmegaConf.merge(OmegaConf.structured(schema), raw)
         OmegaConf.resolve(typed)
     except OmegaConfBaseException as err:
         raise ConfigError(one_line(err)) from err
@@ -476,7 +481,7 @@ def validate_command_config(cfg: DictConfig, name: str) -> DictConfig:
     if missing:
         raise ConfigError(
             f"config values {missing} are required but not set (???); set them on the command "
-            "line, e.g. model=<run id> input=scene.tif"
+            f"line, e.g. {example}"
         )
     _check_finite(typed)
     return typed
@@ -487,18 +492,8 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     raw = OmegaConf.to_container(cfg, resolve=False)
     model = raw.pop("model", None)
     raw.pop("hydra", None)
-    try:
-        typed = OmegaConf.merge(OmegaConf.structured(TrainConfig), raw)
-        OmegaConf.resolve(typed)
-    except OmegaConfBaseException as err:
-        raise ConfigError(one_line(err)) from err
-    typed.model = validate_model_config(model)
-    missing = sorted(OmegaConf.missing_keys(typed))
-    if missing:
-        raise ConfigError(
-            f"config values {missing} are required but not set (???); set them "
-            "on the command line, e.g. data.root=/path/to/scenes"
-        )
-    _check_finite(typed)
+    raw["model"] = OmegaConf.to_container(validate_model_config(model))
+    typed = _typed(TrainConfig, raw, "data.root=/path/to/scenes")
+    typed.model = validate_model_config(model)  # typed by its architecture's schema
     _check_ranges(typed)
     return typed

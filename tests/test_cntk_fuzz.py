@@ -15,38 +15,12 @@ from landcover.errors import LandcoverError
 from landcover.interop.cntk_import import import_cntk_seed
 from landcover.interop.cntk_proto import CntkFormatError, read_model_dictionary
 from tests.conftest import shared_dir
-
-
-def varint(value: int) -> bytes:
-    out = bytearray()
-    while True:
-        byte, value = value & 0x7F, value >> 7
-        out.append(byte | (0x80 if value else 0))
-        if not value:
-            return bytes(out)
-
-
-def field(number: int, payload: bytes | int, wire: int = 2) -> bytes:
-    key = varint(number << 3 | wire)
-    if wire == 0:
-        return key + varint(int(payload))
-    return key + varint(len(payload)) + payload
+from tests.test_cntk import dictionary, field, ndarray, varint
 
 
 def value(number: int, payload: bytes | int, wire: int = 2) -> bytes:
+    """A DictionaryValue field (the same wire encoding as any field)."""
     return field(number, payload, wire)
-
-
-def dictionary(entries: dict[str, bytes]) -> bytes:
-    return b"".join(
-        field(2, field(1, key.encode()) + field(2, item)) for key, item in entries.items()
-    )
-
-
-def ndarray(shape: tuple[int, ...], values: np.ndarray) -> bytes:
-    packed = b"".join(varint(d) for d in shape)
-    floats = field(1, values.astype("<f4").tobytes())
-    return field(1, 1, 0) + field(3, field(1, packed)) + field(4, floats)
 
 
 def tiny_model() -> bytes:
