@@ -23,7 +23,6 @@ from rasterio.windows import Window
 from scipy import ndimage
 
 from landcover import tracking
-from landcover.commands import command_main
 from landcover.config import DataConfig
 from landcover.data.loaders import ensure_synthetic, split_scenes
 from landcover.data.scenes import Scene, open_raster
@@ -342,6 +341,3 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
             disagreement_maps=[e.outputs["disagreement"] for e in evaluations],
         )
     return metrics
-
-
-main = command_main(run_evaluation, "evaluate")

@@ -11,7 +11,6 @@ import logging
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 
-from landcover.commands import command_main
 from landcover.errors import ConfigError
 from landcover.registry import Promotion, candidate_of_run, find_best_run, promote
 
@@ -59,9 +58,3 @@ def run_promotion(cfg: DictConfig) -> Promotion:
         result.aliases,
     )
     return result
-
-
-main = command_main(run_promotion, "promote")
-
-if __name__ == "__main__":
-    main()

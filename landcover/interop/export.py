@@ -8,7 +8,6 @@ from pathlib import Path
 from omegaconf import DictConfig
 
 from landcover import tracking
-from landcover.commands import command_main
 from landcover.errors import LandcoverError
 from landcover.interop.onnx import export_onnx, max_abs_difference
 from landcover.predict.reference import load_model_reference
@@ -52,6 +51,3 @@ def run_export(cfg: DictConfig) -> tuple[Path, float]:
             model.reference,
         )
     return output, difference
-
-
-main = command_main(run_export, "export")

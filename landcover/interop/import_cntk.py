@@ -15,14 +15,12 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-import sys
 from pathlib import Path
 
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from landcover import tracking
-from landcover.commands import command_main
 from landcover.config import DataConfig
 from landcover.data.loaders import split_scenes
 from landcover.data.scenes import dataset_fingerprint
@@ -148,18 +146,3 @@ def run_import(cfg: DictConfig) -> str:
         f"; {cfg.evaluate_split} OA {metrics['val/overall_accuracy']:.4f}" if metrics else "",
     )
     return run_id
-
-
-_app = command_main(run_import, "import_cntk")
-
-
-def main() -> None:
-    """Accept the model file as a plain first argument (`landcover-import-cntk x.model`)."""
-    arguments = sys.argv[1:]
-    if arguments and "=" not in arguments[0] and not arguments[0].startswith("-"):
-        sys.argv = [sys.argv[0], f"file={arguments[0]}", *arguments[1:]]
-    _app()
-
-
-if __name__ == "__main__":
-    main()

@@ -15,7 +15,6 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from landcover import distributed as dist
 from landcover import tracking
 from landcover.atomic import write_text
-from landcover.commands import command_main
 from landcover.errors import ConfigError
 from landcover.figures import quicklook_figure
 from landcover.predict.predictor import PredictionResult, PredictSettings, predict_raster
@@ -117,7 +116,7 @@ def run_predictions(cfg: DictConfig) -> list[PredictionResult]:
     return results
 
 
-main = command_main(run_predictions, "predict", distributed=True)
+if __name__ == "__main__":  # torchrun -m landcover.predict.cli: the console script's app
+    from landcover.entrypoints import predict
 
-if __name__ == "__main__":
-    main()
+    predict()
