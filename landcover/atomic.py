@@ -63,6 +63,18 @@ def disk_full(err: BaseException, path: str | Path) -> DiskFullError | None:
     return DiskFullError(f"no space left on the device of {directory} while writing {path}")
 
 
+@contextlib.contextmanager
+def naming_full_disk(path: str | Path) -> Iterator[None]:
+    """Re-raise a failure caused by a full disk as a DiskFullError naming `path`."""
+    try:
+        yield
+    except Exception as err:
+        full = disk_full(err, path)
+        if full is not None:
+            raise full from err
+        raise
+
+
 STAGING_PREFIX = ".landcover-"
 
 

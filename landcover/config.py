@@ -356,8 +356,8 @@ class TrialConfig:
     study: str = "???"
     storage: str = "???"
     number: int = MISSING
-    heartbeat_interval: int = 30
-    grace_period: int = 120
+    heartbeat_interval: int = MISSING  # the sweeper passes its own settings
+    grace_period: int = MISSING
 
 
 @dataclass

@@ -119,11 +119,16 @@ def start_run(
     uri: str, experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None
 ):
     """A plain run for commands other than training (prediction, evaluation, export)."""
+    use_experiment(uri, experiment)
+    return mlflow.start_run(run_name=run_name, tags=dict(tags or {}))
+
+
+def use_experiment(uri: str, experiment: str) -> None:
+    """Point the fluent API at `experiment` of `uri`, created beside a SQLite store if new."""
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(
         experiment_id=experiment_id(mlflow.tracking.MlflowClient(uri), experiment)
     )
-    return mlflow.start_run(run_name=run_name, tags=dict(tags or {}))
 
 
 def log_prediction(
@@ -285,9 +290,7 @@ class Tracker:
     ) -> Iterator[str]:
         """Open (or reopen, to resume) a run and always close it with an honest status:
         FINISHED, KILLED (interrupted, or a pruned sweep trial) or FAILED (with the error)."""
-        mlflow.set_tracking_uri(self.uri)
-        client = mlflow.tracking.MlflowClient(self.uri)
-        mlflow.set_experiment(experiment_id=experiment_id(client, self.experiment))
+        use_experiment(self.uri, self.experiment)
         run = mlflow.start_run(
             run_id=run_id, run_name=None if run_id else run_name, tags=dict(tags or {})
         )
@@ -332,25 +335,33 @@ class Tracker:
 
     def log_model(self, model: torch.nn.Module, *, bands: int, metadata: Mapping[str, Any]) -> str:
         """Log a CPU copy of the model in eval mode; returns its models:/ URI."""
-        info = Model.log(
-            artifact_path=None,
-            name="model",
-            flavor=serving,
-            pytorch_model=model,
-            model_metadata=dict(metadata),
-            signature=model_signature(bands),
-            pip_requirements=pinned_requirements(),
-            metadata=dict(metadata),
-            class_codes=[
-                (c["codes"] or [i])[0] for i, c in enumerate(metadata["schema"]["classes"])
-            ],
-            output_margin=int(metadata.get("output_margin", 0)),
-        )
+        uri = log_landcover_model(model, metadata)
         with tempfile.TemporaryDirectory() as tmp:
             card = Path(tmp) / "landcover_model.json"
             card.write_text(json.dumps(dict(metadata), indent=2))
             mlflow.log_artifact(str(card), "model_card")
-        return info.model_uri
+        return uri
+
+
+def log_landcover_model(
+    model: torch.nn.Module, metadata: Mapping[str, Any], run_id: str | None = None
+) -> str:
+    """The model in landcover's flavour (safetensors + JSON, pyfunc face) in the active run or
+    `run_id`; returns its models:/ URI."""
+    info = Model.log(
+        artifact_path=None,
+        name="model",
+        flavor=serving,
+        run_id=run_id,
+        pytorch_model=model,
+        model_metadata=dict(metadata),
+        signature=model_signature(int(metadata["bands"])),
+        pip_requirements=pinned_requirements(),
+        metadata=dict(metadata),
+        class_codes=[(c["codes"] or [i])[0] for i, c in enumerate(metadata["schema"]["classes"])],
+        output_margin=int(metadata.get("output_margin", 0)),
+    )
+    return info.model_uri
 
 
 class NullTracker(Tracker):

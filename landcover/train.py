@@ -169,15 +169,17 @@ def train(
         compile_model=cfg.trainer.compile,
         checkpoint_extra={"config": resolved_yaml, "metadata": metadata},
     )
-    if cfg.trainer.monitor not in trainer.metric_names():
+    logged = trainer.metric_names()
+    if cfg.trainer.monitor not in logged:
         raise ConfigError(
             f"config value trainer.monitor={cfg.trainer.monitor!r} is never logged by training; "
-            f"choose one of {sorted(trainer.metric_names())}"
+            f"choose one of {sorted(logged)}"
         )
     if checkpoint is not None:
         trainer.restore(checkpoint)
         log.info("resuming from %s after epoch %d", cfg.trainer.resume_from, trainer.state.epoch)
-    static_metrics = {"model/parameters": float(count_parameters(model))}
+    parameters = count_parameters(model)
+    static_metrics = {"model/parameters": float(parameters)}
     gflops = count_gflops(model, cfg.data.bands)
     if gflops is not None:
         static_metrics["model/gflops_per_tile"] = gflops
@@ -205,7 +207,7 @@ def train(
             tracker.log_params(dict(extra_params or {}))
             tracker.log_params(
                 {
-                    "model.parameters": str(count_parameters(model)),
+                    "model.parameters": str(parameters),
                     "data.train_scenes": str(len(data.train_scenes)),
                     "data.val_scenes": str(len(data.val_scenes)),
                 }
@@ -221,7 +223,7 @@ def train(
             tracker.run_id,
             cfg.model.arch,
             device,
-            count_parameters(model),
+            parameters,
             len(data.train_scenes),
             len(data.val_scenes),
             checkpoint_dir,

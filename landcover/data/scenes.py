@@ -90,19 +90,20 @@ def _check_image(src: rasterio.io.DatasetReader, path: str) -> None:
     fails here, not mid-epoch), else its last block (a truncated file fails there); refuse an
     image that is nodata everywhere (nothing to learn from)."""
     nodata = src.nodata if src.nodata is not None else 0
+    if src.width * src.height > FULL_CHECK_PIXELS:
+        _check_readable(src, path)
+        return
+    empty = True
     try:
-        windows = [w for _, w in src.block_windows(1)]
-        if src.width * src.height > FULL_CHECK_PIXELS:
-            src.read(window=windows[-1])
-            return
-        for window in windows:
-            if (src.read(window=window) != nodata).any():
-                for rest in windows[windows.index(window) + 1 :]:
-                    src.read(window=rest)
-                return
+        for _, window in src.block_windows(1):
+            block = src.read(window=window)
+            empty = empty and not (block != nodata).any()
     except RasterioIOError as err:
         raise SceneError(f"{path}: corrupt or truncated raster, reading failed ({err})") from err
-    raise SceneError(f"{path}: every pixel of every band is nodata ({nodata:g}): an empty image")
+    if empty:
+        raise SceneError(
+            f"{path}: every pixel of every band is nodata ({nodata:g}): an empty image"
+        )
 
 
 def _check_readable(src: rasterio.io.DatasetReader, path: str) -> None:

@@ -27,12 +27,9 @@ def _skops_state(value: Any) -> Any:
     """A pickled GBM estimator (bytes) as the uint8 tensor of skops bytes it is now."""
     if not isinstance(value, bytes):
         return value
-    import skops.io
+    from landcover.models.pixel_gbm import estimator_state
 
-    estimator = pickle.loads(value)  # the user vouched for this file with --trust
-    if estimator is None:
-        return torch.zeros(0, dtype=torch.uint8)
-    return torch.frombuffer(bytearray(skops.io.dumps(estimator)), dtype=torch.uint8)
+    return estimator_state(pickle.loads(value))  # the user vouched for this file with --trust
 
 
 def model_config_from_yaml(text: str) -> dict[str, Any]:
@@ -59,9 +56,8 @@ def convert_checkpoint(path: Path, output: Path) -> Path:
 def convert_logged_model(reference: str, tracking_uri: str | None) -> str:
     """Log the old model's weights again, in the safe flavour, into its own run."""
     import mlflow
-    from mlflow.models import Model
 
-    from landcover import serving, tracking
+    from landcover import tracking
     from landcover.models.files import rebuild
 
     if tracking_uri:
@@ -79,20 +75,7 @@ def convert_logged_model(reference: str, tracking_uri: str | None) -> str:
     metadata["landcover_format"] = 2
     model = rebuild(metadata)
     model.load_state_dict({k: _skops_state(v) for k, v in old.state_dict().items()})
-    logged = Model.log(
-        artifact_path=None,
-        name="model",
-        flavor=serving,
-        run_id=info.run_id,
-        pytorch_model=model.eval(),
-        model_metadata=metadata,
-        signature=tracking.model_signature(int(metadata["bands"])),
-        pip_requirements=tracking.pinned_requirements(),
-        metadata=metadata,
-        class_codes=[(c["codes"] or [i])[0] for i, c in enumerate(metadata["schema"]["classes"])],
-        output_margin=int(metadata.get("output_margin", 0)),
-    )
-    return logged.model_uri
+    return tracking.log_landcover_model(model.eval(), metadata, run_id=info.run_id)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -91,11 +91,7 @@ class PixelGBM(nn.Module):
         return logits.reshape(batch, height, width, self.num_classes).permute(0, 3, 1, 2)
 
     def get_extra_state(self) -> torch.Tensor:
-        if self.estimator is None:
-            return torch.zeros(0, dtype=torch.uint8)
-        import skops.io  # 2.5 s to import: only when a GBM is saved or loaded
-
-        return torch.frombuffer(bytearray(skops.io.dumps(self.estimator)), dtype=torch.uint8)
+        return estimator_state(self.estimator)
 
     def set_extra_state(self, state: object) -> None:
         if not isinstance(state, torch.Tensor):
@@ -113,3 +109,12 @@ class PixelGBM(nn.Module):
         if untrusted:
             raise LandcoverError(f"the per-pixel GBM's state holds untrusted types {untrusted}")
         self.estimator = skops.io.loads(data, trusted=TRUSTED_TYPES)
+
+
+def estimator_state(estimator: HistGradientBoostingClassifier | None) -> torch.Tensor:
+    """The fitted trees as a uint8 tensor of skops bytes (empty when not fitted)."""
+    if estimator is None:
+        return torch.zeros(0, dtype=torch.uint8)
+    import skops.io  # 2.5 s to import: only when a GBM is saved or loaded
+
+    return torch.frombuffer(bytearray(skops.io.dumps(estimator)), dtype=torch.uint8)

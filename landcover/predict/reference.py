@@ -9,7 +9,6 @@ training time, so prediction needs no settings repeated and can refuse a wrong i
 from __future__ import annotations
 
 import re
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -125,14 +124,13 @@ def _from_mlflow(
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    from landcover.serving import load_module
+    from landcover.serving import load_model
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
         info = mlflow.models.get_model_info(uri)
-        with tempfile.TemporaryDirectory() as tmp:
-            module = load_module(mlflow.artifacts.download_artifacts(uri, dst_path=tmp))
+        module = load_model(uri)
     except UnsafeModelError as err:
         raise ModelReferenceError(convert_hint(uri)) from err
     except (MlflowException, OSError) as err:

@@ -20,7 +20,7 @@ import rasterio.shutil
 from affine import Affine
 from rasterio.windows import Window
 
-from landcover.atomic import disk_full, staging_dir
+from landcover.atomic import naming_full_disk, staging_dir
 from landcover.data.schema import IGNORE_INDEX, ClassSchema, hex_to_rgb
 from landcover.errors import LandcoverError
 
@@ -144,13 +144,8 @@ class StagedRaster:
             self.dataset.set_band_description(band, text)
 
     def write(self, data: np.ndarray, window: Window) -> None:
-        try:
+        with naming_full_disk(self.target):
             self.dataset.write(data if data.ndim == 3 else data[None], window=window)
-        except Exception as err:
-            full = disk_full(err, self.target)
-            if full is not None:
-                raise full from err
-            raise
 
     def stage_cog(self) -> Path:
         self.dataset.close()
@@ -204,15 +199,11 @@ class OutputSet:
 
     def publish(self) -> dict[str, Path]:
         try:
-            staged = {name: raster.stage_cog() for name, raster in self.rasters.items()}
-            for name, path in staged.items():
-                os.replace(path, self.rasters[name].target)
+            with naming_full_disk(next(iter(self.rasters.values())).target):
+                staged = {name: raster.stage_cog() for name, raster in self.rasters.items()}
+                for name, path in staged.items():
+                    os.replace(path, self.rasters[name].target)
             return {name: raster.target for name, raster in self.rasters.items()}
-        except Exception as err:
-            full = disk_full(err, next(iter(self.rasters.values())).target)
-            if full is not None:
-                raise full from err
-            raise
         finally:
             shutil.rmtree(self.workdir, ignore_errors=True)
 

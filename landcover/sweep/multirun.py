@@ -62,10 +62,11 @@ def child_run_name(overrides: Sequence[str], keys: Sequence[str]) -> str:
     return ",".join(chosen) or ",".join(user_overrides(overrides)) or "default"
 
 
-def _sweep_dir(config: DictConfig) -> Path:
-    directory = Path(str(config.hydra.sweep.dir))
+def _sweep_dir(hydra_cfg: Any) -> Path:
+    """The multirun's folder (`hydra.sweep.dir`, relative to where the command started)."""
+    directory = Path(str(hydra_cfg.sweep.dir))
     if not directory.is_absolute():
-        directory = Path(str(config.hydra.runtime.cwd)) / directory
+        directory = Path(str(hydra_cfg.runtime.cwd)) / directory
     return directory
 
 
@@ -78,12 +79,10 @@ def job_parent() -> tuple[str, list[str]] | None:
         return None
     text = os.environ.get(PARENT_ENV)
     if text is None:
-        path = Path(str(hydra_cfg.sweep.dir))
-        if not path.is_absolute():
-            path = Path(str(hydra_cfg.runtime.cwd)) / path
-        if not (path / PARENT_FILE).exists():
+        path = _sweep_dir(hydra_cfg) / PARENT_FILE
+        if not path.exists():
             return None
-        text = (path / PARENT_FILE).read_text()
+        text = path.read_text()
     record = json.loads(text)
     return record["parent_run_id"], list(record["swept_keys"])
 
@@ -103,7 +102,7 @@ class ParentRunCallback(Callback):
         overrides = [str(o) for o in config.hydra.overrides.task]
         keys = swept_keys(overrides)
         self.uri = str(config.tracking.uri)
-        directory = _sweep_dir(config)
+        directory = _sweep_dir(config.hydra)
         self.parent = records.create_parent(
             self.uri,
             str(config.tracking.experiment),

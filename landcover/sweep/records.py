@@ -69,14 +69,11 @@ def record_failed_trial(
 ) -> None:
     """Make sure a failed trial has a FAILED child run with its error, also when it failed
     before training opened a run (a bad sampled value, a job that could not start)."""
-    client = MlflowClient(uri)
-    existing = trial_runs(uri, parent_run_id, int(tags["sweep.trial_number"]))
-    for run in existing:
-        if run.info.status == "RUNNING":
-            client.set_tag(run.info.run_id, "landcover.error", error[:5000])
-            client.set_terminated(run.info.run_id, "FAILED")
-    if existing:
+    number = int(tags["sweep.trial_number"])
+    if trial_runs(uri, parent_run_id, number):
+        close_dead_trial_runs(uri, parent_run_id, number, error)
         return
+    client = MlflowClient(uri)
     parent = client.get_run(parent_run_id)
     run = client.create_run(
         parent.info.experiment_id,
@@ -89,7 +86,7 @@ def record_failed_trial(
 
 
 def close_dead_trial_runs(uri: str, parent_run_id: str, trial_number: int, reason: str) -> int:
-    """End the RUNNING child runs of a trial whose worker died; returns how many."""
+    """End a trial's RUNNING child runs FAILED with the reason; returns how many."""
     client = MlflowClient(uri)
     closed = 0
     for run in trial_runs(uri, parent_run_id, trial_number):

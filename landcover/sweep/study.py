@@ -34,14 +34,10 @@ SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "grid")
 PRUNERS = ("none", "median", "hyperband", "threshold")
 
 
-sqlite_path = locks.sqlite_path
-is_postgresql = locks.is_postgresql
-
-
 def absolute_sqlite_url(url: str, base: Path | None = None) -> str:
     """`sqlite:///optuna.db` -> `sqlite:////abs/optuna.db`: a job in another process or working
     directory must open the same file."""
-    path = sqlite_path(url)
+    path = locks.sqlite_path(url)
     if path is None or path.is_absolute() or str(path) in ("", ":memory:"):
         return url
     return f"sqlite:///{((base or Path.cwd()) / path).resolve()}"
@@ -51,8 +47,8 @@ def absolute_sqlite_url(url: str, base: Path | None = None) -> str:
 class Heartbeat:
     """How often a running trial says it is alive, and how long silence means death."""
 
-    interval: int = 30
-    grace_period: int = 120
+    interval: int  # hydra.sweeper.heartbeat_interval (its default lives in the sweeper config)
+    grace_period: int
 
     def __post_init__(self) -> None:
         if self.interval <= 0 or self.grace_period <= self.interval:
@@ -81,9 +77,9 @@ class StaleTrials:
 
 
 def make_storage(
-    url: str, heartbeat: Heartbeat = Heartbeat(), stale: StaleTrials | None = None
+    url: str, heartbeat: Heartbeat, stale: StaleTrials | None = None
 ) -> optuna.storages.RDBStorage:
-    path = sqlite_path(url)
+    path = locks.sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
     return optuna.storages.RDBStorage(
@@ -164,10 +160,6 @@ def make_pruner(cfg: Mapping[str, Any]) -> optuna.pruners.BasePruner:
             n_warmup_steps=int(cfg.get("n_warmup_steps", 0)),
         )
     raise ConfigError(f"hydra.sweeper.pruner.name={name!r} is not one of {', '.join(PRUNERS)}")
-
-
-def has_study_lock(storage: str) -> bool:
-    return locks.can_lock(storage)
 
 
 @contextlib.contextmanager

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
 import socket
 import threading
@@ -30,6 +31,7 @@ from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.trial import TrialState
 
+from landcover import locks
 from landcover.errors import ConfigError
 from landcover.sweep import records, space
 from landcover.sweep import study as studies
@@ -129,7 +131,7 @@ class OptunaSweep:
                 f"processes: choose {PARALLEL_LAUNCHERS} (the basic launcher runs one job at a "
                 "time in this process)"
             )
-        if launcher_name in REMOTE_LAUNCHERS and studies.sqlite_path(self.storage_url):
+        if launcher_name in REMOTE_LAUNCHERS and locks.sqlite_path(self.storage_url):
             log.warning(
                 "hydra.sweeper.storage=%s is a SQLite file and %s runs jobs on other machines: "
                 "the file must be on a filesystem they all share (PostgreSQL is the documented "
@@ -144,10 +146,7 @@ class OptunaSweep:
         """n_trials, or fewer when a grid has fewer points."""
         if self.grid is None:
             return self.n_trials
-        size = 1
-        for values in self.grid.values():
-            size *= len(values)
-        return min(self.n_trials, size)
+        return min(self.n_trials, math.prod(len(values) for values in self.grid.values()))
 
     def _study(self, name: str) -> optuna.Study:
         """The study object slots tell through; they ask through one seeded per trial. Its
@@ -312,7 +311,7 @@ class OptunaSweep:
         self.in_flight.add(trial.number)
         self.storage.record_heartbeat(trial._trial_id)
         trial.set_user_attr("worker", f"{socket.gethostname()}:{os.getpid()}")
-        if trial.number >= self.budget and not studies.has_study_lock(self.storage_url):
+        if trial.number >= self.budget and not locks.can_lock(self.storage_url):
             trial.set_user_attr("reason", studies.OVER_BUDGET)
             study.tell(trial, state=TrialState.FAIL)
             self.in_flight.discard(trial.number)
