@@ -522,3 +522,29 @@ def test_a_file_name_that_is_not_utf8_is_one_line(tmp_path):
     assert out.returncode == 1
     assert out.stderr.strip().splitlines() == [out.stderr.strip()]
     assert "not valid UTF-8" in out.stderr
+
+
+def test_an_old_logged_model_is_refused_then_converted_with_trust(tmp_path, monkeypatch):
+    """A run whose model was logged in MLflow's pickled PyTorch flavour (what older versions
+    did): refused, then `landcover-convert-model <run> --trust` logs it safely in its run."""
+    from landcover import tracking
+    from landcover.interop.convert import main as convert
+    from landcover.models.files import rebuild
+
+    monkeypatch.chdir(tmp_path)
+    state = torch.load(tiny_model_checkpoint(tmp_path), weights_only=True)
+    model = rebuild(state["metadata"])
+    model.load_state_dict(state["model"])
+    old_metadata = {k: v for k, v in state["metadata"].items() if k != "model"}
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    with tracking.start_run(uri, "old") as run:
+        mlflow.log_text(state["config"], "config/resolved.yaml")
+        mlflow.pytorch.log_model(
+            model, name="model", serialization_format="pickle", metadata=old_metadata
+        )
+    with pytest.raises(ModelReferenceError, match="--trust"):
+        load_model_reference(run.info.run_id, tracking_uri=uri)
+    convert([run.info.run_id, "--trust", "--tracking-uri", uri])
+    loaded = load_model_reference(run.info.run_id, tracking_uri=uri)
+    x = torch.rand(1, 4, 64, 64) * 255
+    assert torch.allclose(loaded.forward(x), model.eval()(x), atol=1e-5)
