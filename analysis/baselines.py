@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 import rasterio  # noqa: E402
 from hydra import compose, initialize_config_dir  # noqa: E402
 
+import landcover.config  # noqa: E402, F401  (registers the config schemas with Hydra)
 from landcover.data.scenes import find_pairs, quiet_georeferencing_warnings  # noqa: E402
 from landcover.data.schema import IGNORE_INDEX, ClassSchema  # noqa: E402
 from landcover.figures import class_map_rgb, image_to_rgb  # noqa: E402
@@ -55,7 +56,7 @@ def cntk_contender(path: Path) -> LoadedModel:
 def settings_for(model: LoadedModel) -> PredictSettings:
     """The predictor's defaults; centre-output nets get the tutorial's 256 px tiles (the
     predictor then uses their margin as context, whatever the overlap)."""
-    return PredictSettings(tile_size=256 if model.output_margin else 512, progress=False)
+    return PredictSettings.defaults(tile_size=256 if model.output_margin else 512, progress=False)
 
 
 def score(

@@ -89,7 +89,7 @@ def train_step_rate(steps: int = 4, batch_size: int = 8) -> float:
     model = build_model(
         {
             "arch": "unet",
-            "encoder": "resnet18",
+            "encoder_name": "resnet18",
             "encoder_depth": 5,
             "encoder_weights": None,
             "decoder_channels": [256, 128, 64, 32, 16],

@@ -39,7 +39,7 @@ SCHEMA = {
 }
 UNET = {
     "arch": "unet",
-    "encoder": "resnet18",
+    "encoder_name": "resnet18",
     "encoder_depth": 5,
     "encoder_weights": None,
     "decoder_channels": [256, 128, 64, 32, 16],
@@ -139,7 +139,7 @@ def main() -> None:
     )
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     args = parser.parse_args()
-    settings = PredictSettings(
+    settings = PredictSettings.defaults(
         tile_size=args.tile, overlap=args.overlap, batch_size=args.batch_size, progress=True
     )
     gflop, peak, floor = flop_floor()

@@ -24,7 +24,7 @@ MODELS = {
     "seed": {"arch": "seed"},
     "unet/resnet18": {
         "arch": "unet",
-        "encoder": "resnet18",
+        "encoder_name": "resnet18",
         "encoder_depth": 5,
         "encoder_weights": None,
         "decoder_channels": [256, 128, 64, 32, 16],

@@ -19,6 +19,7 @@ import mlflow
 import numpy as np
 from hydra import compose, initialize_config_dir
 
+import landcover.config  # noqa: F401  (registers the config schemas with Hydra)
 from landcover.interop.cntk_import import import_cntk_seed
 from landcover.interop.import_cntk import (
     evaluate_import,

@@ -75,14 +75,14 @@ def print_help(config_dir: str, config_name: str) -> None:
     comments = [line.lstrip("# ") for line in path.read_text().splitlines() if line[:1] == "#"]
     command = Path(sys.argv[0]).name
     summary = comments[0].split(": ", 1)[-1] if comments else config_name
-    defaults = OmegaConf.load(path).get("defaults", [])
+    defaults = OmegaConf.to_container(OmegaConf.load(path)).get("defaults", [])  # type: ignore[union-attr]
     used = {str(next(iter(entry))).split("/")[0] for entry in defaults if hasattr(entry, "keys")}
     print(f"{command}: {summary}")
     print(f"\nUsage: {command} [group=option ...] [key=value ...]   (-m for a multirun)\n")
     print("Config groups (group=option):")
     for folder in sorted(p for p in root.rglob("*") if p.is_dir()):
         group = folder.relative_to(root).as_posix()
-        options = sorted(f.stem for f in folder.glob("*.yaml"))
+        options = sorted(f.stem for f in folder.glob("*.yaml") if f.stem != "base")
         if options and group.split("/")[0] in used:
             print(f"  {group}: {', '.join(options)}")
     print(
@@ -111,6 +111,9 @@ def run_hydra_app(
     if help_for is not None and {"--help", "-h"} & set(sys.argv[1:]):
         print_help(*help_for)
         return
+    import landcover.config  # noqa: F401  (registers the schemas composition checks against)
+
+    one_line_composition_errors()
     overrides = ranks.hydra_overrides_for_rank(ranks.context_from_env())
     sys.argv += overrides
     for stop in (signal.SIGTERM, signal.SIGINT):
@@ -129,7 +132,39 @@ def run_hydra_app(
         ranks.remove_rank_scratch(overrides)
 
 
+def one_line_composition_errors() -> None:
+    """A wrong type or unknown key on the command line (`trainer.max_epochs=many`) fails while
+    Hydra composes, before any app code; Hydra reports it over five lines. Report it as every
+    other config error is: one line naming the key, exit 1. Other errors keep Hydra's report.
+    """
+    from hydra._internal import utils as hydra_utils
+    from hydra.errors import CompactHydraException
+    from omegaconf.errors import OmegaConfBaseException
+
+    original = getattr(hydra_utils, "_landcover_original_run_and_report", None)
+    if original is None:
+        original = hydra_utils.run_and_report
+        hydra_utils._landcover_original_run_and_report = original  # type: ignore[attr-defined]
+
+    def run_and_report(func: Callable[[], object]) -> object:
+        def composed() -> object:
+            try:
+                return func()
+            except CompactHydraException as err:
+                if isinstance(err.__cause__, OmegaConfBaseException):
+                    from landcover.config import one_line
+
+                    sys.exit(f"error: {one_line(err.__cause__)}")
+                raise
+
+        return original(composed)
+
+    hydra_utils.run_and_report = run_and_report
+
+
 def quiet_georeferencing_warnings() -> None:
+    """Silence rasterio's warning for ungeoreferenced patches (the real sample has none); imported
+    late to keep `--help` fast."""
     from landcover.data.scenes import quiet_georeferencing_warnings as quiet
 
     quiet()

@@ -1,167 +1,189 @@
-"""Structured config schema: a typo or a wrong type fails before any work starts.
+"""Config types: a typo or a wrong type fails before any work starts.
 
-Hydra composes plain YAML from `conf/`; `validate_config` then merges it onto these
-dataclasses (OmegaConf checks names and types) and checks ranges and choices, raising a
-ConfigError that names the key. The model group differs by architecture, so `model` is
-checked against the schema its `arch` selects.
+Types live here, values in `conf/` (once: no default is written in both places). The schemas
+are registered in Hydra's ConfigStore and named at the top of each config's defaults list, so
+composition checks names and types; `validate_config` then checks what types cannot say
+(ranges, finite numbers, required values, the optimiser's arguments), raising a ConfigError
+that names the key. The model group differs by architecture: each `conf/model/*.yaml` names
+its architecture's schema.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 
-from omegaconf import MISSING, DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf, open_dict
 from omegaconf.errors import OmegaConfBaseException
 
 from landcover.errors import ConfigError
+from landcover.paths import CONFIG_DIR
 
-
-class Device(StrEnum):
-    auto = "auto"
-    cpu = "cpu"
-    cuda = "cuda"
+PREDICT_DEFAULTS = f"{CONFIG_DIR}/predict/default.yaml"
 
 
 class Precision(StrEnum):
+    """Training arithmetic; `auto` is bf16 on CUDA and 32-bit floats on CPU."""
+
     auto = "auto"
     fp32 = "32"
     bf16 = "bf16"
 
 
 class Direction(StrEnum):
+    """Whether a larger or a smaller monitored value is better."""
+
     max = "max"
     min = "min"
 
 
-class OptimizerName(StrEnum):
-    adam = "adam"
-    adamw = "adamw"
-    rmsprop = "rmsprop"
-    sgd = "sgd"
-
-
-class SchedulerName(StrEnum):
-    none = "none"
-    cosine = "cosine"
-    step = "step"
+# Types only: every value lives in `conf/` (a field without a default is required, `???`).
+# The few defaults below are for keys no YAML file sets (tests/test_config.py checks this).
 
 
 @dataclass
 class ClassConfig:
-    name: str = "???"
-    color: str = "#000000"
-    codes: list[int] = field(default_factory=list)
-    ignore: bool = False
+    """One class of a label schema: the raster codes it merges, its map colour."""
+
+    name: str
+    color: str
+    codes: list[int]
+    ignore: bool = False  # kept as an output channel but never a target
 
 
 @dataclass
 class SchemaConfig:
-    name: str = "???"
-    classes: list[ClassConfig] = field(default_factory=list)
-    ignore_codes: list[int] = field(default_factory=list)
+    """Raster label codes -> training classes (`conf/data/schema/`)."""
+
+    name: str
+    classes: list[ClassConfig]
+    ignore_codes: list[int]
 
 
 @dataclass
 class SplitConfig:
+    """Where a split's scenes are: a glob of image files or a CSV of image,label pairs."""
+
     pattern: str | None = None
     manifest: str | None = None
 
 
 @dataclass
 class NormalizeConfig:
-    mean: list[float] = field(default_factory=lambda: [0.0, 0.0, 0.0, 0.0])
-    std: list[float] = field(default_factory=lambda: [255.0, 255.0, 255.0, 255.0])
+    """Per-band (x - mean) / std applied inside the model, so it takes raw digital numbers."""
+
+    mean: list[float]
+    std: list[float]
 
 
 @dataclass
 class AugmentConfig:
-    flips: bool = True
-    rot90: bool = True
-    color_jitter: float = 0.0
+    """Training-time augmentation of patches."""
+
+    flips: bool
+    rot90: bool
+    color_jitter: float
 
 
 @dataclass
 class RareSamplingConfig:
-    classes: list[str] = field(default_factory=list)
-    min_fraction: float = 0.1
-    keep_probability: float = 0.1
+    """Rejection sampling of patches poor in rare classes (the 2018 tutorial's trick)."""
+
+    classes: list[str]
+    min_fraction: float
+    keep_probability: float
 
 
 @dataclass
 class SyntheticConfig:
-    scenes: dict[str, int] = field(default_factory=lambda: {"train": 4, "val": 2})
-    size: int = 512
-    seed: int = 0
+    """Generated landscapes written on first use (`landcover.data.synthetic`)."""
+
+    scenes: dict[str, int]
+    size: int
+    seed: int
 
 
 @dataclass
 class DataConfig:
-    name: str = "???"
-    root: str = "???"
-    image_suffix: str = "???"
-    label_suffix: str = "???"
-    splits: dict[str, SplitConfig] = field(default_factory=dict)
-    bands: int = 4
-    band_names: list[str] = field(default_factory=lambda: ["red", "green", "blue", "nir"])
-    schema: SchemaConfig = field(default_factory=SchemaConfig)
-    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
-    patch_size: int = 256
-    patches_per_epoch: int = 512
-    batch_size: int = 16
-    val_tile: int = 256
-    val_batch_size: int = 8
-    num_workers: int = 0
-    cache_max_pixels: int = 16_000_000
-    check_label_codes: bool = True
-    augment: AugmentConfig = field(default_factory=AugmentConfig)
-    rare_sampling: RareSamplingConfig | None = None
-    synthetic: SyntheticConfig | None = None
+    """A data source (`conf/data/`): scenes, bands, label schema, patches and batches."""
+
+    name: str
+    root: str
+    image_suffix: str
+    label_suffix: str
+    splits: dict[str, SplitConfig]
+    bands: int
+    band_names: list[str]
+    schema: SchemaConfig
+    normalize: NormalizeConfig
+    patch_size: int
+    patches_per_epoch: int
+    batch_size: int
+    val_tile: int
+    val_batch_size: int
+    num_workers: int
+    cache_max_pixels: int
+    check_label_codes: bool
+    augment: AugmentConfig
+    rare_sampling: RareSamplingConfig | None
+    synthetic: SyntheticConfig | None
 
 
 @dataclass
 class SmpModelConfig:
-    """Common to the segmentation-models-pytorch architectures."""
+    """Keys shared by the segmentation-models-pytorch architectures: the arguments of
+    `smp.create_model` (in_channels and classes come from the data)."""
 
-    arch: str = "???"
-    encoder: str = "resnet18"
-    encoder_depth: int = 5
-    encoder_weights: str | None = None
+    arch: str
+    encoder_name: str
+    encoder_depth: int
+    encoder_weights: str | None
 
 
 @dataclass
 class UnetConfig(SmpModelConfig):
-    decoder_channels: list[int] = field(default_factory=lambda: [256, 128, 64, 32, 16])
+    """`smp.Unet`."""
+
+    decoder_channels: list[int]
 
 
 @dataclass
 class FPNConfig(SmpModelConfig):
-    decoder_pyramid_channels: int = 256
-    decoder_segmentation_channels: int = 128
-    decoder_dropout: float = 0.2
+    """`smp.FPN`."""
+
+    decoder_pyramid_channels: int
+    decoder_segmentation_channels: int
+    decoder_dropout: float
 
 
 @dataclass
 class DeepLabV3PlusConfig(SmpModelConfig):
-    decoder_channels: int = 256
-    encoder_output_stride: int = 16
+    """`smp.DeepLabV3Plus`."""
+
+    decoder_channels: int
+    encoder_output_stride: int
 
 
 @dataclass
 class SeedConfig:
-    arch: str = "seed"
+    """The 2018 tutorial's network: no settings (its shape is fixed by the published models)."""
+
+    arch: str
 
 
 @dataclass
 class PixelGBMConfig:
-    arch: str = "pixel_gbm"
-    max_iter: int = 200
-    learning_rate: float = 0.1
-    max_leaf_nodes: int = 31
-    l2_regularization: float = 0.0
-    samples: int = 200_000
+    """Per-pixel gradient boosting: `HistGradientBoostingClassifier` arguments and a sample."""
+
+    arch: str
+    max_iter: int
+    learning_rate: float
+    max_leaf_nodes: int
+    l2_regularization: float
+    samples: int
 
 
 MODEL_SCHEMAS: dict[str, type] = {
@@ -175,168 +197,173 @@ MODEL_SCHEMAS: dict[str, type] = {
 
 @dataclass
 class EarlyStoppingConfig:
-    patience: int | None = None
-    min_delta: float = 0.0
+    """Stop after `patience` epochs without an improvement of more than `min_delta`."""
+
+    patience: int | None
+    min_delta: float
 
 
 @dataclass
 class TrainerConfig:
-    max_epochs: int = 10
-    device: Device = Device.auto
-    precision: Precision = Precision.auto
-    channels_last: bool = True
-    deterministic: bool = True
-    monitor: str = "val/mIoU"
-    monitor_mode: Direction = Direction.max
-    early_stopping: EarlyStoppingConfig = field(default_factory=EarlyStoppingConfig)
-    checkpoint_dir: str = "checkpoints"
-    keep_epoch_checkpoints: int = 0
-    resume_from: str | None = None
-    num_panels: int = 4
-    progress: bool = True
-    limit_train_batches: int | None = None
-    compile: bool = False
-    limit_val_batches: int | None = None
-    num_threads: int | None = None
+    """The fit loop (`conf/trainer/`)."""
 
-
-@dataclass
-class OptimizerConfig:
-    name: OptimizerName = OptimizerName.adamw
-    lr: float = 1e-3
-    weight_decay: float = 1e-4
-    momentum: float = 0.9
-    alpha: float = 0.99
-    eps: float = 1e-8
-
-
-@dataclass
-class SchedulerConfig:
-    name: SchedulerName = SchedulerName.none
-    step_size: int = 10
-    gamma: float = 0.1
-    min_lr: float = 0.0
+    max_epochs: int
+    device: str  # auto | cpu | cuda | cuda:N
+    precision: Precision
+    channels_last: bool
+    deterministic: bool
+    monitor: str
+    monitor_mode: Direction
+    early_stopping: EarlyStoppingConfig
+    checkpoint_dir: str
+    keep_epoch_checkpoints: int
+    resume_from: str | None
+    num_panels: int
+    progress: bool
+    limit_train_batches: int | None
+    limit_val_batches: int | None
+    compile: bool
+    num_threads: int | None
 
 
 @dataclass
 class LossConfig:
-    class_weights: dict[str, float] | None = None
-    label_smoothing: float = 0.0
+    """Cross entropy settings."""
+
+    class_weights: dict[str, float] | None
+    label_smoothing: float
 
 
 @dataclass
 class TrackingConfig:
-    uri: str = "sqlite:///mlflow.db"
-    experiment: str = "landcover"
-    run_name: str | None = None
-    log_model: bool = True
-    tags: dict[str, str] = field(default_factory=dict)
+    """Where and how runs are recorded in MLflow (`conf/tracking/`)."""
+
+    uri: str
+    experiment: str
+    run_name: str | None
+    log_model: bool
+    tags: dict[str, str]
 
 
 @dataclass
 class PredictSettings:
-    """Tiled prediction (`predict:` of landcover-predict and landcover-evaluate)."""
+    """Tiled prediction, shared by landcover-predict and landcover-evaluate
+    (`conf/predict/default.yaml` holds the values and says what each one does)."""
 
-    tile_size: int = 512  # input tile edge (rounded down to the model's stride)
-    overlap: int = 64  # full-output models: pixels shared by neighbours (context = overlap / 2)
-    mode: str = "auto"  # auto | centre (keep tile cores) | blend (weighted probabilities)
-    batch_size: int = 1  # 1 is as fast as 4 on CPU (measured) at a quarter of the memory
-    confidence: bool = False  # also write <output>_confidence.tif (max probability x 255)
-    probabilities: bool = False  # also write <output>_probabilities.tif (a band per class)
-    progress: bool = True
-    gdal_cache_mb: int = 128  # GDAL's block cache; its default (5 % of RAM) grows with area
+    tile_size: int
+    overlap: int
+    mode: str
+    batch_size: int
+    confidence: bool
+    probabilities: bool
+    progress: bool
+    gdal_cache_mb: int
+
+    @classmethod
+    def defaults(cls, **changes: Any) -> PredictSettings:
+        """The configured defaults with `changes`, for callers outside a Hydra command."""
+        values = OmegaConf.merge(
+            OmegaConf.structured(cls), OmegaConf.load(PREDICT_DEFAULTS), changes
+        )
+        return cls(**OmegaConf.to_container(values))  # type: ignore[arg-type]
 
 
 @dataclass
 class PredictCommandConfig:
     """landcover-predict."""
 
-    model: str = MISSING  # run id | runs:/ | models:/name/N | models:/name@alias | .pt | .onnx
-    input: Any = MISSING  # a raster, a glob, or a list [a.tif, b.tif]
-    output: str = MISSING  # a file (one input) or a directory: <stem>_landcover.tif
-    device: str = "auto"
-    predict: PredictSettings = field(default_factory=PredictSettings)
-    log_to_mlflow: bool = True
-    quicklook_size: int = 1024  # longest edge of the quicklook PNG logged to MLflow
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    model: str
+    input: Any
+    output: str
+    device: str
+    predict: PredictSettings
+    log_to_mlflow: bool
+    quicklook_size: int
+    tracking: TrackingConfig
 
 
 @dataclass
 class EvaluateSettings:
-    confidence_threshold: float = 0.9  # disagreement: the model this sure and the label differs
-    min_region_pixels: int = 16  # smaller disagreement regions are not listed
-    max_regions: int = 200  # regions listed in disagreement_regions.csv, largest first
-    max_panels: int = 8  # scenes shown in the panels figure
+    """What landcover-evaluate lists and draws besides the scores."""
+
+    confidence_threshold: float
+    min_region_pixels: int
+    max_regions: int
+    max_panels: int
 
 
 @dataclass
 class EvaluateCommandConfig:
     """landcover-evaluate."""
 
-    model: str = MISSING
-    split: str = "val"
-    device: str = "auto"
-    output_dir: str = MISSING  # maps, confidence, disagreement
-    predict: PredictSettings = field(default_factory=PredictSettings)
-    evaluate: EvaluateSettings = field(default_factory=EvaluateSettings)
-    data: DataConfig = field(default_factory=DataConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    model: str
+    split: str
+    device: str
+    output_dir: str
+    predict: PredictSettings
+    evaluate: EvaluateSettings
+    data: DataConfig
+    tracking: TrackingConfig
 
 
 @dataclass
 class ExportCommandConfig:
     """landcover-export."""
 
-    model: str = MISSING
-    output: str = MISSING
-    opset: int = 17
-    tolerance: float = 1.0e-3  # max |ONNX - PyTorch| logit difference accepted
-    log_to_mlflow: bool = True  # into the model's training run (or experiment `exports`)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    model: str
+    output: str
+    opset: int
+    tolerance: float
+    log_to_mlflow: bool
+    tracking: TrackingConfig
 
 
 @dataclass
 class PromoteFilters:
-    min_epochs: int = 0  # ignore runs that trained fewer epochs
-    tags: dict[str, str] = field(default_factory=dict)  # e.g. +filters.tags.data=chesapeake_sample
-    where: str = ""  # any extra MLflow filter
+    """Which runs landcover-promote may choose among."""
+
+    min_epochs: int
+    tags: dict[str, str]
+    where: str
 
 
 @dataclass
 class RegistryConfig:
-    name: str = "landcover"
-    alias: str = "champion"
-    previous_alias: str = "previous"  # the champion that was replaced
+    """The registered model and the aliases landcover-promote moves."""
+
+    name: str
+    alias: str
+    previous_alias: str
 
 
 @dataclass
 class PromoteCommandConfig:
     """landcover-promote."""
 
-    experiment: str = MISSING  # where to look for runs
-    sweep: str | None = None  # a study name: choose among that sweep's trials only
-    metric: str = "val/mIoU"
-    direction: str = "auto"  # auto (min for losses/errors, max otherwise) | max | min
-    run: str | None = None  # promote this run id instead of choosing
-    filters: PromoteFilters = field(default_factory=PromoteFilters)
-    registry: RegistryConfig = field(default_factory=RegistryConfig)
-    against: str | None = None  # compare with this models:/ reference instead of the alias
-    force: bool = False  # promote even if the data differ or the candidate is not better
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    experiment: str
+    sweep: str | None
+    metric: str
+    direction: str
+    run: str | None
+    filters: PromoteFilters
+    registry: RegistryConfig
+    against: str | None
+    force: bool
+    tracking: TrackingConfig
 
 
 @dataclass
 class ImportCntkCommandConfig:
     """landcover-import-cntk."""
 
-    file: str = MISSING
-    schema: str = "tutorial_5label"
-    band_names: list[str] = field(default_factory=lambda: ["red", "green", "blue", "nir"])
-    normalize: NormalizeConfig = field(default_factory=NormalizeConfig)
-    evaluate_split: str | None = None
-    output_dir: str = MISSING
-    data: DataConfig = field(default_factory=DataConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
+    file: str
+    schema: str
+    band_names: list[str]
+    normalize: NormalizeConfig
+    evaluate_split: str | None
+    output_dir: str
+    data: DataConfig
+    tracking: TrackingConfig
 
 
 COMMAND_SCHEMAS: dict[str, type] = {
@@ -353,24 +380,53 @@ class TrialConfig:
     """Set by the Optuna sweeper on each job it launches (`++trial.number=3 ...`): which
     trial of which study the job is, so it can re-attach through the storage in any process."""
 
-    study: str = "???"
-    storage: str = "???"
-    number: int = MISSING
-    heartbeat_interval: int = MISSING  # the sweeper passes its own settings
-    grace_period: int = MISSING
+    study: str
+    storage: str
+    number: int
+    heartbeat_interval: int  # the sweeper passes its own settings
+    grace_period: int
 
 
 @dataclass
 class TrainConfig:
-    seed: int = 0
-    data: DataConfig = field(default_factory=DataConfig)
-    model: Any = None
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
-    optimizer: OptimizerConfig = field(default_factory=OptimizerConfig)
-    scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    tracking: TrackingConfig = field(default_factory=TrackingConfig)
-    trial: TrialConfig | None = None
+    """landcover-train. `optimizer` and `scheduler` are `_target_` configs: their keys are the
+    arguments of the class they name, checked against its signature by `validate_config`.
+    A sweep job also has `trial` (TrialConfig), added by the sweeper's `++trial.*` overrides
+    and typed by `validate_config`."""
+
+    seed: int
+    data: DataConfig
+    model: Any  # typed by the schema its `arch` selects (MODEL_SCHEMAS)
+    trainer: TrainerConfig
+    optimizer: Any
+    scheduler: Any
+    loss: LossConfig
+    tracking: TrackingConfig
+
+
+def register_schemas() -> None:
+    """Put the schemas in Hydra's ConfigStore, where `conf/` names them in its defaults lists,
+    so composition itself checks every key and type (`--cfg job` shows a typed config)."""
+    from hydra.core.config_store import ConfigStore
+
+    store = ConfigStore.instance()
+    store.store(name="train_types", node=TrainConfig)
+    for name, schema in COMMAND_SCHEMAS.items():
+        store.store(name=f"{name}_types", node=schema)
+    # in a group of their own: the commands' tree has no `model` group (model= is a reference)
+    store.store(group="types", name="data", node=DataConfig)
+    store.store(group="types", name="trainer", node=TrainerConfig)
+    store.store(group="types", name="tracking", node=TrackingConfig)
+    for arch, schema in MODEL_SCHEMAS.items():
+        store.store(group="types/model", name=arch, node=schema)
+
+
+def plain_dict(node: Any, resolve: bool = True) -> dict[str, Any]:
+    """An OmegaConf mapping as a plain dict (OmegaConf's own return type is any container)."""
+    value = OmegaConf.to_container(node, resolve=resolve)
+    if not isinstance(value, dict):
+        raise TypeError(f"expected a mapping, got {type(value).__name__}")
+    return cast(dict[str, Any], value)
 
 
 def _positive(cfg: DictConfig, *keys: str) -> None:
@@ -385,7 +441,7 @@ def _check_finite(node: Any, prefix: str = "") -> None:
     that trains on garbage."""
     if isinstance(node, DictConfig):
         for key in node:
-            _check_finite(node[key], f"{prefix}{key}.")
+            _check_finite(node[key], f"{prefix}{key!s}.")
     elif isinstance(node, ListConfig):
         for index, value in enumerate(node):
             _check_finite(value, f"{prefix}{index}.")
@@ -408,6 +464,10 @@ def _check_ranges(cfg: DictConfig) -> None:
         "trainer.limit_val_batches",
         "trainer.num_threads",
     )
+    if not DEVICE.match(cfg.trainer.device):
+        raise ConfigError(
+            f"config value trainer.device={cfg.trainer.device!r} is not auto, cpu, cuda or cuda:N"
+        )
     if cfg.trainer.keep_epoch_checkpoints < 0:
         raise ConfigError(
             f"config value trainer.keep_epoch_checkpoints={cfg.trainer.keep_epoch_checkpoints} "
@@ -440,7 +500,43 @@ def _check_ranges(cfg: DictConfig) -> None:
         )
 
 
+DEVICE = re.compile(r"^(auto|cpu|cuda(:\d+)?)$")
+
+
+def check_target_arguments(node: Any, key: str, passed_by_code: set[str]) -> None:
+    """A `_target_` config's keys must be arguments of the class it names: `optimizer.momentm`
+    is one ConfigError naming the key before any work, not a TypeError mid-run."""
+    import inspect
+
+    from hydra.utils import get_class
+
+    if node is None or node.get("_target_") is None:
+        return
+    try:
+        target = get_class(node["_target_"])
+    except Exception as err:  # Hydra wraps import errors of every kind
+        raise ConfigError(f"config value {key}._target_={node['_target_']!r}: {err}") from err
+    parameters = inspect.signature(target).parameters
+    accepted = set(parameters) - passed_by_code
+    for name, value in node.items():
+        if str(name).startswith("_"):
+            continue
+        if name not in accepted:
+            raise ConfigError(
+                f"config value {key}.{name} is not an argument of {node['_target_']} "
+                f"(it takes {sorted(accepted)})"
+            )
+        default = parameters[name].default
+        numeric = isinstance(default, int | float) and not isinstance(default, bool)
+        if numeric and (isinstance(value, bool) or not isinstance(value, int | float)):
+            raise ConfigError(
+                f"config value {key}.{name}={value!r} must be a number "
+                f"(an argument of {node['_target_']})"
+            )
+
+
 def validate_model_config(model: Any) -> DictConfig:
+    """The `model` node typed by the schema its `arch` selects (each has its own keys)."""
     if model is None or "arch" not in model:
         raise ConfigError(
             "config value model.arch is missing: choose model=unet|fpn|deeplabv3plus|seed|pixel_gbm"
@@ -449,7 +545,7 @@ def validate_model_config(model: Any) -> DictConfig:
     if arch not in MODEL_SCHEMAS:
         raise ConfigError(f"config value model.arch={arch!r} is not one of {list(MODEL_SCHEMAS)}")
     try:
-        return OmegaConf.merge(OmegaConf.structured(MODEL_SCHEMAS[arch]), model)
+        return cast(DictConfig, OmegaConf.merge(OmegaConf.structured(MODEL_SCHEMAS[arch]), model))
     except OmegaConfBaseException as err:
         raise ConfigError(f"{one_line(err, 'model.')} (model.arch={arch})") from err
 
@@ -465,7 +561,7 @@ def one_line(err: OmegaConfBaseException, prefix: str = "") -> str:
 def validate_command_config(cfg: DictConfig, name: str) -> DictConfig:
     """A command's composed config, checked against its schema before any work: an unknown
     key, a wrong type or a missing value is one ConfigError naming the key."""
-    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw = plain_dict(cfg, resolve=False)
     raw.pop("hydra", None)
     return _typed(COMMAND_SCHEMAS[name], raw, "model=<run id> input=scene.tif")
 
@@ -473,7 +569,7 @@ def validate_command_config(cfg: DictConfig, name: str) -> DictConfig:
 def _typed(schema: type, raw: dict, example: str) -> DictConfig:
     """`raw` merged onto `schema`, resolved, complete and finite, or one ConfigError."""
     try:
-        typed = OmegaConf.merge(OmegaConf.structured(schema), raw)
+        typed = cast(DictConfig, OmegaConf.merge(OmegaConf.structured(schema), raw))
         OmegaConf.resolve(typed)
     except OmegaConfBaseException as err:
         raise ConfigError(one_line(err)) from err
@@ -489,11 +585,19 @@ def _typed(schema: type, raw: dict, example: str) -> DictConfig:
 
 def validate_config(cfg: DictConfig) -> DictConfig:
     """The composed config, checked and typed; raises ConfigError naming the offending key."""
-    raw = OmegaConf.to_container(cfg, resolve=False)
+    raw = plain_dict(cfg, resolve=False)
     model = raw.pop("model", None)
+    trial = raw.pop("trial", None)
     raw.pop("hydra", None)
-    raw["model"] = OmegaConf.to_container(validate_model_config(model))
+    raw["model"] = plain_dict(validate_model_config(model), resolve=False)
     typed = _typed(TrainConfig, raw, "data.root=/path/to/scenes")
     typed.model = validate_model_config(model)  # typed by its architecture's schema
+    with open_dict(typed):
+        typed.trial = None if trial is None else _typed(TrialConfig, trial, "++trial.number=0")
+    check_target_arguments(typed.optimizer, "optimizer", {"params"})
+    check_target_arguments(typed.scheduler, "scheduler", {"optimizer"})
     _check_ranges(typed)
     return typed
+
+
+register_schemas()  # importing this module is enough for Hydra to find them

@@ -1,8 +1,16 @@
-"""Loss, optimiser and learning-rate schedule from config."""
+"""Loss, optimiser and learning-rate schedule from config.
+
+The optimiser and the schedule are `_target_` configs (`conf/optimizer/`, `conf/scheduler/`):
+their keys are the constructor's arguments, so any `torch.optim` class (or a user's own) is a
+YAML file, not code here. `validate_config` has checked the keys against the signature.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Iterable
+
 import torch
+from hydra.utils import instantiate
 from omegaconf import DictConfig
 from torch import nn
 
@@ -28,39 +36,18 @@ def build_loss(loss_cfg: DictConfig, schema: ClassSchema) -> nn.CrossEntropyLoss
     )
 
 
-def build_optimizer(cfg: DictConfig, params) -> torch.optim.Optimizer:
-    name = cfg.name.value if hasattr(cfg.name, "value") else str(cfg.name)
-    if name == "adam":
-        return torch.optim.Adam(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps)
-    if name == "adamw":
-        return torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay, eps=cfg.eps)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(
-            params,
-            lr=cfg.lr,
-            alpha=cfg.alpha,
-            eps=cfg.eps,
-            weight_decay=cfg.weight_decay,
-            momentum=cfg.momentum,
-        )
-    if name == "sgd":
-        return torch.optim.SGD(
-            params, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
-        )
-    raise ConfigError(f"config value optimizer.name={name!r} is not supported")
+def build_optimizer(cfg: DictConfig, params: Iterable[nn.Parameter]) -> torch.optim.Optimizer:
+    """The configured optimiser over `params`."""
+    return instantiate(cfg, _partial_=True)(params)
 
 
 def build_scheduler(
-    cfg: DictConfig, optimizer: torch.optim.Optimizer, max_epochs: int
+    cfg: DictConfig | None, optimizer: torch.optim.Optimizer
 ) -> torch.optim.lr_scheduler.LRScheduler | None:
-    """Stepped once per epoch."""
-    name = cfg.name.value if hasattr(cfg.name, "value") else str(cfg.name)
-    if name == "none":
+    """The configured schedule (stepped once per epoch), or None for `scheduler=none`."""
+    if cfg is None or cfg.get("_target_") is None:
         return None
-    if name == "cosine":
-        return torch.optim.lr_scheduler.CosineAnnealingLR(
-            optimizer, T_max=max_epochs, eta_min=cfg.min_lr
-        )
-    if name == "step":
-        return torch.optim.lr_scheduler.StepLR(optimizer, step_size=cfg.step_size, gamma=cfg.gamma)
-    raise ConfigError(f"config value scheduler.name={name!r} is not supported")
+    scheduler = instantiate(cfg, _partial_=True)(optimizer)
+    if not isinstance(scheduler, torch.optim.lr_scheduler.LRScheduler):
+        raise ConfigError(f"config value scheduler._target_={cfg._target_} is not an LRScheduler")
+    return scheduler

@@ -11,6 +11,7 @@ import rasterio
 from hydra import compose, initialize_config_dir
 from rasterio.transform import from_origin
 
+import landcover.config  # noqa: F401  (registers the config schemas with Hydra)
 from landcover.data.synthetic import SyntheticSpec, generate
 from landcover.paths import COMMANDS_CONFIG_DIR, CONFIG_DIR
 

@@ -28,9 +28,9 @@ def test_help_lists_config_groups(tmp_path):
 
 
 def test_cfg_job_prints_the_composed_config(tmp_path):
-    out = run("--cfg", "job", "model=fpn", "model.encoder=resnet34", cwd=tmp_path)
+    out = run("--cfg", "job", "model=fpn", "model.encoder_name=resnet34", cwd=tmp_path)
     assert out.returncode == 0
-    assert "arch: fpn" in out.stdout and "encoder: resnet34" in out.stdout
+    assert "arch: fpn" in out.stdout and "encoder_name: resnet34" in out.stdout
 
 
 def test_bad_value_is_one_clear_error_before_any_work(tmp_path):

@@ -49,7 +49,7 @@ def test_disagreement_marks_exactly_the_confident_wrong_pixels(tmp_path):
         model,
         scene,
         out,
-        PredictSettings(tile_size=32, overlap=8, confidence=True, progress=False),
+        PredictSettings.defaults(tile_size=32, overlap=8, confidence=True, progress=False),
         threshold=0.9,
         min_region_pixels=10,
     )

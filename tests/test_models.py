@@ -28,7 +28,7 @@ def test_encoder_and_decoder_come_from_config():
     small = build("unet", 4, "model.encoder_depth=3", "model.decoder_channels=[32,16,8]")
     assert small.size_divisor == 8
     assert count_parameters(small) < count_parameters(build("unet"))
-    resnet34 = build("fpn", 4, "model.encoder=resnet34")
+    resnet34 = build("fpn", 4, "model.encoder_name=resnet34")
     assert count_parameters(resnet34) > count_parameters(build("fpn"))
 
 

@@ -82,7 +82,7 @@ def test_centre_mode_equals_a_full_raster_pass(tmp_path):
         from_module(module, metadata()),
         path,
         tmp_path / "out.tif",
-        PredictSettings(tile_size=40, overlap=16, mode="centre", progress=False),
+        PredictSettings.defaults(tile_size=40, overlap=16, mode="centre", progress=False),
         on_rows=on_rows,
         keep_probabilities=True,
     )
@@ -101,7 +101,7 @@ def test_blending_leaves_no_seams(tmp_path):
     model = build_model(
         {
             "arch": "unet",
-            "encoder": "resnet18",
+            "encoder_name": "resnet18",
             "encoder_depth": 3,
             "encoder_weights": None,
             "decoder_channels": [32, 16, 8],
@@ -120,8 +120,12 @@ def test_blending_leaves_no_seams(tmp_path):
         )
         return np.abs(np.diff(canvas, axis=2)).mean(axis=(0, 1))  # jump between col k and k+1
 
-    blended = column_jumps(PredictSettings(tile_size=64, overlap=32, mode="blend", progress=False))
-    hard = column_jumps(PredictSettings(tile_size=64, overlap=0, mode="centre", progress=False))
+    blended = column_jumps(
+        PredictSettings.defaults(tile_size=64, overlap=32, mode="blend", progress=False)
+    )
+    hard = column_jumps(
+        PredictSettings.defaults(tile_size=64, overlap=0, mode="centre", progress=False)
+    )
     seams = [47, 95, 143]  # blend: cores of 48 px; the jump sits between col 47 and col 48
     hard_seams = [63, 127]  # no context: cores of 64 px
     typical = np.median(blended)
@@ -135,7 +139,7 @@ def test_output_keeps_georeferencing_colour_table_and_is_a_cog(tmp_path):
         from_module(small_fcn(), metadata()),
         path,
         tmp_path / "map.tif",
-        PredictSettings(
+        PredictSettings.defaults(
             tile_size=256, overlap=16, progress=False, confidence=True, probabilities=True
         ),
     )
@@ -162,7 +166,7 @@ def test_no_crs_in_gives_no_crs_out(tmp_path):
         from_module(small_fcn(), metadata()),
         path,
         tmp_path / "map.tif",
-        PredictSettings(tile_size=32, overlap=8, progress=False),
+        PredictSettings.defaults(tile_size=32, overlap=8, progress=False),
     )
     with rasterio.open(result.outputs["classes"]) as out:
         assert out.crs is None
@@ -180,7 +184,7 @@ def test_input_nodata_stays_nodata(tmp_path):
         from_module(small_fcn(), metadata()),
         path,
         tmp_path / "map.tif",
-        PredictSettings(tile_size=32, overlap=8, progress=False),
+        PredictSettings.defaults(tile_size=32, overlap=8, progress=False),
     )
     with rasterio.open(result.outputs["classes"]) as out:
         codes = out.read(1)
@@ -196,13 +200,13 @@ def test_centre_output_model_tiles_with_its_margin(tmp_path):
     ).eval()
     loaded = from_module(seed, metadata(margin=64, divisor=8))
     result = predict_raster(
-        loaded, path, tmp_path / "map.tif", PredictSettings(tile_size=256, progress=False)
+        loaded, path, tmp_path / "map.tif", PredictSettings.defaults(tile_size=256, progress=False)
     )
     with rasterio.open(result.outputs["classes"]) as out:
         assert out.shape == (300, 260)
         assert set(np.unique(out.read(1))) <= {1, 2, 3}
     with pytest.raises(ValueError, match="needs a full-output model"):
-        predict_raster(loaded, path, tmp_path / "b.tif", PredictSettings(mode="blend"))
+        predict_raster(loaded, path, tmp_path / "b.tif", PredictSettings.defaults(mode="blend"))
 
 
 def test_wrong_band_count_is_refused_before_writing(tmp_path):
@@ -246,7 +250,7 @@ def test_interrupted_prediction_leaves_nothing_behind(tmp_path):
             from_module(small_fcn(), metadata()),
             path,
             out_dir / "map.tif",
-            PredictSettings(tile_size=32, overlap=8, progress=False),
+            PredictSettings.defaults(tile_size=32, overlap=8, progress=False),
             on_rows=interrupt,
         )
     assert calls

@@ -91,7 +91,7 @@ def test_prediction_on_the_real_georeferenced_tile_round_trips(shared, tmp_path)
         from_module(small_fcn(), metadata()),
         tile,
         tmp_path / "map.tif",
-        PredictSettings(tile_size=128, overlap=16, progress=False),
+        PredictSettings.defaults(tile_size=128, overlap=16, progress=False),
     )
     with rasterio.open(tile) as src, rasterio.open(result.outputs["classes"]) as out:
         assert out.crs == src.crs and out.crs.to_epsg() == 26917

@@ -110,8 +110,8 @@ def test_search_space_grammar():
     lr = parse_parameter("optimizer.lr", "tag(log, interval(1e-4, 1e-2))").distribution
     assert lr.log and lr.low == pytest.approx(1e-4)
     assert parse_parameter("x", "range(1, 4)").distribution.high == 3
-    ordered = parse_space({"model.encoder": "choice(resnet18)", "model": "choice(seed, unet)"})
-    assert [p.name for p in ordered] == ["model", "model.encoder"]  # groups first
+    ordered = parse_space({"model.encoder_name": "choice(resnet18)", "model": "choice(seed, unet)"})
+    assert [p.name for p in ordered] == ["model", "model.encoder_name"]  # groups first
 
 
 def test_conditional_encoder_is_only_sampled_for_smp_models():
@@ -119,11 +119,11 @@ def test_conditional_encoder_is_only_sampled_for_smp_models():
 
     study = optuna.create_study(sampler=optuna.samplers.RandomSampler(seed=0))
     space = parse_space(
-        {"model": "choice(seed, unet)", "model.encoder": "choice(resnet18, resnet34)"}
+        {"model": "choice(seed, unet)", "model.encoder_name": "choice(resnet18, resnet34)"}
     )
     for _ in range(12):
         values = suggest(study.ask(), space, None)
-        assert ("model.encoder" in values) == (values["model"] == "unet")
+        assert ("model.encoder_name" in values) == (values["model"] == "unet")
 
 
 def test_two_workers_share_one_study(tmp_path):

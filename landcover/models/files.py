@@ -31,6 +31,7 @@ class UnsafeModelError(LandcoverError):
 
 
 def convert_hint(reference: str) -> str:
+    """What to tell a user whose model file is a pickle (refused, never loaded)."""
     return (
         f"{reference} was saved by an older landcover as a pickle, which can run code when "
         "loaded, so it is not loaded. If you trust where it came from, convert it once: "
@@ -56,6 +57,7 @@ def rebuild(metadata: Mapping[str, Any]) -> torch.nn.Module:
         num_classes=len(metadata["schema"]["classes"]),
         mean=list(metadata["normalize"]["mean"]),
         std=list(metadata["normalize"]["std"]),
+        config_version=int(metadata.get("config_version", 1)),
     )
 
 

@@ -35,6 +35,8 @@ RowsCallback = Callable[[int, np.ndarray, np.ndarray, np.ndarray | None], None]
 
 @dataclass
 class PredictionResult:
+    """What mapping one raster produced: output paths, area table, pixels and seconds."""
+
     input: Path
     outputs: dict[str, Path]
     area_table: AreaTable
@@ -138,7 +140,7 @@ def predict_raster(
 ) -> PredictionResult:
     """Map one raster; `on_rows(row, classes, confidence, probabilities)` sees every strip
     (probabilities only with `keep_probabilities` or `settings.probabilities`)."""
-    settings = settings or PredictSettings()
+    settings = settings or PredictSettings.defaults()
     started = time.perf_counter()
     input_path, output_path = Path(input_path), Path(output_path)
     schema = model.schema

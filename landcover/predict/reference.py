@@ -42,18 +42,22 @@ class LoadedModel:
 
     @property
     def schema(self) -> ClassSchema:
+        """The class schema logged with the model."""
         return ClassSchema.from_config(self.metadata["schema"])
 
     @property
     def bands(self) -> int:
+        """Bands the model expects; other inputs are refused early."""
         return int(self.metadata["bands"])
 
     @property
     def output_margin(self) -> int:
+        """Pixels the model loses on every side (the 2018 network: 64)."""
         return int(self.metadata.get("output_margin", 0))
 
     @property
     def size_divisor(self) -> int:
+        """Tile edges are rounded to a multiple of this (the network's stride)."""
         return int(self.metadata.get("size_divisor", 32))
 
 
@@ -89,6 +93,7 @@ def _from_checkpoint(path: Path, device: torch.device, channels_last: bool) -> L
         num_classes=len(metadata["schema"]["classes"]),
         mean=metadata["normalize"]["mean"],
         std=metadata["normalize"]["std"],
+        config_version=int(metadata.get("config_version", 1)),
     )
     try:
         model.load_state_dict(state["model"])
@@ -157,9 +162,9 @@ def load_model_reference(
     channels_last: bool = True,
 ) -> LoadedModel:
     """Resolve and load; every failure is a ModelReferenceError naming the reference."""
-    torch_device = torch.device(
-        ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
-    )
+    from landcover.runtime import select_device
+
+    torch_device = select_device(device)
     channels_last = channels_last and torch_device.type == "cuda"
     reference = str(reference)
     path = Path(reference)

@@ -1,7 +1,7 @@
 """Search spaces written in Hydra's override grammar, sampled define-by-run by Optuna.
 
     model: choice(seed, unet, fpn, deeplabv3plus)       # a config *group*
-    model.encoder: choice(resnet18, resnet34)           # only for models that have an encoder
+    model.encoder_name: choice(resnet18, resnet34)      # only for models that have an encoder
     trainer.max_epochs: int(interval(2, 40))            # or range(2, 41)
     optimizer.lr: tag(log, interval(1e-4, 1e-2))
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from hydra.core.override_parser.overrides_parser import OverridesParser
@@ -33,6 +33,8 @@ from landcover.paths import CONFIG_DIR
 
 @dataclass(frozen=True)
 class Parameter:
+    """One searched key: its distribution, or a fixed value."""
+
     name: str
     distribution: BaseDistribution | None  # None: a fixed value
     fixed: Any = None
@@ -46,18 +48,20 @@ def parse_parameter(name: str, text: str) -> Parameter:
         raise ConfigError(f"sweep parameter {name}: cannot parse {text!r} ({err})") from err
     value = override.value()
     if isinstance(value, ChoiceSweep):
-        return Parameter(name, CategoricalDistribution(list(value.list)))
+        return Parameter(name, CategoricalDistribution(cast(list[Any], value.list)))
     if isinstance(value, RangeSweep):
-        if any(isinstance(v, float) for v in (value.start, value.stop, value.step)):
+        start, stop, step = value.start, value.stop, value.step
+        if not all(isinstance(v, int) for v in (start, stop, step)):
             raise ConfigError(f"sweep parameter {name}: range() takes integers; use interval()")
         return Parameter(
-            name, IntDistribution(int(value.start), int(value.stop) - 1, step=int(value.step))
+            name, IntDistribution(cast(int, start), cast(int, stop) - 1, step=cast(int, step))
         )
     if isinstance(value, IntervalSweep):
         log = "log" in value.tags
         if isinstance(value.start, int) and isinstance(value.end, int):
             return Parameter(name, IntDistribution(value.start, value.end, log=log))
-        return Parameter(name, FloatDistribution(float(value.start), float(value.end), log=log))
+        low, high = cast(float, value.start), cast(float, value.end)
+        return Parameter(name, FloatDistribution(float(low), float(high), log=log))
     return Parameter(name, None, value)
 
 
@@ -69,10 +73,18 @@ def parse_space(params: Mapping[str, Any]) -> list[Parameter]:
 
 
 def model_keys(model: str) -> set[str]:
+    """The keys of the schema the model option's architecture selects (`model=fpn` -> FPN's)."""
+    from dataclasses import fields
+
+    from landcover.config import MODEL_SCHEMAS, plain_dict
+
     path = Path(CONFIG_DIR) / "model" / f"{model}.yaml"
     if not path.exists():
         raise ConfigError(f"sweep chose model={model!r} but {path} does not exist")
-    return set(OmegaConf.load(path).keys())
+    arch = model if model in MODEL_SCHEMAS else plain_dict(OmegaConf.load(path)).get("arch")
+    if arch not in MODEL_SCHEMAS:
+        raise ConfigError(f"sweep chose model={model!r}, whose arch {arch!r} has no schema")
+    return {f.name for f in fields(MODEL_SCHEMAS[arch])}
 
 
 def suggest(trial: optuna.Trial, space: list[Parameter], fixed_model: str | None) -> dict:
@@ -97,12 +109,14 @@ def _suggest(trial: optuna.Trial, name: str, distribution: BaseDistribution) -> 
         return trial.suggest_int(
             name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
         )
+    assert isinstance(distribution, FloatDistribution)
     return trial.suggest_float(
         name, distribution.low, distribution.high, step=distribution.step, log=distribution.log
     )
 
 
 def as_overrides(values: Mapping[str, Any]) -> list[str]:
+    """Sampled values as Hydra overrides for the trial's job."""
     return [f"{name}={value}" for name, value in values.items()]
 
 
