@@ -1,4 +1,8 @@
-"""The fit loop: train an epoch, validate on the grid, keep checkpoints, report, stop early.
+"""The fit loop: train an epoch, validate on the grid, report, stop early.
+
+Along Lightning's seams without adopting it: checkpoint files are `checkpoint.CheckpointManager`'s,
+when to stop is `EarlyStopping`'s, best-epoch figures are `best_epoch.py`'s, and a model fitted
+once (the per-pixel GBM) fits itself from the batches it is given.
 
 Plain PyTorch rather than Lightning: the loop is short, and owning it keeps the three things
 we care about explicit (a streaming confusion matrix over every val pixel, per-index patch
@@ -9,12 +13,11 @@ from __future__ import annotations
 
 import logging
 import math
-import os
 import time
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -22,7 +25,7 @@ import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
 from tqdm.auto import tqdm
 
-from landcover.checkpoint import link_checkpoint, read_checkpoint, save_checkpoint
+from landcover.checkpoint import CheckpointManager
 from landcover.data.loaders import TrainingData
 from landcover.data.schema import IGNORE_INDEX
 from landcover.distributed import (
@@ -31,7 +34,6 @@ from landcover.distributed import (
     all_reduce_sum,
     sync_batchnorm,
 )
-from landcover.figures import confusion_matrix_figure, panels_figure
 from landcover.metrics import ConfusionMatrix, metric_names, scores_from_matrix
 from landcover.models import SegmentationModel
 from landcover.tracking import Tracker
@@ -59,6 +61,9 @@ class FitState:
 
 @dataclass
 class FitResult:
+    """What a fit returns to train() and to sweeps: the best value and epoch, the last metrics, the
+    run and model."""
+
     best_value: float | None
     best_epoch: int | None
     last_metrics: dict[str, float]
@@ -68,21 +73,61 @@ class FitResult:
     summary: dict[str, float] = field(default_factory=dict)
 
 
-@dataclass
+@dataclass(frozen=True)
+class EarlyStopping:
+    """When a monitored value counts as better, and when waiting for better is over."""
+
+    mode: str  # max | min
+    min_delta: float
+    patience: int | None  # None: never stop early
+
+    def improved(self, value: float, best: float | None) -> bool:
+        """`value` beats `best` by more than `min_delta` (any finite value beats none)."""
+        if best is None:
+            return not math.isnan(value)
+        if self.mode == "max":
+            return value > best + self.min_delta
+        return value < best - self.min_delta
+
+    def should_stop(self, epochs_without_improvement: int) -> bool:
+        """Patience is used up."""
+        return self.patience is not None and epochs_without_improvement >= self.patience
+
+
+@dataclass(frozen=True)
 class FitSettings:
+    """What the loop needs from `trainer:` (and nothing it does not)."""
+
     max_epochs: int
-    monitor: str = "val/mIoU"
-    monitor_mode: str = "max"
-    patience: int | None = None
-    min_delta: float = 0.0
-    num_panels: int = 4
-    progress: bool = True
-    limit_train_batches: int | None = None
-    limit_val_batches: int | None = None
-    keep_epoch_checkpoints: int = 0
+    monitor: str
+    stopping: EarlyStopping
+    num_panels: int
+    progress: bool
+    limit_train_batches: int | None
+    limit_val_batches: int | None
+
+    @classmethod
+    def from_config(cls, trainer: Any, *, fitted_once: bool = False) -> FitSettings:
+        """From the validated `trainer` config; a model fitted once gets one epoch."""
+        return cls(
+            max_epochs=1 if fitted_once else trainer.max_epochs,
+            monitor=trainer.monitor,
+            stopping=EarlyStopping(
+                str(trainer.monitor_mode),
+                trainer.early_stopping.min_delta,
+                trainer.early_stopping.patience,
+            ),
+            num_panels=trainer.num_panels,
+            progress=trainer.progress,
+            limit_train_batches=trainer.limit_train_batches,
+            limit_val_batches=trainer.limit_val_batches,
+        )
 
 
 class Trainer:
+    """The fit loop over one model, its data and optimiser; checkpoints, stopping and recording are
+    handed to their own objects."""
+
     def __init__(
         self,
         *,
@@ -95,8 +140,8 @@ class Trainer:
         bf16: bool,
         channels_last: bool,
         settings: FitSettings,
-        checkpoint_dir: Path,
-        tracker: Tracker | None = None,
+        checkpoints: CheckpointManager,
+        tracker: Tracker,
         epoch_callback: EpochCallback | None = None,
         checkpoint_extra: Mapping[str, Any] | None = None,
         distributed: DistributedContext = SINGLE_PROCESS,
@@ -113,7 +158,7 @@ class Trainer:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.settings = settings
-        self.checkpoint_dir = checkpoint_dir
+        self.checkpoints = checkpoints
         self.tracker = tracker
         self.epoch_callback = epoch_callback
         self.checkpoint_extra = dict(checkpoint_extra or {})
@@ -134,18 +179,20 @@ class Trainer:
                 static_graph=True,
             )
         if compile_model and optimizer is not None:
-            self.train_model = torch.compile(self.train_model)
+            self.train_model = cast(torch.nn.Module, torch.compile(self.train_model))
 
     def metric_names(self) -> set[str]:
         """Every per-epoch metric this trainer logs: a monitor must be one of them."""
         names = metric_names(self.schema.names, self.schema.scored_classes)
         names |= {"val/loss", "epoch_seconds", "train/patches_per_s"}
-        if self.optimizer is None:
+        if self.model.fitted_once:
             return names | {"train/pixels", "train/iterations"}
         return names | {"train/loss", "train/lr"}
 
     # -- state ---------------------------------------------------------------------------------
     def restore(self, checkpoint: Mapping[str, Any]) -> None:
+        """Continue from a checkpoint: weights, optimiser and schedule state, and the loop's own
+        state."""
         self.model.load_state_dict(checkpoint["model"])
         if self.optimizer is not None:
             self.optimizer.load_state_dict(checkpoint["optimizer"])
@@ -159,7 +206,7 @@ class Trainer:
             "optimizer": self.optimizer.state_dict() if self.optimizer else None,
             "scheduler": self.scheduler.state_dict() if self.scheduler else None,
             "fit_state": self.state.__dict__,
-            "run_id": self.tracker.run_id if self.tracker else None,
+            "run_id": self.tracker.run_id,
             **self.checkpoint_extra,
         }
 
@@ -193,31 +240,35 @@ class Trainer:
             yield self._to_device(image, target)
         self.progress_bar.close()
 
-    def _forward(self, image: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+    def forward(self, image: torch.Tensor, model: torch.nn.Module | None = None) -> torch.Tensor:
+        """Logits in float32, under bf16 autocast where the runtime chose it."""
         with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             return (model if model is not None else self.model)(image).float()
 
-    def fit_pixels(self, epoch: int) -> dict[str, float]:
-        """A model fitted, not trained (the per-pixel baseline): one pass over the training
-        patches collects the labelled pixels, then the model fits them at once."""
+    def fit_once(self, epoch: int) -> dict[str, float]:
+        """A model fitted, not trained (the per-pixel baseline): it fits one pass of training
+        batches itself."""
         self.data.train_dataset.set_epoch(epoch)
         started = time.perf_counter()
-        pixels, labels, patches = [], [], 0
-        batches = self._batches(
-            self.data.train_loader, self.settings.limit_train_batches, f"epoch {epoch} pixels"
-        )
-        for image, target in batches:
-            labelled = target != IGNORE_INDEX
-            pixels.append(image.permute(0, 2, 3, 1)[labelled].cpu().numpy())
-            labels.append(target[labelled].cpu().numpy())
-            patches += image.shape[0]
-        metrics = self.model.net.fit_pixels(np.concatenate(pixels), np.concatenate(labels))
+        patches = 0
+
+        def counted() -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+            nonlocal patches
+            for image, target in self._batches(
+                self.data.train_loader, self.settings.limit_train_batches, f"epoch {epoch} pixels"
+            ):
+                patches += image.shape[0]
+                yield image, target
+
+        metrics = cast(Any, self.model.net).fit_batches(counted())
         seconds = time.perf_counter() - started
         return {**metrics, "train/patches_per_s": patches / max(seconds, 1e-9)}
 
     def train_epoch(self, epoch: int) -> dict[str, float]:
-        if self.optimizer is None:
-            return self.fit_pixels(epoch)
+        """One epoch of gradient steps (or the one fit of a model fitted once); a NaN loss stops the
+        run."""
+        if self.model.fitted_once or self.optimizer is None:
+            return self.fit_once(epoch)
         self.model.train()
         self.data.train_dataset.set_epoch(epoch)
         total_loss, steps, patches = 0.0, 0, 0
@@ -228,7 +279,7 @@ class Trainer:
         for step, (image, target) in enumerate(batches):
             if not bool((target != IGNORE_INDEX).any()):
                 continue
-            loss = self.loss_fn(self._forward(image, self.train_model), target)
+            loss = self.loss_fn(self.forward(image, self.train_model), target)
             if not torch.isfinite(loss):
                 raise TrainingDivergedError(
                     f"loss became {loss.item()} at epoch {epoch} step {step}; "
@@ -250,6 +301,8 @@ class Trainer:
 
     @torch.inference_mode()
     def validate(self, epoch: int) -> tuple[dict[str, float], np.ndarray]:
+        """Scores over every labelled val pixel (a streaming confusion matrix, summed across ranks)
+        and the mean loss."""
         self.model.eval()
         matrix = ConfusionMatrix(self.schema.num_classes, self.device)
         loss_sum = torch.zeros((), device=self.device, dtype=torch.float64)
@@ -257,7 +310,7 @@ class Trainer:
         for image, target in self._batches(
             self.data.val_loader, self.settings.limit_val_batches, f"epoch {epoch} val"
         ):
-            logits = self._forward(image)
+            logits = self.forward(image)
             loss_sum += F.cross_entropy(
                 logits, target, ignore_index=IGNORE_INDEX, reduction="sum"
             ).double()
@@ -274,44 +327,9 @@ class Trainer:
         return metrics, counts
 
     # -- loop ----------------------------------------------------------------------------------
-    def _improved(self, value: float) -> bool:
-        best = self.state.best_value
-        if best is None:
-            return not math.isnan(value)
-        delta = self.settings.min_delta
-        if self.settings.monitor_mode == "max":
-            return value > best + delta
-        return value < best - delta
-
-    def _save_epoch_checkpoints(self, epoch: int, improved: bool) -> None:
-        """last.pt every epoch, best.pt when the monitor improved (a hard link to last.pt, so
-        no second copy while they are the same epoch), epoch_NNN.pt only if asked to keep some:
-        each is a whole model, and twenty short runs must not fill a disk."""
-        if not self.distributed.is_main:
-            return
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        last = self.checkpoint_dir / "last.pt"
-        save_checkpoint(self._checkpoint(), last)
-        if improved:
-            link_checkpoint(last, self.checkpoint_dir / "best.pt")
-        keep = self.settings.keep_epoch_checkpoints
-        if keep > 0:
-            link_checkpoint(last, self.checkpoint_dir / f"epoch_{epoch:03d}.pt")
-            for old in sorted(self.checkpoint_dir.glob("epoch_*.pt"))[:-keep]:
-                os.remove(old)
-
-    def checkpoint_bytes(self) -> int:
-        """Disk space the checkpoints use (hard links counted once)."""
-        seen: set[int] = set()
-        total = 0
-        for path in self.checkpoint_dir.glob("*.pt"):
-            status = path.stat()
-            if status.st_ino not in seen:
-                seen.add(status.st_ino)
-                total += status.st_size
-        return total
-
     def fit(self) -> FitResult:
+        """Epochs until `max_epochs` or early stopping; each is recorded and checkpointed before the
+        next starts."""
         settings = self.settings
         metrics: dict[str, float] = {}
         for epoch in range(self.state.epoch + 1, settings.max_epochs):
@@ -326,7 +344,7 @@ class Trainer:
                     f"choose one of {sorted(metrics)}"
                 )
             value = metrics[settings.monitor]
-            improved = self._improved(value)
+            improved = settings.stopping.improved(value, self.state.best_value)
             self.state.epoch = epoch
             if improved:
                 self.state.best_value, self.state.best_epoch = value, epoch
@@ -337,9 +355,8 @@ class Trainer:
             self.state.history.append({"epoch": epoch, **metrics})
             if self.scheduler is not None:
                 self.scheduler.step()
-            if self.tracker:
-                self.tracker.log_metrics(metrics, step=epoch)
-            self._save_epoch_checkpoints(epoch, improved)
+            self.tracker.log_metrics(metrics, step=epoch)
+            self.checkpoints.save(self._checkpoint(), epoch, improved)
             log.info(
                 "epoch %d: train/loss %.4f val/loss %.4f %s %.4f (best %.4f @ %s) %.0fs",
                 epoch,
@@ -353,75 +370,20 @@ class Trainer:
             )
             if self.epoch_callback and self.distributed.is_main:
                 self.epoch_callback(epoch, metrics)
-            if (
-                settings.patience is not None
-                and self.state.epochs_without_improvement >= settings.patience
-            ):
+            if settings.stopping.should_stop(self.state.epochs_without_improvement):
                 log.info(
                     "early stopping: %s did not improve for %d epochs",
                     settings.monitor,
-                    settings.patience,
+                    settings.stopping.patience,
                 )
                 break
-        if self.distributed.is_main and self.checkpoint_dir.is_dir():
-            log.info(
-                "checkpoints: %.1f MB in %s (last.pt, best.pt%s)",
-                self.checkpoint_bytes() / 1e6,
-                self.checkpoint_dir,
-                f", {settings.keep_epoch_checkpoints} per-epoch"
-                if settings.keep_epoch_checkpoints
-                else "",
-            )
+        if self.checkpoints.enabled and self.checkpoints.directory.is_dir():
+            log.info("checkpoints: %s", self.checkpoints.summary())
         return FitResult(
             self.state.best_value,
             self.state.best_epoch,
             metrics,
-            self.tracker.run_id if self.tracker else None,
+            self.tracker.run_id,
             None,
-            self.checkpoint_dir,
+            self.checkpoints.directory,
         )
-
-    # -- best-epoch artefacts ------------------------------------------------------------------
-    def load_best(self) -> None:
-        best = self.checkpoint_dir / "best.pt"
-        if best.exists():
-            state = read_checkpoint(best, map_location=str(self.device))
-            self.model.load_state_dict(state["model"])
-
-    @torch.inference_mode()
-    def panels(self) -> tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]:
-        """Image, labels and prediction for a few val windows spread over the val scenes."""
-        dataset = self.data.val_dataset
-        count = min(self.settings.num_panels, len(dataset))
-        self.model.eval()
-        images, targets, predictions = [], [], []
-        for item in np.linspace(0, len(dataset) - 1, count).astype(int):
-            image, target = dataset[int(item)]
-            logits = self._forward(
-                image[None].to(self.device).contiguous(memory_format=self.memory_format)
-            )
-            margin = dataset.margin
-            visible = image[:, margin : image.shape[1] - margin, margin : image.shape[2] - margin]
-            images.append(visible.numpy())
-            targets.append(target.numpy())
-            predictions.append(logits.argmax(dim=1)[0].cpu().numpy().astype(np.uint8))
-        return images, targets, predictions
-
-    def log_best_artifacts(self) -> None:
-        """Confusion matrix of the best epoch and prediction panels from the best weights."""
-        if self.tracker is None or self.state.best_matrix is None:
-            return
-        matrix = np.array(self.state.best_matrix)
-        names = self.schema.names
-        self.tracker.log_confusion_matrix(
-            matrix,
-            names,
-            confusion_matrix_figure(
-                matrix, names, f"val confusion matrix, best epoch {self.state.best_epoch}"
-            ),
-        )
-        self.load_best()
-        if self.settings.num_panels > 0:
-            self.tracker.log_figure(
-                panels_figure(*self.panels(), self.schema), "panels/val_panels.png"
-            )

@@ -12,18 +12,22 @@ from __future__ import annotations
 import csv
 import io
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
+import matplotlib.pyplot as plt
+import mlflow
 import numpy as np
 import rasterio
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from rasterio.windows import Window
 from scipy import ndimage
 
 from landcover import tracking
-from landcover.config import DataConfig
+from landcover.config import plain_dict
 from landcover.data.loaders import ensure_synthetic, split_scenes
 from landcover.data.scenes import Scene, open_raster
 from landcover.data.schema import IGNORE_INDEX, ClassSchema
@@ -40,6 +44,30 @@ AGREE, DISAGREE, UNLABELLED = 0, 1, 255
 DISAGREEMENT_COLORS = {AGREE: (0, 0, 0, 0), DISAGREE: (255, 0, 255, 255), UNLABELLED: (0, 0, 0, 0)}
 
 
+def log_evaluation(
+    *,
+    params: Mapping[str, Any],
+    metrics: Mapping[str, float],
+    matrix: np.ndarray,
+    class_names: list[str],
+    matrix_figure: plt.Figure,
+    panels: plt.Figure,
+    per_scene_csv: str,
+    regions_csv: str,
+    disagreement_maps: list[Path],
+) -> None:
+    """A whole-scene evaluation, inside an active run."""
+    mlflow.log_params(dict(params))
+    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+    tracking.log_confusion_matrix(matrix, class_names, matrix_figure)
+    mlflow.log_figure(panels, "panels/scene_panels.png")
+    plt.close(panels)
+    mlflow.log_text(per_scene_csv, "per_scene_metrics.csv")
+    mlflow.log_text(regions_csv, "disagreement/disagreement_regions.csv")
+    for path in disagreement_maps:
+        mlflow.log_artifact(str(path), "disagreement")
+
+
 def disagreement(
     target: np.ndarray, predicted: np.ndarray, confidence: np.ndarray, threshold: float
 ) -> np.ndarray:
@@ -54,6 +82,8 @@ def disagreement(
 
 @dataclass
 class SceneEvaluation:
+    """One scene's confusion matrix, disagreement regions and output files."""
+
     scene: Scene
     matrix: np.ndarray
     outputs: dict[str, Path]
@@ -86,8 +116,13 @@ class SceneScorer:
         )
 
     def __call__(
-        self, row: int, classes: np.ndarray, confidence: np.ndarray, probabilities: np.ndarray
+        self,
+        row: int,
+        classes: np.ndarray,
+        confidence: np.ndarray,
+        probabilities: np.ndarray | None,
     ) -> None:
+        """Score finished rows against the labels and write their disagreement."""
         height, width = classes.shape
         window = Window(0, row, width, height)
         target = self.lookup[self.labels.read(1, window=window)]
@@ -95,6 +130,7 @@ class SceneScorer:
         self.raster.write(disagreement(target, classes, confidence, self.threshold), window)
 
     def close(self) -> None:
+        """Close the label and disagreement rasters opened for scoring."""
         self.labels.close()
 
 
@@ -154,6 +190,8 @@ def evaluate_scene(
     threshold: float,
     min_region_pixels: int,
 ) -> SceneEvaluation:
+    """Map one labelled scene with the tiled predictor users get and score it as it is written (no
+    second pass)."""
     schema = model.schema
     stem = Path(scene.image_path).stem
     with open_raster(scene.image_path) as src:
@@ -250,12 +288,8 @@ def scene_panels(evaluations: list[SceneEvaluation], schema: ClassSchema, limit:
 
 
 def run_evaluation(cfg: DictConfig) -> dict[str, float]:
-    try:
-        data_cfg = OmegaConf.merge(
-            OmegaConf.structured(DataConfig), OmegaConf.to_container(cfg.data, resolve=True)
-        )
-    except Exception as err:  # OmegaConf validation errors
-        raise ConfigError(f"bad data config: {err}") from err
+    """`landcover-evaluate` on its validated config (typed by `EvaluateCommandConfig`)."""
+    data_cfg = cfg.data
     threshold = float(cfg.evaluate.confidence_threshold)
     if not 0 < threshold <= 1:
         raise ConfigError(f"evaluate.confidence_threshold={threshold} must be within (0, 1]")
@@ -265,18 +299,18 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     scenes = split_scenes(data_cfg, str(cfg.split), schema)
     output_dir = Path(cfg.output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    settings = PredictSettings(**OmegaConf.to_container(cfg.predict))
+    settings = PredictSettings(**plain_dict(cfg.predict))
     evaluations = [
         evaluate_scene(
             model, scene, output_dir, settings, threshold, int(cfg.evaluate.min_region_pixels)
         )
         for scene in scenes
     ]
-    total = sum(e.matrix for e in evaluations)
+    total = np.sum([e.matrix for e in evaluations], axis=0)
     scores = scores_from_matrix(total, schema.scored_classes)
     metrics = scores.as_metrics(schema.names, schema.scored_classes, prefix="eval/")
     per_scene = []
-    regions = []
+    regions: list[dict[str, Any]] = []
     for evaluation in evaluations:
         scene_scores = scores_from_matrix(evaluation.matrix, schema.scored_classes)
         per_scene.append(
@@ -320,14 +354,14 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         run_name=f"evaluate {data_cfg.name}/{cfg.split}",
         tags=tags,
     ):
-        tracking.log_evaluation(
+        log_evaluation(
             params={
                 "model": model.reference,
                 "data": data_cfg.name,
                 "split": str(cfg.split),
                 "scenes": len(scenes),
                 "confidence_threshold": threshold,
-                **{f"predict.{k}": v for k, v in OmegaConf.to_container(cfg.predict).items()},
+                **{f"predict.{k}": v for k, v in plain_dict(cfg.predict).items()},
             },
             metrics=metrics,
             matrix=total,

@@ -1,4 +1,6 @@
-"""Everything that writes to MLflow, in one place, so the rest stays testable without it.
+"""The training run's face on MLflow (`Tracker`) and what every command shares: runs in
+the right experiment, provenance tags, the logged model. Each command's own records live
+beside it (predict/cli.py, evaluate.py, interop/export.py, sweep/records.py).
 
 A run records the resolved config (flattened params plus the YAML), provenance tags, metrics
 per epoch, figures, and the trained model. The model is logged in landcover's own flavour
@@ -12,6 +14,8 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
+import math
 import platform
 import re
 import subprocess
@@ -31,6 +35,8 @@ from mlflow.types import Schema, TensorSpec
 
 from landcover import serving
 from landcover.errors import RunPrunedError
+
+log = logging.getLogger("landcover.tracking")
 
 PARAM_VALUE_LIMIT = 500
 MODEL_REQUIREMENTS = (
@@ -83,6 +89,7 @@ def git_state(directory: Path | None = None) -> dict[str, str]:
 
 
 def environment_tags(device: torch.device) -> dict[str, str]:
+    """Machine and library versions, so a result can be reproduced on like hardware."""
     tags = {
         "host": platform.node(),
         "device": str(device),
@@ -95,6 +102,7 @@ def environment_tags(device: torch.device) -> dict[str, str]:
 
 
 def pinned_requirements() -> list[str]:
+    """Installed versions of what a logged model needs (skips MLflow's slow inference)."""
     requirements = []
     for package in MODEL_REQUIREMENTS:
         try:
@@ -131,47 +139,6 @@ def use_experiment(uri: str, experiment: str) -> None:
     )
 
 
-def log_prediction(
-    *,
-    input_path: Path,
-    outputs: Mapping[str, Path],
-    model_reference: str,
-    source_run_id: str | None,
-    settings: Mapping[str, Any],
-    area_csv: str,
-    area_json: str,
-    quicklook: plt.Figure,
-    seconds: float,
-    pixels: int,
-) -> None:
-    """One prediction, inside an active run: what went in, what came out, how long."""
-    mlflow.log_params(
-        {
-            "input": str(input_path),
-            "model": model_reference,
-            **{f"predict.{k}": v for k, v in settings.items()},
-        }
-    )
-    mlflow.set_tags(
-        {
-            "landcover.kind": "prediction",
-            **({"landcover.source_run_id": source_run_id} if source_run_id else {}),
-            **{f"output.{k}": str(v) for k, v in outputs.items()},
-        }
-    )
-    mlflow.log_metrics(
-        {
-            "seconds": seconds,
-            "megapixels": pixels / 1e6,
-            "megapixels_per_s": pixels / 1e6 / max(seconds, 1e-9),
-        }
-    )
-    mlflow.log_text(area_csv, "area/area_table.csv")
-    mlflow.log_text(area_json, "area/area_table.json")
-    mlflow.log_figure(quicklook, "quicklook.png")
-    plt.close(quicklook)
-
-
 def log_confusion_matrix(
     matrix: np.ndarray,
     class_names: list[str],
@@ -196,50 +163,6 @@ def log_confusion_matrix(
         },
         f"{directory}/confusion_matrix.json",
     )
-
-
-def log_evaluation(
-    *,
-    params: Mapping[str, Any],
-    metrics: Mapping[str, float],
-    matrix: np.ndarray,
-    class_names: list[str],
-    matrix_figure: plt.Figure,
-    panels: plt.Figure,
-    per_scene_csv: str,
-    regions_csv: str,
-    disagreement_maps: list[Path],
-) -> None:
-    """A whole-scene evaluation, inside an active run."""
-    mlflow.log_params(dict(params))
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
-    log_confusion_matrix(matrix, class_names, matrix_figure)
-    mlflow.log_figure(panels, "panels/scene_panels.png")
-    plt.close(panels)
-    mlflow.log_text(per_scene_csv, "per_scene_metrics.csv")
-    mlflow.log_text(regions_csv, "disagreement/disagreement_regions.csv")
-    for path in disagreement_maps:
-        mlflow.log_artifact(str(path), "disagreement")
-
-
-def log_export(
-    uri: str, run_id: str | None, experiment: str, path: Path, max_abs_diff: float, reference: str
-) -> None:
-    """Attach an exported ONNX file to the model's training run (or a run of its own)."""
-    mlflow.set_tracking_uri(uri)
-    if run_id is None:
-        with start_run(
-            uri,
-            experiment,
-            run_name=f"export {path.name}",
-            tags={"landcover.kind": "export", "landcover.model": reference},
-        ):
-            mlflow.log_artifact(str(path), "onnx")
-            mlflow.log_metric("onnx/max_abs_diff", max_abs_diff)
-        return
-    client = mlflow.tracking.MlflowClient(uri)
-    client.log_artifact(run_id, str(path), "onnx")
-    client.log_metric(run_id, "onnx/max_abs_diff", max_abs_diff)
 
 
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
@@ -274,11 +197,17 @@ def experiment_id(client: mlflow.tracking.MlflowClient, experiment: str) -> str:
 
 
 class Tracker:
-    """A thin, explicit face on mlflow for one training run."""
+    """A thin, explicit face on mlflow for one training run.
 
-    def __init__(self, uri: str, experiment: str) -> None:
+    `enabled=False` is what ranks other than 0 of a data-parallel run get: the same calls,
+    nothing written (one MLflow run per training, however many processes). It is the only
+    place "not rank 0" is decided for recording.
+    """
+
+    def __init__(self, uri: str, experiment: str, *, enabled: bool = True) -> None:
         self.uri = uri
         self.experiment = experiment
+        self.enabled = enabled
         self.run_id: str | None = None
 
     @contextlib.contextmanager
@@ -287,9 +216,12 @@ class Tracker:
         run_name: str | None = None,
         run_id: str | None = None,
         tags: Mapping[str, str] | None = None,
-    ) -> Iterator[str]:
+    ) -> Iterator[str | None]:
         """Open (or reopen, to resume) a run and always close it with an honest status:
         FINISHED, KILLED (interrupted, or a pruned sweep trial) or FAILED (with the error)."""
+        if not self.enabled:
+            yield None
+            return
         use_experiment(self.uri, self.experiment)
         run = mlflow.start_run(
             run_id=run_id, run_name=None if run_id else run_name, tags=dict(tags or {})
@@ -310,18 +242,82 @@ class Tracker:
         else:
             mlflow.end_run("FINISHED")
 
+    def record_start(
+        self,
+        cfg: Any,
+        data: Any,
+        model: torch.nn.Module,
+        *,
+        resumed: bool,
+        extra: Mapping[str, str] | None = None,
+    ) -> dict[str, float]:
+        """What a training run records before its first epoch: the config (flattened params
+        and resolved YAML), its scenes, and the model's size and cost, which it returns (a
+        sweep can optimise them). A resumed run has its params already."""
+        from omegaconf import OmegaConf
+
+        from landcover.config import plain_dict
+        from landcover.models import count_gflops, count_parameters
+
+        parameters = count_parameters(model)
+        static = {"model/parameters": float(parameters)}
+        gflops = count_gflops(model, int(cfg.data.bands))
+        if gflops is not None:
+            static["model/gflops_per_tile"] = gflops
+        if not resumed:
+            self.log_params(flatten(plain_dict(cfg)))
+            self.log_params(dict(extra or {}))
+            self.log_params(
+                {
+                    "model.parameters": str(parameters),
+                    "data.train_scenes": str(len(data.train_scenes)),
+                    "data.val_scenes": str(len(data.val_scenes)),
+                }
+            )
+        self.log_text(OmegaConf.to_yaml(cfg), "config/resolved.yaml")
+        scenes = data.train_scenes + data.val_scenes
+        self.log_text(
+            "".join(f"{s.image_path},{s.label_path}\n" for s in scenes), "config/scenes.csv"
+        )
+        self.log_metrics(static, step=0)
+        log.info(
+            "%d parameters, %d train / %d val scenes",
+            parameters,
+            len(data.train_scenes),
+            len(data.val_scenes),
+        )
+        return static
+
+    def record_best(self, state: Any, monitor: str) -> dict[str, float]:
+        """The best epoch's value and index as `best/*` metrics; returns them with every metric
+        of that epoch (what a sweep trial reports)."""
+        best = {"best/" + monitor: state.best_value if state.best_value is not None else math.nan}
+        self.log_metrics({**best, "best/epoch": float(state.best_epoch or 0)}, step=state.epoch)
+        at_best: dict[str, float] = next(
+            (h for h in state.history if h["epoch"] == state.best_epoch), {}
+        )
+        return {**at_best, **best}
+
     def log_params(self, params: Mapping[str, str]) -> None:
-        mlflow.log_params(dict(params))
+        """Parameters of the open run."""
+        if self.enabled:
+            mlflow.log_params(dict(params))
 
     def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
-        mlflow.log_metrics(finite, step=step)
+        """Finite metrics at `step` (MLflow cannot chart NaN)."""
+        if self.enabled:
+            finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
+            mlflow.log_metrics(finite, step=step)
 
     def log_text(self, text: str, artifact_file: str) -> None:
-        mlflow.log_text(text, artifact_file)
+        """A text artifact of the open run."""
+        if self.enabled:
+            mlflow.log_text(text, artifact_file)
 
     def log_figure(self, figure: plt.Figure, artifact_file: str) -> None:
-        mlflow.log_figure(figure, artifact_file)
+        """A figure artifact of the open run; the figure is closed either way."""
+        if self.enabled:
+            mlflow.log_figure(figure, artifact_file)
         plt.close(figure)
 
     def log_confusion_matrix(
@@ -331,10 +327,15 @@ class Tracker:
         figure: plt.Figure,
         directory: str = "confusion_matrix",
     ) -> None:
-        log_confusion_matrix(matrix, class_names, figure, directory)
+        """The matrix as a figure, CSV and JSON."""
+        if self.enabled:
+            log_confusion_matrix(matrix, class_names, figure, directory)
+        plt.close(figure)
 
-    def log_model(self, model: torch.nn.Module, *, bands: int, metadata: Mapping[str, Any]) -> str:
+    def log_model(self, model: torch.nn.Module, *, metadata: Mapping[str, Any]) -> str | None:
         """Log a CPU copy of the model in eval mode; returns its models:/ URI."""
+        if not self.enabled:
+            return None
         uri = log_landcover_model(model, metadata)
         with tempfile.TemporaryDirectory() as tmp:
             card = Path(tmp) / "landcover_model.json"
@@ -362,33 +363,3 @@ def log_landcover_model(
         output_margin=int(metadata.get("output_margin", 0)),
     )
     return info.model_uri
-
-
-class NullTracker(Tracker):
-    """What ranks other than 0 of a data-parallel run get: the same calls, nothing written
-    (one MLflow run per training, however many processes)."""
-
-    def __init__(self) -> None:
-        super().__init__("", "")
-
-    @contextlib.contextmanager
-    def start(self, run_name=None, run_id=None, tags=None) -> Iterator[str | None]:
-        yield None
-
-    def log_params(self, params: Mapping[str, str]) -> None:
-        pass
-
-    def log_metrics(self, metrics: Mapping[str, float], step: int) -> None:
-        pass
-
-    def log_text(self, text: str, artifact_file: str) -> None:
-        pass
-
-    def log_figure(self, figure: plt.Figure, artifact_file: str) -> None:
-        plt.close(figure)
-
-    def log_confusion_matrix(self, matrix, class_names, figure, directory="confusion_matrix"):
-        plt.close(figure)
-
-    def log_model(self, model, *, bands, metadata) -> str:
-        return ""

@@ -12,6 +12,7 @@ import mlflow
 import numpy as np
 import pytest
 import torch
+import yaml
 from mlflow.exceptions import MlflowException
 
 from landcover.checkpoint import load_checkpoint
@@ -75,11 +76,21 @@ def test_a_crafted_mlflow_model_runs_no_code(tmp_path):
     assert not marker.exists()
 
 
+GBM = {  # a complete pixel_gbm config, as training stores it
+    "arch": "pixel_gbm",
+    "max_iter": 5,
+    "learning_rate": 0.1,
+    "max_leaf_nodes": 31,
+    "l2_regularization": 0.0,
+    "samples": 1000,
+}
+
+
 def test_pixel_gbm_state_travels_without_pickle(tmp_path):
     from safetensors.torch import load_file, save_file
 
     model = build_model(
-        {"arch": "pixel_gbm", "max_iter": 5, "samples": 1000},
+        GBM,
         in_channels=4,
         num_classes=3,
         mean=[0.0] * 4,
@@ -89,15 +100,15 @@ def test_pixel_gbm_state_travels_without_pickle(tmp_path):
     pixels = rng.uniform(0, 255, (600, 4)).astype(np.float32)
     model.net.fit_pixels(pixels, (pixels[:, 3] > 128).astype(int) + (pixels[:, 0] > 200))
     save_file(model.state_dict(), str(tmp_path / "w.safetensors"))
-    again = build_model(
-        {"arch": "pixel_gbm"}, in_channels=4, num_classes=3, mean=[0.0] * 4, std=[1.0] * 4
-    )
+    again = build_model(GBM, in_channels=4, num_classes=3, mean=[0.0] * 4, std=[1.0] * 4)
     again.load_state_dict(load_file(str(tmp_path / "w.safetensors")))
     x = torch.from_numpy(rng.uniform(0, 255, (1, 4, 8, 8)).astype(np.float32))
     assert torch.equal(model(x), again(x))
     # the old pickled state is refused with the way out
     with pytest.raises(Exception, match="convert"):
-        PixelGBM(4, 3).set_extra_state(b"\x80\x04N.")
+        PixelGBM(4, 3, **{k: v for k, v in GBM.items() if k != "arch"}).set_extra_state(
+            b"\x80\x04N."
+        )
 
 
 def test_old_checkpoint_converts_with_trust(tmp_path):
@@ -109,9 +120,7 @@ def test_old_checkpoint_converts_with_trust(tmp_path):
     rng = np.random.default_rng(1)
     pixels = rng.uniform(0, 255, (300, 5))
     estimator = HistGradientBoostingClassifier(max_iter=3).fit(pixels, (pixels[:, 3] > 100) * 1)
-    model = build_model(
-        {"arch": "pixel_gbm"}, in_channels=4, num_classes=2, mean=[0.0] * 4, std=[1.0] * 4
-    )
+    model = build_model(GBM, in_channels=4, num_classes=2, mean=[0.0] * 4, std=[1.0] * 4)
     state = {k: v for k, v in model.state_dict().items() if not k.endswith("_extra_state")}
     state["net._extra_state"] = pickle.dumps(estimator)
     metadata = {
@@ -125,7 +134,8 @@ def test_old_checkpoint_converts_with_trust(tmp_path):
         "normalize": {"mean": [0.0] * 4, "std": [1.0] * 4},
     }
     old = tmp_path / "old.pt"
-    torch.save({"model": state, "metadata": metadata, "config": "model: {arch: pixel_gbm}\n"}, old)
+    config = yaml.safe_dump({"model": GBM})
+    torch.save({"model": state, "metadata": metadata, "config": config}, old)
     with pytest.raises(ModelReferenceError, match="--trust"):
         load_model_reference(str(old))
     out = subprocess.run(
@@ -486,7 +496,7 @@ def test_a_full_disk_is_named_and_earlier_files_survive(small_disk, tmp_path):
     (small_disk / "filler").write_bytes(b"\1" * (free.f_bavail * free.f_frsize - 150_000))
     model = load_model_reference(str(tiny_model_checkpoint(tmp_path)))
     scene = random_raster(tmp_path / "scene.tif", 1024)
-    settings = PredictSettings(progress=False, confidence=True)
+    settings = PredictSettings.defaults(progress=False, confidence=True)
     with pytest.raises(DiskFullError, match="no space left"):
         predict_raster(model, scene, small_disk / "map.tif", settings)
     assert sorted(p.name for p in small_disk.iterdir()) == ["filler", "last.pt"]
@@ -506,7 +516,7 @@ def test_an_input_truncated_under_prediction_is_one_error(tmp_path):
     out = tmp_path / "maps"
     out.mkdir()
     with pytest.raises(SceneError, match=r"scene.tif: .*(truncated|corrupt)") as failure:
-        predict_raster(model, scene, out / "map.tif", PredictSettings(progress=False))
+        predict_raster(model, scene, out / "map.tif", PredictSettings.defaults(progress=False))
     assert "\n" not in str(failure.value)
     assert list(out.iterdir()) == []
 

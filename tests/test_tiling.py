@@ -1,8 +1,10 @@
 import numpy as np
 import pytest
 
-from landcover.engine import FitSettings, FitState, Trainer
+from landcover.config import validate_config
+from landcover.engine import EarlyStopping, FitSettings
 from landcover.predict.tiling import StripAccumulator, TileLayout, blend_weights
+from tests.conftest import compose_train
 
 
 def test_layout_covers_the_raster_with_cores():
@@ -48,12 +50,20 @@ def test_accumulator_hands_out_every_row_once_with_constant_memory(blend):
 
 
 def test_early_stopping_and_improvement_logic():
-    trainer = Trainer.__new__(Trainer)
-    trainer.settings = FitSettings(max_epochs=10, monitor_mode="max", min_delta=0.01)
-    trainer.state = FitState()
-    assert trainer._improved(0.5)
-    trainer.state.best_value = 0.5
-    assert not trainer._improved(0.505)  # within min_delta
-    assert trainer._improved(0.52)
-    trainer.settings = FitSettings(max_epochs=10, monitor_mode="min")
-    assert trainer._improved(0.4) and not trainer._improved(0.6)
+    stopping = EarlyStopping("max", min_delta=0.01, patience=2)
+    assert stopping.improved(0.5, None)
+    assert not stopping.improved(float("nan"), None)
+    assert not stopping.improved(0.505, 0.5)  # within min_delta
+    assert stopping.improved(0.52, 0.5)
+    lower = EarlyStopping("min", min_delta=0.0, patience=None)
+    assert lower.improved(0.4, 0.5) and not lower.improved(0.6, 0.5)
+    assert stopping.should_stop(2) and not stopping.should_stop(1)
+    assert not lower.should_stop(1000)  # no patience: never
+
+
+def test_fit_settings_come_from_the_trainer_config():
+    cfg = validate_config(compose_train("trainer.early_stopping.patience=3"))
+    settings = FitSettings.from_config(cfg.trainer)
+    assert settings.stopping == EarlyStopping(str(cfg.trainer.monitor_mode), 0.0, 3)
+    assert settings.max_epochs == cfg.trainer.max_epochs
+    assert FitSettings.from_config(cfg.trainer, fitted_once=True).max_epochs == 1

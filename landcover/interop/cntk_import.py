@@ -23,7 +23,7 @@ from collections import defaultdict
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -83,12 +83,15 @@ class CntkGraph:
         return seen
 
     def is_block(self, uid: str) -> bool:
+        """Whether a node is a block (CNTK's layer wrapper) rather than a primitive op."""
         return "block_function_op_name" in self.functions.get(uid, {})
 
     def op(self, uid: str) -> int:
+        """A node's primitive op code (what the walk matches the 2018 network's layers on)."""
         return int(self.functions[uid]["op"])
 
     def data_inputs(self, uid: str) -> list[str]:
+        """A node's inputs that are data (not parameters)."""
         return [
             name
             for name in self.functions[uid]["inputs"]
@@ -113,6 +116,7 @@ class CntkGraph:
         return block
 
     def next_of(self, uid: str, *, kind: str | None = None, op: int | None = None) -> list[str]:
+        """The nodes fed by `uid`, optionally only those of a kind or op: the walk's step."""
         out = []
         for consumer in self.consumers.get(uid, []):
             if (
@@ -126,6 +130,7 @@ class CntkGraph:
         return out
 
     def error(self, message: str) -> CntkImportError:
+        """A CntkImportError that names the file: the graph is not the network we know."""
         return CntkImportError(f"{self.source}: {message}")
 
 
@@ -189,7 +194,7 @@ def trace_seed_layout(graph: CntkGraph) -> SeedLayout:
     while True:
         if conv.stride == 2:
             level += 1
-        (bn_uid,) = graph.next_of(conv.uid, kind="BatchNormalization") or [None]
+        bn_uid = _only(graph.next_of(conv.uid, kind="BatchNormalization"))
         if bn_uid is None:
             raise graph.error(f"convolution {conv.uid} is not followed by a batch norm")
         encoder.append((conv, graph.blocks[bn_uid]))
@@ -218,13 +223,13 @@ def trace_seed_layout(graph: CntkGraph) -> SeedLayout:
     for step in range(3):
         up = graph.blocks[node]
         upsample.append(up)
-        (up_conv,) = graph.next_of(up.uid, kind="Convolution") or [None]
+        up_conv = _only(graph.next_of(up.uid, kind="Convolution"))
         if up_conv is None:
             raise graph.error(f"transposed convolution {up.uid} is not followed by a 1 x 1 conv")
         from_up.append(graph.blocks[up_conv])
         terms, node = [], up_conv
         while not graph.next_of(node, op=RELU):
-            (plus,) = graph.next_of(node, op=PLUS) or [None]
+            plus = _only(graph.next_of(node, op=PLUS))
             if plus is None:
                 raise graph.error(f"{node} does not lead to a sum and a ReLU")
             terms += _sum_terms(
@@ -243,11 +248,12 @@ def trace_seed_layout(graph: CntkGraph) -> SeedLayout:
         if step == 2 and from_input.uid not in terms:
             raise graph.error("the input convolution should join the full-resolution sum")
         if step < 2:
-            (node,) = graph.next_of(relu, kind="ConvolutionTranspose") or [None]
-            if node is None:
+            upsampling = _only(graph.next_of(relu, kind="ConvolutionTranspose"))
+            if upsampling is None:
                 raise graph.error(f"decoder step {step} is not followed by an upsampling")
+            node = upsampling
         else:
-            (head_uid,) = graph.next_of(relu, kind="Convolution") or [None]
+            head_uid = _only(graph.next_of(relu, kind="Convolution"))
             head = graph.blocks.get(head_uid) if head_uid else None
     if head is None or not head.ends_with_relu:
         raise graph.error("the network should end with a 3 x 3 convolution and a ReLU")
@@ -275,19 +281,26 @@ def _batch_norm(prefix: str, block: Block) -> Iterable[tuple[str, str, np.ndarra
         yield f"{prefix}.{torch_name}", uid, value.array.reshape(-1)
 
 
+def _only(uids: list[str]) -> str | None:
+    """The one node a walk through the graph expects next (None: the walk ends here)."""
+    if len(uids) > 1:
+        raise CntkImportError(f"the graph branches where the 2018 network does not: {uids}")
+    return uids[0] if uids else None
+
+
 def seed_state_dict(layout: SeedLayout, net: SeedNet) -> tuple[dict[str, torch.Tensor], dict]:
     """PyTorch tensors for every entry of `net.state_dict()`, and the name mapping."""
     pairs: list[tuple[str, str, np.ndarray]] = []
     position = 0
     for level_index, level in enumerate(net.encoder):
-        for step_index, _ in enumerate(level):
+        for step_index, _ in enumerate(level.children()):
             if position >= len(layout.encoder) or layout.levels[position] != level_index:
                 raise CntkImportError(
                     f"encoder level {level_index} has a different number of convolutions "
                     f"in the CNTK graph (levels {layout.levels})"
                 )
             conv, bn = layout.encoder[position]
-            expected_stride = net.encoder[level_index][step_index][0].stride[0]
+            expected_stride = cast(Any, net.encoder)[level_index][step_index][0].stride[0]
             if conv.stride != expected_stride:
                 raise CntkImportError(
                     f"{conv.uid}: stride {conv.stride}, seed has {expected_stride}"
@@ -329,6 +342,8 @@ def seed_state_dict(layout: SeedLayout, net: SeedNet) -> tuple[dict[str, torch.T
 
 @dataclass
 class ImportedModel:
+    """The rebuilt network, where each CNTK tensor went, and counts for the log."""
+
     net: SeedNet
     mapping: dict[str, str]  # PyTorch name -> CNTK uid
     cntk_tensors: int
@@ -353,6 +368,7 @@ def import_cntk_seed(path: Path) -> ImportedModel:
 
 
 def seed_from_dictionary(dictionary: dict[str, Any], source: str) -> ImportedModel:
+    """The 2018 network rebuilt in PyTorch from a decoded CNTK model dictionary."""
     graph = CntkGraph(dictionary, source)
     layout = trace_seed_layout(graph)
     stored = {uid for uid, v in graph.variables.items() if v.get("kind") in (PARAMETER, CONSTANT)}

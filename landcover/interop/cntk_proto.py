@@ -35,6 +35,8 @@ class CntkFormatError(LandcoverError):
 
 @dataclass(frozen=True)
 class Axis:
+    """A CNTK dynamic axis (batch or sequence), kept only to check the input's layout."""
+
     static_axis_idx: int
     name: str
     is_ordered_dynamic_axis: bool
@@ -80,7 +82,8 @@ def fields(buf: memoryview) -> list[tuple[int, int, Any]]:
     """(field number, wire type, raw value) for each field of one message."""
     if not isinstance(buf, memoryview):
         raise CntkFormatError("a number where a message belongs")
-    out = []
+    out: list[tuple[int, int, Any]] = []
+    value: int | memoryview
     pos, end = 0, len(buf)
     while pos < end:
         key, pos = _varint(buf, pos)
@@ -121,6 +124,7 @@ def _packed_varints(value: Any, wire: int) -> list[int]:
 
 
 def decode_shape(buf: memoryview) -> tuple[int, ...]:
+    """A CNTK NDShape message as a tuple of dimensions."""
     dims: list[int] = []
     for number, wire, value in fields(buf):
         if number == 1:
@@ -132,6 +136,7 @@ def decode_shape(buf: memoryview) -> tuple[int, ...]:
 
 
 def decode_axis(buf: memoryview) -> Axis:
+    """A CNTK Axis message."""
     index, name, ordered = 0, "", False
     for number, _, value in fields(buf):
         if number == 1:
@@ -148,7 +153,11 @@ NDARRAY_DTYPES = {1: np.float32, 2: np.float64, 4: np.float16}
 
 
 def decode_ndarray(buf: memoryview) -> NDArray:
-    data_type, storage, shape, values = 0, 0, (), None
+    """A CNTK NDArrayView as a numpy array, its size checked against its shape (crafted files are
+    refused)."""
+    data_type, storage = 0, 0
+    shape: tuple[int, ...] = ()
+    values: np.ndarray | None = None
     for number, _wire, value in fields(buf):
         if number == 1:
             data_type = value
@@ -211,6 +220,7 @@ def decode_value(buf: memoryview, depth: int = 0) -> Any:
 
 
 def decode_dictionary(buf: memoryview, depth: int = 0) -> dict[str, Any]:
+    """A CNTK Dictionary message (the model file's root) as Python values, depth-bounded."""
     if depth > MAX_DEPTH:
         raise CntkFormatError(f"values nested deeper than {MAX_DEPTH}")
     out: dict[str, Any] = {}

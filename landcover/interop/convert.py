@@ -33,12 +33,17 @@ def _skops_state(value: Any) -> Any:
 
 
 def model_config_from_yaml(text: str) -> dict[str, Any]:
+    """The `model` config of a training config saved as YAML text (old checkpoints)."""
     from omegaconf import OmegaConf
 
-    return OmegaConf.to_container(OmegaConf.create(text).model, resolve=True)
+    from landcover.config import plain_dict
+
+    return plain_dict(OmegaConf.create(text).model)
 
 
 def convert_checkpoint(path: Path, output: Path) -> Path:
+    """Rewrite a pickled old checkpoint as one that loads without running code (the user vouched for
+    it)."""
     state = torch.load(path, map_location="cpu", weights_only=False)  # trusted by the user
     if not isinstance(state, dict) or "model" not in state:
         raise LandcoverError(f"{path}: not a landcover training checkpoint")
@@ -79,6 +84,7 @@ def convert_logged_model(reference: str, tracking_uri: str | None) -> str:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`landcover-convert-model REFERENCE --trust`."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("reference", help="a checkpoint (.pt), a run id or a runs:/ URI")
     parser.add_argument(

@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
+import mlflow
 from omegaconf import DictConfig
 
 from landcover import tracking
@@ -16,7 +17,28 @@ from landcover.predict.writer import check_writable
 log = logging.getLogger("landcover.export")
 
 
+def log_export(
+    uri: str, run_id: str | None, experiment: str, path: Path, max_abs_diff: float, reference: str
+) -> None:
+    """Attach an exported ONNX file to the model's training run (or a run of its own)."""
+    mlflow.set_tracking_uri(uri)
+    if run_id is None:
+        with tracking.start_run(
+            uri,
+            experiment,
+            run_name=f"export {path.name}",
+            tags={"landcover.kind": "export", "landcover.model": reference},
+        ):
+            mlflow.log_artifact(str(path), "onnx")
+            mlflow.log_metric("onnx/max_abs_diff", max_abs_diff)
+        return
+    client = mlflow.tracking.MlflowClient(uri)
+    client.log_artifact(run_id, str(path), "onnx")
+    client.log_metric(run_id, "onnx/max_abs_diff", max_abs_diff)
+
+
 def run_export(cfg: DictConfig) -> tuple[Path, float]:
+    """`landcover-export`: the model as ONNX, checked against PyTorch before it is kept."""
     output = Path(cfg.output)
     check_writable(output)
     model = load_model_reference(str(cfg.model), tracking_uri=cfg.tracking.uri, device="cpu")
@@ -42,7 +64,7 @@ def run_export(cfg: DictConfig) -> tuple[Path, float]:
         )
     log.info("wrote %s (max |onnx - torch| = %.2e)", output, difference)
     if cfg.log_to_mlflow:
-        tracking.log_export(
+        log_export(
             cfg.tracking.uri,
             model.source_run_id,
             cfg.tracking.experiment,

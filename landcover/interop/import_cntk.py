@@ -17,11 +17,12 @@ import json
 import logging
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
 
 from landcover import tracking
-from landcover.config import DataConfig
+from landcover.config import plain_dict
 from landcover.data.loaders import split_scenes
 from landcover.data.scenes import dataset_fingerprint
 from landcover.data.schema import ClassSchema
@@ -38,6 +39,7 @@ log = logging.getLogger("landcover.import_cntk")
 
 
 def tutorial_metadata(cfg: DictConfig, schema: ClassSchema, source: Path, digest: str) -> dict:
+    """The metadata a landcover model carries, for the 2018 network and its 5 labels."""
     return {
         "landcover_format": 2,
         "arch": "seed",
@@ -66,35 +68,36 @@ def tutorial_model(net: SeedNet, cfg: DictConfig) -> SegmentationModel:
 
 
 def load_schema(name: str) -> ClassSchema:
+    """A class schema by name from `conf/data/schema/`."""
     path = Path(CONFIG_DIR) / "data" / "schema" / f"{name}.yaml"
     if not path.is_file():
         raise ConfigError(f"schema={name!r}: no {path}")
-    return ClassSchema.from_config(OmegaConf.load(path))
+    return ClassSchema.from_config(plain_dict(OmegaConf.load(path)))
 
 
 def evaluate_import(cfg: DictConfig, model, schema: ClassSchema) -> tuple[dict, str]:
     """Whole-scene scores on one split (the tutorial's 256 in / 128 out tiling)."""
     from landcover.evaluate import evaluate_scene
 
-    data_cfg = OmegaConf.merge(
-        OmegaConf.structured(DataConfig), OmegaConf.to_container(cfg.data, resolve=True)
-    )
+    data_cfg = cfg.data  # typed and resolved by validate_command_config
     # every split is read (and checked) once: all of them make the fingerprint, as in training
     by_split = {split: split_scenes(data_cfg, split, schema) for split in data_cfg.splits}
     split = str(cfg.evaluate_split)
     scenes = by_split.get(split) or split_scenes(data_cfg, split, schema)  # raises, naming it
     all_scenes = [scene for found in by_split.values() for scene in found]
     # 256 in: the tutorial's tiles; the predictor keeps their 128 px centres (the margin)
-    settings = PredictSettings(tile_size=256, progress=False)
+    settings = PredictSettings.defaults(tile_size=256, progress=False)
     out = Path(str(cfg.output_dir))
     out.mkdir(parents=True, exist_ok=True)
-    matrix = sum(evaluate_scene(model, s, out, settings, 0.9, 16).matrix for s in scenes)
+    matrix = np.sum([evaluate_scene(model, s, out, settings, 0.9, 16).matrix for s in scenes], 0)
     scores = scores_from_matrix(matrix, schema.scored_classes)
     metrics = scores.as_metrics(schema.names, schema.scored_classes, prefix="val/")
     return metrics, dataset_fingerprint(all_scenes)
 
 
 def run_import(cfg: DictConfig) -> str:
+    """`landcover-import-cntk`: rebuild the 2018 model, optionally score it, and log it as a
+    landcover model."""
     source = Path(str(cfg.file))
     imported = import_cntk_seed(source)
     digest = hashlib.sha256(source.read_bytes()).hexdigest()
@@ -123,6 +126,7 @@ def run_import(cfg: DictConfig) -> str:
     with tracker.start(
         run_name=cfg.tracking.run_name or f"cntk {source.stem}", tags=tags
     ) as run_id:
+        assert run_id is not None  # a tracker that records
         tracker.log_params(
             {
                 "source.file": source.name,
@@ -135,7 +139,7 @@ def run_import(cfg: DictConfig) -> str:
         tracker.log_text(json.dumps(imported.mapping, indent=1), "cntk/tensor_mapping.json")
         if metrics:
             tracker.log_metrics(metrics, step=0)
-        tracker.log_model(torch.nn.Module.cpu(model), bands=4, metadata=metadata)
+        tracker.log_model(torch.nn.Module.cpu(model), metadata=metadata)
     log.info(
         "imported %s: %d CNTK tensors -> %d PyTorch tensors (%d parameters); run %s%s",
         source,

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, cast
 
 import numpy as np
 import torch
@@ -18,7 +18,9 @@ from torch import nn
 
 from landcover.atomic import atomic_target
 from landcover.errors import LandcoverError
-from landcover.models import SegmentationModel
+
+if TYPE_CHECKING:  # importing smp costs seconds; an ONNX model never needs it
+    from landcover.models import SegmentationModel
 
 METADATA_KEY = "landcover"
 
@@ -35,7 +37,7 @@ class _Exportable(nn.Module):
 
 
 def export_onnx(
-    model: SegmentationModel,
+    model: torch.nn.Module,
     metadata: dict[str, Any],
     path: Path,
     opset: int = 17,
@@ -51,7 +53,7 @@ def export_onnx(
     example = torch.rand(1, int(metadata["bands"]), size, size) * 255
     with atomic_target(path) as tmp:
         torch.onnx.export(
-            _Exportable(model),
+            _Exportable(cast("SegmentationModel", model)),
             (example,),
             str(tmp),
             input_names=["pixels"],
@@ -85,7 +87,7 @@ def load_onnx(path: Path):
 
 
 def max_abs_difference(
-    model: SegmentationModel, path: Path, sizes=((1, 256, 256), (2, 320, 192)), seed: int = 0
+    model: torch.nn.Module, path: Path, sizes=((1, 256, 256), (2, 320, 192)), seed: int = 0
 ) -> float:
     """Largest |ONNX - PyTorch| logit difference over random inputs of several shapes."""
     session, metadata = load_onnx(path)

@@ -4,19 +4,22 @@ Land cover papers compare their networks with per-pixel classifiers on the spect
 alone; this is that baseline. It is a `torch.nn.Module` so that everything downstream (the
 validation loop, checkpoints, MLflow logging, tiled prediction, evaluation, serving) takes it
 unchanged: `forward` returns log-probabilities shaped like a network's logits. It is fitted,
-not trained: the trainer hands it the labelled pixels of its training patches once
-(`fit_pixels`). The fitted estimator travels in the module's state dict as extra state: a uint8
-tensor of skops bytes (never pickle), loaded with a fixed list of trusted types, so a model
-file cannot make loading run code.
+not trained (`fitted_once` says so): the trainer hands it one pass of training batches
+(`fit_batches`). The fitted estimator travels in the module's state dict as extra state: a
+uint8 tensor of skops bytes (never pickle), loaded with a fixed list of trusted types, so a
+model file cannot make loading run code.
 """
 
 from __future__ import annotations
+
+from collections.abc import Iterable
 
 import numpy as np
 import torch
 from sklearn.ensemble import HistGradientBoostingClassifier
 from torch import nn
 
+from landcover.data.schema import IGNORE_INDEX
 from landcover.errors import LandcoverError
 
 RED, NIR = 0, 3  # band order R, G, B, NIR (data.band_names)
@@ -29,17 +32,19 @@ class PixelGBM(nn.Module):
 
     output_margin = 0
     size_divisor = 1
+    fitted_once = True  # fitted on one pass of labelled pixels, not trained by epochs
+    reads_raw_pixels = True  # NDVI needs digital numbers, not normalised values
 
     def __init__(
         self,
         in_channels: int,
         num_classes: int,
         *,
-        max_iter: int = 200,
-        learning_rate: float = 0.1,
-        max_leaf_nodes: int = 31,
-        l2_regularization: float = 0.0,
-        samples: int = 200_000,
+        max_iter: int,
+        learning_rate: float,
+        max_leaf_nodes: int,
+        l2_regularization: float,
+        samples: int,
         seed: int = 0,
     ) -> None:
         super().__init__()
@@ -64,6 +69,15 @@ class PixelGBM(nn.Module):
         ndvi = (nir - red) / np.maximum(nir + red, 1e-3)
         return np.concatenate([pixels, ndvi[:, None]], axis=1)
 
+    def fit_batches(self, batches: Iterable[tuple[torch.Tensor, torch.Tensor]]) -> dict[str, float]:
+        """Fit on the labelled pixels of (image, target) batches: the trainer's one epoch."""
+        pixels, labels = [], []
+        for image, target in batches:
+            labelled = target != IGNORE_INDEX
+            pixels.append(image.permute(0, 2, 3, 1)[labelled].cpu().numpy())
+            labels.append(target[labelled].cpu().numpy())
+        return self.fit_pixels(np.concatenate(pixels), np.concatenate(labels))
+
     def fit_pixels(self, pixels: np.ndarray, labels: np.ndarray) -> dict[str, float]:
         """Fit on (N, bands) pixels with class indices; subsampled to `samples`."""
         rng = np.random.default_rng(self.seed)
@@ -80,6 +94,7 @@ class PixelGBM(nn.Module):
         }
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Log-probabilities per pixel shaped like a network's logits (uniform before fitting)."""
         batch, bands, height, width = x.shape
         if self.estimator is None:  # not fitted yet: uniform
             return torch.zeros(batch, self.num_classes, height, width, device=x.device)
@@ -91,9 +106,11 @@ class PixelGBM(nn.Module):
         return logits.reshape(batch, height, width, self.num_classes).permute(0, 3, 1, 2)
 
     def get_extra_state(self) -> torch.Tensor:
+        """The fitted trees as skops bytes in the state dict (never pickle)."""
         return estimator_state(self.estimator)
 
     def set_extra_state(self, state: object) -> None:
+        """Load fitted trees from skops bytes, refusing pickles and types off a fixed list."""
         if not isinstance(state, torch.Tensor):
             raise LandcoverError(
                 "the per-pixel GBM's state is a pickle (saved by an older landcover), which can "

@@ -37,6 +37,7 @@ class ConvBN(nn.Sequential):
 
 def upsample(channels: int) -> nn.ConvTranspose2d:
     # CNTK's "same" transposed convolution: the adjoint of a stride-2, pad-1 3 x 3 convolution
+    """The 2018 network's 2x transposed convolution step."""
     return nn.ConvTranspose2d(
         channels, channels, 3, stride=2, padding=1, output_padding=1, bias=False
     )
@@ -50,7 +51,7 @@ class SeedNet(nn.Module):
 
     def __init__(self, in_channels: int = 4, num_classes: int = 5) -> None:
         super().__init__()
-        self.encoder = nn.ModuleList(
+        self.encoder: nn.ModuleList = nn.ModuleList(
             [
                 nn.Sequential(
                     ConvBN(in_channels, 64, relu=False), *[ConvBN(64, 64) for _ in range(4)]
@@ -72,6 +73,7 @@ class SeedNet(nn.Module):
         self.head = nn.Conv2d(64, num_classes, 3, padding=1)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for the centre of the input (the margin is cropped by SegmentationModel)."""
         rgb_mean = x[:, :3].mean(dim=(2, 3), keepdim=True)
         x = torch.cat([x[:, :3] - rgb_mean, x[:, 3:]], dim=1)
         features = []

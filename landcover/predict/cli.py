@@ -4,23 +4,68 @@ from __future__ import annotations
 
 import glob
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import Any
 
+import matplotlib.pyplot as plt
+import mlflow
 import numpy as np
 import rasterio
-import torch
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
 
 from landcover import distributed as dist
 from landcover import tracking
 from landcover.atomic import write_text
+from landcover.config import plain_dict
 from landcover.errors import ConfigError
 from landcover.figures import quicklook_figure
 from landcover.predict.predictor import PredictionResult, PredictSettings, predict_raster
 from landcover.predict.reference import LoadedModel, load_model_reference
+from landcover.runtime import select_device
 
 log = logging.getLogger("landcover.predict")
+
+
+def log_prediction(
+    *,
+    input_path: Path,
+    outputs: Mapping[str, Path],
+    model_reference: str,
+    source_run_id: str | None,
+    settings: Mapping[str, Any],
+    area_csv: str,
+    area_json: str,
+    quicklook: plt.Figure,
+    seconds: float,
+    pixels: int,
+) -> None:
+    """One prediction, inside an active run: what went in, what came out, how long."""
+    mlflow.log_params(
+        {
+            "input": str(input_path),
+            "model": model_reference,
+            **{f"predict.{k}": v for k, v in settings.items()},
+        }
+    )
+    mlflow.set_tags(
+        {
+            "landcover.kind": "prediction",
+            **({"landcover.source_run_id": source_run_id} if source_run_id else {}),
+            **{f"output.{k}": str(v) for k, v in outputs.items()},
+        }
+    )
+    mlflow.log_metrics(
+        {
+            "seconds": seconds,
+            "megapixels": pixels / 1e6,
+            "megapixels_per_s": pixels / 1e6 / max(seconds, 1e-9),
+        }
+    )
+    mlflow.log_text(area_csv, "area/area_table.csv")
+    mlflow.log_text(area_json, "area/area_table.json")
+    mlflow.log_figure(quicklook, "quicklook.png")
+    plt.close(quicklook)
 
 
 def expand_inputs(spec: str | Sequence[str]) -> list[Path]:
@@ -53,6 +98,7 @@ def output_paths(inputs: Sequence[Path], output: str) -> list[Path]:
 
 
 def quicklook(path: Path, model: LoadedModel, size: int):
+    """A small coloured picture of a written map, with class names, for the MLflow run."""
     with rasterio.open(path) as src:
         scale = max(src.width, src.height) / size
         shape = (max(1, int(src.height / max(scale, 1))), max(1, int(src.width / max(scale, 1))))
@@ -64,17 +110,16 @@ def quicklook(path: Path, model: LoadedModel, size: int):
 
 
 def run_predictions(cfg: DictConfig) -> list[PredictionResult]:
-    spec = OmegaConf.to_container(cfg.input) if isinstance(cfg.input, ListConfig) else cfg.input
+    """`landcover-predict`: map every input with one loaded model, recording each map."""
+    spec = [str(s) for s in cfg.input] if isinstance(cfg.input, ListConfig) else str(cfg.input)
     inputs = expand_inputs(spec)
     outputs = output_paths(inputs, str(cfg.output))
-    device = str(cfg.device)
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
+    device = str(select_device(cfg.device))
     distributed = dist.init(device.split(":")[0])
     if distributed.enabled and device == "cuda":
         device = f"cuda:{distributed.local_rank}"
     model = load_model_reference(str(cfg.model), tracking_uri=cfg.tracking.uri, device=device)
-    settings = PredictSettings(**OmegaConf.to_container(cfg.predict))
+    settings = PredictSettings(**plain_dict(cfg.predict))
     # several processes (torchrun): rank r maps inputs r, r + N, ...; rank 0 records them all
     mine = list(zip(inputs, outputs, strict=True))[distributed.rank :: distributed.world_size]
     results = []
@@ -101,12 +146,12 @@ def run_predictions(cfg: DictConfig) -> list[PredictionResult]:
             with tracking.start_run(
                 cfg.tracking.uri, cfg.tracking.experiment, run_name=f"predict {input_path.name}"
             ):
-                tracking.log_prediction(
+                log_prediction(
                     input_path=input_path,
                     outputs=result.outputs,
                     model_reference=model.reference,
                     source_run_id=model.source_run_id,
-                    settings=OmegaConf.to_container(cfg.predict),
+                    settings=plain_dict(cfg.predict),
                     area_csv=table.to_csv(),
                     area_json=table.to_json(),
                     quicklook=quicklook(result.outputs["classes"], model, cfg.quicklook_size),
