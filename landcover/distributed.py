@@ -15,6 +15,7 @@ same reason; torch's SyncBatchNorm is CUDA-only, this one works with gloo and NC
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -38,6 +39,7 @@ def init(device_type: str) -> DistributedContext:
 
 
 def shutdown() -> None:
+    """Destroy the process group if one was started, so a torchrun rank exits cleanly."""
     if dist.is_initialized():
         dist.destroy_process_group()
 
@@ -50,6 +52,7 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def barrier() -> None:
+    """Wait for every rank (a no-op in one process)."""
     if dist.is_initialized():
         dist.barrier()
 
@@ -68,7 +71,7 @@ def gather_to_main(items: list) -> list:
     process, the list itself."""
     if not dist.is_initialized():
         return items
-    gathered = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
+    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
     dist.gather_object(items, gathered, dst=0)
     return [item for part in gathered for item in part] if gathered is not None else []
 
@@ -117,6 +120,8 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Batch statistics summed over every rank with a differentiable all-reduce, so the gradient
+        sees the global batch."""
         if not (self.training and dist.is_initialized()):
             return super().forward(x)
         channels = x.shape[1]
@@ -130,6 +135,8 @@ class DistributedBatchNorm2d(nn.BatchNorm2d):
         var = (total[channels : 2 * channels] / n - mean * mean).to(x.dtype)
         mean = mean.to(x.dtype)
         if self.track_running_stats:
+            assert self.running_mean is not None and self.running_var is not None
+            assert self.num_batches_tracked is not None
             with torch.no_grad():
                 self.num_batches_tracked += 1
                 momentum = self.momentum if self.momentum is not None else 0.1
@@ -155,5 +162,5 @@ def plain_batchnorm(module: nn.Module) -> nn.Module:
     """Undo `sync_batchnorm` (before logging a model for use in one process)."""
     for layer in module.modules():
         if type(layer) is DistributedBatchNorm2d:
-            layer.__class__ = nn.BatchNorm2d
+            layer.__class__ = nn.BatchNorm2d  # type: ignore[assignment]  # the swap undone
     return module

@@ -32,6 +32,7 @@ HOST = "127.0.0.1"
 
 
 def free_port() -> int:
+    """A TCP port nothing listens on, for a local server in tests and demos."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((HOST, 0))
         return sock.getsockname()[1]

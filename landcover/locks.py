@@ -21,15 +21,18 @@ _GUARD = threading.Lock()
 
 
 def sqlite_path(url: str) -> Path | None:
+    """The database file of a `sqlite:///` URL (None for other stores)."""
     prefix = "sqlite:///"
     return Path(url[len(prefix) :]) if url.startswith(prefix) else None
 
 
 def is_postgresql(url: str) -> bool:
+    """Whether a store URL is PostgreSQL (advisory locks instead of a lock file)."""
     return url.startswith(("postgresql:", "postgresql+"))
 
 
 def can_lock(url: str) -> bool:
+    """Whether `store_lock` can serialise writers of this store."""
     return sqlite_path(url) is not None or is_postgresql(url)
 
 

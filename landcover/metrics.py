@@ -35,11 +35,15 @@ class ConfusionMatrix:
         )
 
     def numpy(self) -> np.ndarray:
+        """The counts on the CPU as int64 (labels in rows, predictions in columns)."""
         return self.matrix.cpu().numpy()
 
 
 @dataclass(frozen=True)
 class Scores:
+    """Per-class and overall scores from one confusion matrix: the only source of every metric we
+    log."""
+
     overall_accuracy: float
     mean_iou: float
     kappa: float

@@ -9,8 +9,9 @@ from __future__ import annotations
 import logging
 
 from mlflow.tracking import MlflowClient
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
+from landcover.config import plain_dict
 from landcover.errors import ConfigError
 from landcover.registry import Promotion, candidate_of_run, find_best_run, promote
 
@@ -18,6 +19,7 @@ log = logging.getLogger("landcover.promote")
 
 
 def run_promotion(cfg: DictConfig) -> Promotion:
+    """`landcover-promote`: choose, register and move the alias under the registry lock."""
     if int(cfg.filters.min_epochs) < 0:
         raise ConfigError(f"filters.min_epochs={cfg.filters.min_epochs} must be >= 0")
     client = MlflowClient(cfg.tracking.uri)
@@ -31,7 +33,7 @@ def run_promotion(cfg: DictConfig) -> Promotion:
             direction=cfg.direction,
             study=cfg.sweep,
             min_epochs=int(cfg.filters.min_epochs),
-            tags={str(k): str(v) for k, v in OmegaConf.to_container(cfg.filters.tags).items()},
+            tags={str(k): str(v) for k, v in plain_dict(cfg.filters.tags).items()},
             where=cfg.filters.where or "",
         )
     experiment = client.get_experiment(candidate.run.info.experiment_id).name

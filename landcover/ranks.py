@@ -14,16 +14,20 @@ from dataclasses import dataclass
 
 @dataclass(frozen=True)
 class DistributedContext:
+    """This process's place among torchrun's ranks (one process: rank 0 of 1)."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
 
     @property
     def enabled(self) -> bool:
+        """Whether several processes share the work."""
         return self.world_size > 1
 
     @property
     def is_main(self) -> bool:
+        """Whether this process records (rank 0)."""
         return self.rank == 0
 
 

@@ -53,14 +53,17 @@ class Candidate:
 
     @property
     def run_id(self) -> str:
+        """The MLflow run that trained the candidate."""
         return self.run.info.run_id
 
     @property
     def fingerprint(self) -> str | None:
+        """The dataset fingerprint its metric was measured on (compare like with like)."""
         return self.run.data.tags.get(FINGERPRINT_TAG)
 
     @property
     def model_id(self) -> str | None:
+        """The LoggedModel of the run (what a registry version is created from)."""
         return logged_model_id(self.run)
 
 
@@ -172,6 +175,7 @@ def find_best_run(
 
 
 def candidate_of_run(client: MlflowClient, run_id: str, metric: str) -> Candidate:
+    """A named run as a promotion candidate, with its metric and data fingerprint."""
     try:
         run = client.get_run(run_id)
     except MlflowException as err:
@@ -287,7 +291,7 @@ def promote(
     beside SQLite, an advisory lock on PostgreSQL): two promotions at once never give one run
     two versions, and the champion is always the best of what was promoted.
     """
-    with locks.store_lock(client._registry_uri, "registry"):
+    with locks.store_lock(str(client._registry_uri), "registry"):
         return _promote(
             client,
             candidate,
@@ -319,7 +323,7 @@ def _promote(
         raise PromotionError(f"against={against!r} names no registered model version")
     champion_value: float | None = None
     if champion is not None and champion.run_id != candidate.run_id:
-        champion_run = client.get_run(champion.run_id)
+        champion_run = client.get_run(str(champion.run_id))
         fingerprint = champion_run.data.tags.get(FINGERPRINT_TAG)
         if fingerprint != candidate.fingerprint and not force:
             raise PromotionError(
@@ -349,7 +353,7 @@ def _promote(
         result.champion, result.reason = True, f"no {alias} yet"
     elif force:
         result.champion, result.reason = True, "forced"
-    elif _better(candidate.value, champion_value, direction):
+    elif champion_value is None or _better(candidate.value, champion_value, direction):
         result.champion = True
         result.reason = (
             f"{candidate.metric} {candidate.value:.4f} beats {champion_value:.4f} "

@@ -19,6 +19,7 @@ from landcover.serving import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 
 
 def serve_command(model: str, host: str, port: int, workers: int) -> list[str]:
+    """The `mlflow models serve` command line for a model, with our pixel budget."""
     mlflow = Path(sys.executable).parent / "mlflow"
     return [
         str(mlflow),
@@ -38,6 +39,7 @@ def serve_command(model: str, host: str, port: int, workers: int) -> list[str]:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`landcover-serve MODEL`: serve a model over HTTP through MLflow."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("model", help="models:/name@alias, models:/name/N or runs:/<id>/model")
     parser.add_argument("--host", default="127.0.0.1")

@@ -110,6 +110,8 @@ def load_model(model_uri: str) -> torch.nn.Module:
 
 
 def max_pixels() -> int:
+    """Pixels one request may carry (LANDCOVER_SERVE_MAX_PIXELS): a large request gets a 400, not an
+    out-of-memory kill."""
     return int(os.environ.get(MAX_PIXELS_ENV, DEFAULT_MAX_PIXELS))
 
 
@@ -122,6 +124,7 @@ class ClassMapModel:
         self.margin = output_margin
 
     def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> np.ndarray:
+        """Class codes for a batch of raw pixels; bad or oversized requests are 400s."""
         if isinstance(data, Mapping):  # a named tensor input arrives as {"pixels": array}
             data = data["pixels"] if "pixels" in data else next(iter(data.values()))
         array = np.asarray(data, dtype=np.float32)
@@ -148,6 +151,7 @@ class ClassMapModel:
         return self.codes[logits.argmax(1)].numpy()
 
     def get_raw_model(self) -> torch.nn.Module:
+        """The PyTorch module behind the pyfunc face."""
         return self.module
 
 

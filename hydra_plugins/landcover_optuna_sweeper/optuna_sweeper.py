@@ -20,6 +20,8 @@ from omegaconf import DictConfig
 
 @dataclass
 class OptunaSweeperConf:
+    """`hydra/sweeper=optuna` settings (the search space is the `params` of a sweep config)."""
+
     _target_: str = "hydra_plugins.landcover_optuna_sweeper.optuna_sweeper.LandcoverOptunaSweeper"
     study_name: str | None = None
     storage: str | None = None  # default: sqlite:///optuna.db in the working directory
@@ -56,9 +58,11 @@ class LandcoverOptunaSweeper(Sweeper):
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
+        """Hand Hydra's context to the sweep."""
         self.sweep_impl.setup(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
 
     def sweep(self, arguments: list[str]) -> None:
+        """Run the study for the command line's overrides."""
         self.sweep_impl.sweep(arguments)

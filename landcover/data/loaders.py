@@ -6,9 +6,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 from torch.utils.data import DataLoader
 
+from landcover.config import plain_dict
 from landcover.data.reader import SceneReader
 from landcover.data.sampling import GridPatchDataset, RandomPatchDataset, RareClassSampling
 from landcover.data.scenes import Scene, dataset_fingerprint, find_pairs, load_scenes
@@ -25,6 +26,9 @@ from landcover.errors import ConfigError
 
 @dataclass
 class TrainingData:
+    """Everything the fit loop reads: the scenes, their datasets and loaders, the class schema and
+    the data fingerprint runs are compared by."""
+
     schema: ClassSchema
     train_scenes: list[Scene]
     val_scenes: list[Scene]
@@ -36,8 +40,9 @@ class TrainingData:
 
 
 def schema_from_config(data_cfg: DictConfig) -> ClassSchema:
+    """The class schema of `data.schema`, or a ConfigError naming what is wrong with it."""
     try:
-        return ClassSchema.from_config(OmegaConf.to_container(data_cfg.schema, resolve=True))
+        return ClassSchema.from_config(plain_dict(data_cfg.schema))
     except ValueError as err:
         raise ConfigError(f"config value data.schema: {err}") from err
 
@@ -55,6 +60,8 @@ def ensure_synthetic(data_cfg: DictConfig) -> None:
 
 
 def split_scenes(data_cfg: DictConfig, split: str, schema: ClassSchema) -> list[Scene]:
+    """The checked scenes of one split (image/label pairs), in a stable order so that runs are
+    reproducible."""
     if split not in data_cfg.splits:
         raise ConfigError(
             f"config value data.splits has no {split!r} split (has {list(data_cfg.splits)})"

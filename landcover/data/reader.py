@@ -20,6 +20,9 @@ from landcover.errors import SceneError
 
 
 class SceneReader:
+    """Reads windows of one scene, keeping the files open per process and the whole scene in memory
+    when it is small."""
+
     def __init__(
         self, scenes: Sequence[Scene], lookup_table: np.ndarray, cache_max_pixels: int = 0
     ) -> None:

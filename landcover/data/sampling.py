@@ -28,6 +28,8 @@ class RareClassSampling:
     max_tries: int = 50
 
     def accepts(self, target: np.ndarray, rng: np.random.Generator) -> bool:
+        """Whether a patch is kept: always when rare classes cover enough of it, otherwise with
+        `keep_probability`."""
         share = np.isin(target, self.class_indices).mean()
         return bool(share > self.min_fraction or rng.random() < self.keep_probability)
 
@@ -90,6 +92,8 @@ class RandomPatchDataset(Dataset):
         self.scene_weights = areas / areas.sum()
 
     def set_epoch(self, epoch: int) -> None:
+        """Patch positions depend on (seed, epoch, index) only, so any worker count and a resumed
+        run draw the same patches."""
         self.epoch = epoch
 
     def __len__(self) -> int:

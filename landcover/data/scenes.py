@@ -38,6 +38,7 @@ class Scene:
 
     @property
     def pixels(self) -> int:
+        """Width times height: what scene-level throughput and cache decisions count."""
         return self.width * self.height
 
 
@@ -217,6 +218,8 @@ def load_scenes(
     schema: ClassSchema,
     check_label_codes: bool = True,
 ) -> list[Scene]:
+    """Image/label pairs matched by name, each checked (bands, grid, CRS) so a bad file fails before
+    training, naming the file."""
     return [
         validate_scene(img, lbl, bands=bands, schema=schema, check_label_codes=check_label_codes)
         for img, lbl in pairs

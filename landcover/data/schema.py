@@ -30,6 +30,9 @@ class ClassInfo:
 
 @dataclass(frozen=True)
 class ClassSchema:
+    """Label raster codes to training classes and back: what makes the same model usable with any
+    label product."""
+
     name: str
     classes: tuple[ClassInfo, ...]
     ignore_codes: tuple[int, ...] = field(default_factory=tuple)
@@ -56,6 +59,7 @@ class ClassSchema:
 
     @classmethod
     def from_config(cls, cfg: Mapping) -> ClassSchema:
+        """The schema from its YAML form (conf/data/schema/), checked for overlapping codes."""
         classes = tuple(
             ClassInfo(
                 name=str(c["name"]),
@@ -84,10 +88,12 @@ class ClassSchema:
 
     @property
     def num_classes(self) -> int:
+        """Output channels of a model trained with this schema."""
         return len(self.classes)
 
     @property
     def names(self) -> list[str]:
+        """Class names in output-channel order (metric and figure labels)."""
         return [c.name for c in self.classes]
 
     @property
@@ -97,6 +103,7 @@ class ClassSchema:
 
     @property
     def known_codes(self) -> set[int]:
+        """Every raster code the schema maps or ignores (any other is an error)."""
         return {code for c in self.classes for code in c.codes} | set(self.ignore_codes)
 
     def lookup_table(self) -> np.ndarray:
@@ -108,6 +115,7 @@ class ClassSchema:
         return lut
 
     def unknown_codes(self, codes: Iterable[int]) -> list[int]:
+        """The codes in `values` the schema does not know, for an error that names them."""
         known = self.known_codes
         return sorted(int(c) for c in codes if int(c) not in known)
 
@@ -116,6 +124,7 @@ class ClassSchema:
         return np.array([hex_to_rgb(c.color) for c in self.classes], dtype=np.uint8)
 
     def class_indices(self, names: Sequence[str]) -> list[int]:
+        """Label codes -> class indices (ignored codes -> IGNORE_INDEX) through one lookup table."""
         index = {n: i for i, n in enumerate(self.names)}
         missing = [n for n in names if n not in index]
         if missing:
@@ -126,6 +135,7 @@ class ClassSchema:
 
 
 def hex_to_rgb(color: str) -> tuple[int, int, int]:
+    """`#rrggbb` -> (r, g, b) for GeoTIFF colour maps and figures."""
     text = color.lstrip("#")
     if len(text) != 6:
         raise ValueError(f"colour {color!r} is not of the form #rrggbb")

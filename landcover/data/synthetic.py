@@ -122,6 +122,8 @@ def _draw_buildings(road: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def generate_labels(rng: np.random.Generator, size: int) -> np.ndarray:
+    """A labelled landscape with the spatial structure of real land cover (patches, rivers, roads),
+    so models learn something meaningful."""
     shape = (size, size)
     labels = np.full(shape, LOW_VEGETATION, dtype=np.uint8)
     labels[smooth_noise(rng, shape, 48) > 0.55] = TREES
@@ -174,6 +176,7 @@ def write_scene(
     compress: str = "deflate",
     blocksize: int = 256,
 ) -> tuple[Path, Path]:
+    """One image/label pair as georeferenced GeoTIFFs, like a NAIP tile and its label raster."""
     labels = generate_labels(rng, size)
     image = render_image(labels, rng)
     profile = {
@@ -250,6 +253,7 @@ def generate(root: str | Path, spec: SyntheticSpec) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """`landcover-synth`: write a synthetic dataset without training."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("root", help="output folder; splits go to ROOT/<split>/")
     parser.add_argument("--size", type=int, default=512, help="scene width and height in pixels")

@@ -25,6 +25,8 @@ from landcover.errors import ConfigValueError
 
 @dataclass(frozen=True)
 class TileLayout:
+    """How a raster is cut into overlapping tiles whose cores cover it exactly once."""
+
     width: int
     height: int
     tile: int
@@ -39,14 +41,17 @@ class TileLayout:
 
     @property
     def core(self) -> int:
+        """Pixels of each tile that are kept (the rest is context)."""
         return self.tile - 2 * self.context
 
     @property
     def rows(self) -> int:
+        """Tile rows needed to cover the raster's height."""
         return -(-self.height // self.core)
 
     @property
     def cols(self) -> int:
+        """Tile columns needed to cover the raster's width."""
         return -(-self.width // self.core)
 
     def row_tops(self) -> Iterator[int]:
@@ -55,6 +60,7 @@ class TileLayout:
             yield index * self.core
 
     def col_lefts(self) -> list[int]:
+        """Raster column where each tile column's core starts."""
         return [index * self.core for index in range(self.cols)]
 
 
@@ -91,6 +97,7 @@ class StripAccumulator:
         if self.blend:
             r = row - layout.context - self.top
             c = col  # buffer column 0 is raster column -context
+            assert self.weights is not None  # blending has weights
             self.sums[:, r : r + layout.tile, c : c + layout.tile] += probabilities * self.weights
             self.total_weight[r : r + layout.tile, c : c + layout.tile] += self.weights
         else:

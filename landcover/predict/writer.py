@@ -68,6 +68,7 @@ def class_indices_of_codes(schema: ClassSchema) -> np.ndarray:
 
 
 def colormap(schema: ClassSchema) -> dict[int, tuple[int, int, int, int]]:
+    """The schema's colours as a GDAL colour map, so a GIS shows classes in their colours."""
     table = {NODATA: (0, 0, 0, 0)}
     for info in schema.classes:
         if info.codes:
@@ -85,6 +86,7 @@ class AreaTable:
     pixel_area_m2: float | None
 
     def rows(self) -> list[dict]:
+        """Per-class pixels, hectares and shares, in class order."""
         total = int(self.counts.sum())
         return [
             {
@@ -98,6 +100,7 @@ class AreaTable:
         ]
 
     def to_csv(self) -> str:
+        """The table as CSV (for spreadsheets)."""
         lines = ["class,code,pixels,area_m2,share_percent"]
         for row in self.rows():
             area = "" if row["area_m2"] is None else f"{row['area_m2']:.1f}"
@@ -107,6 +110,7 @@ class AreaTable:
         return "\n".join(lines) + "\n"
 
     def to_json(self) -> str:
+        """The table as JSON (for tools)."""
         return json.dumps({"pixel_area_m2": self.pixel_area_m2, "classes": self.rows()}, indent=2)
 
 
@@ -144,10 +148,12 @@ class StagedRaster:
             self.dataset.set_band_description(band, text)
 
     def write(self, data: np.ndarray, window: Window) -> None:
+        """Write rows into the staging file (nothing is visible at the output path yet)."""
         with naming_full_disk(self.target):
             self.dataset.write(data if data.ndim == 3 else data[None], window=window)
 
     def stage_cog(self) -> Path:
+        """Convert the staging file to a COG beside the output, still under a temporary name."""
         self.dataset.close()
         cog = self.staging.with_suffix(".cog.tif")
         rasterio.shutil.copy(
@@ -162,6 +168,7 @@ class StagedRaster:
         return cog
 
     def discard(self) -> None:
+        """Remove the staging files: a failed map leaves nothing half-written."""
         if not self.dataset.closed:
             self.dataset.close()
 
@@ -193,11 +200,13 @@ class OutputSet:
         self.rasters: dict[str, StagedRaster] = {}
 
     def add(self, name: str, target: Path, profile: dict, **options) -> StagedRaster:
+        """Stage one more output that is published with the others or not at all."""
         check_writable(target)
         self.rasters[name] = StagedRaster(target, self.workdir, grid_profile(profile), **options)
         return self.rasters[name]
 
     def publish(self) -> dict[str, Path]:
+        """Rename every staged output into place (each rename atomic) and return the paths."""
         try:
             with naming_full_disk(next(iter(self.rasters.values())).target):
                 staged = {name: raster.stage_cog() for name, raster in self.rasters.items()}
@@ -208,12 +217,14 @@ class OutputSet:
             shutil.rmtree(self.workdir, ignore_errors=True)
 
     def discard(self) -> None:
+        """Drop every staged output."""
         for raster in self.rasters.values():
             raster.discard()
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
 def sibling(path: Path, what: str) -> Path:
+    """`<stem>_<suffix>.tif` beside an output (confidence, probabilities)."""
     return path.with_name(f"{path.stem}_{what}{path.suffix}")
 
 
@@ -292,6 +303,7 @@ class ClassMapWriter:
             rasters["probabilities"].write(probabilities * valid, window)
 
     def area_table(self) -> AreaTable:
+        """Area per class of what was written, in the raster's units."""
         return AreaTable(
             self.schema.names,
             [int(self.codes[i]) for i in range(self.schema.num_classes)],

@@ -39,6 +39,7 @@ def job_overrides() -> list[str]:
 
 
 def user_overrides(overrides: Sequence[str]) -> list[str]:
+    """The overrides a user typed (not Hydra's or our sweeper's): what names a child run."""
     return [o for o in overrides if not o.startswith(INTERNAL_PREFIXES)]
 
 
@@ -95,6 +96,7 @@ class ParentRunCallback(Callback):
         self.uri: str | None = None
 
     def on_multirun_start(self, config: DictConfig, **kwargs: Any) -> None:
+        """Open the parent run that every job of this multirun nests under."""
         if str(config.hydra.sweeper.get("_target_", "")).endswith(OUR_SWEEPER):
             return  # the Optuna sweeper keeps one parent per study itself
         from landcover.sweep import records
@@ -122,6 +124,7 @@ class ParentRunCallback(Callback):
         log.info("MLflow parent run %s for this multirun", self.parent)
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
+        """Record the children table and close the parent run."""
         if self.parent is None:
             return
         from landcover.sweep import records

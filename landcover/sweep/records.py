@@ -51,6 +51,7 @@ def create_parent(
 
 
 def trial_runs(uri: str, parent_run_id: str, trial_number: int) -> list:
+    """The MLflow runs of a study's trials, by trial number."""
     client = MlflowClient(uri)
     parent = client.get_run(parent_run_id)
     return client.search_runs(

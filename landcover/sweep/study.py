@@ -66,11 +66,13 @@ class StaleTrials:
         self._lock = threading.Lock()
 
     def __call__(self, study: optuna.Study, trial: FrozenTrial) -> None:
+        """Optuna's callback for a trial whose heartbeat stopped: replace it, once."""
         study.enqueue_trial(dict(trial.params), user_attrs={REPLACES: trial.number})
         with self._lock:
             self.failed.append(trial)
 
     def take(self) -> list[FrozenTrial]:
+        """The dead trials found since the last call (replacements to enqueue)."""
         with self._lock:
             failed, self.failed = self.failed, []
         return failed
@@ -79,6 +81,7 @@ class StaleTrials:
 def make_storage(
     url: str, heartbeat: Heartbeat, stale: StaleTrials | None = None
 ) -> optuna.storages.RDBStorage:
+    """Optuna's RDB storage with heartbeats, shared by every worker of a study."""
     path = locks.sqlite_path(url)
     if path is not None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -139,6 +142,7 @@ def make_sampler(
 
 
 def make_pruner(cfg: Mapping[str, Any]) -> optuna.pruners.BasePruner:
+    """The configured Optuna pruner (median, hyperband, none)."""
     name = cfg.get("name", "median")
     if name == "none":
         return optuna.pruners.NopPruner()
@@ -184,10 +188,12 @@ def counting(trials: Sequence[FrozenTrial]) -> list[FrozenTrial]:
 
 
 def budget_used(study: optuna.Study) -> int:
+    """Trials that count toward n_trials (replaced and over-budget ones do not)."""
     return len(counting(study.get_trials(deepcopy=False)))
 
 
 def failure_rate(study: optuna.Study) -> tuple[int, int]:
+    """The share of finished trials that failed (a sweep stops when too many do)."""
     done = [t for t in counting(study.get_trials(deepcopy=False)) if t.state.is_finished()]
     return sum(t.state == TrialState.FAIL for t in done), len(done)
 

@@ -22,16 +22,18 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from omegaconf import DictConfig, ListConfig
+from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from landcover import locks
+from landcover.config import plain_dict
 from landcover.errors import ConfigError
 from landcover.sweep import records, space
 from landcover.sweep import study as studies
@@ -53,6 +55,7 @@ def quote(value: str) -> str:
 
 
 def as_list(value: Any) -> list[str]:
+    """A sweep config value that may be one item or a list, as a list."""
     if isinstance(value, list | tuple | ListConfig):
         return [str(v) for v in value]
     return [str(value)]
@@ -120,6 +123,7 @@ class OptunaSweep:
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
+        """Keep Hydra's context and build the launcher the trials run on."""
         self.config = config
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
@@ -156,7 +160,7 @@ class OptunaSweep:
             storage=self.storage,
             sampler=optuna.samplers.RandomSampler(),
             pruner=studies.make_pruner(self.pruner_cfg),
-            directions=self.directions,
+            directions=cast(list[StudyDirection], self.directions),
             load_if_exists=True,
         )
 
@@ -188,6 +192,7 @@ class OptunaSweep:
         return parent
 
     def sweep(self, arguments: list[str]) -> None:
+        """Run the study: `n_jobs` slots each ask, launch and tell until the budget is used."""
         fixed_model = next(
             (a.split("=", 1)[1] for a in arguments if a.startswith("model=")),
             self.config.hydra.runtime.choices.get("model"),
@@ -300,6 +305,7 @@ class OptunaSweep:
     def _ask(self, context: _SweepContext) -> tuple[optuna.Trial, dict] | None:
         """A new trial, its sampler seeded by the trial's number, and its values."""
         study = context.study
+        assert self.storage is not None  # made before any slot starts
         number = len(study.get_trials(deepcopy=False))  # the number ask() gives, under the lock
         asker = optuna.Study(
             study_name=study.study_name,
@@ -329,6 +335,7 @@ class OptunaSweep:
 
     def _run(self, context: _SweepContext, trial: optuna.Trial, values: dict) -> None:
         overrides = [*context.base, f"++trial.number={trial.number}", *space.as_overrides(values)]
+        assert self.storage is not None
         # the slot's heartbeats keep a trial alive while its job waits in a queue
         with heartbeat(self.storage, trial._trial_id, self.heartbeat.interval):
             (result,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
@@ -383,7 +390,7 @@ def _start_engine(launcher: Any) -> None:
     import ray
 
     if not ray.is_initialized():
-        init = OmegaConf.to_container(launcher.ray_cfg.init, resolve=True) or {}
+        init = plain_dict(launcher.ray_cfg.init) if launcher.ray_cfg.init else {}
         # as the launcher does: a small object store (our jobs return one number)
         init.setdefault("object_store_memory", 78643200)
         ray.init(**init)

@@ -16,7 +16,7 @@ import math
 import threading
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import optuna
 from optuna.trial import TrialState
@@ -104,18 +104,22 @@ class TrialContext:
 
     @property
     def number(self) -> int:
+        """The trial's number in its study."""
         return self.trial.number
 
     @property
     def multi_objective(self) -> bool:
+        """Whether the study optimises several metrics (no pruning then)."""
         return len(self.study.directions) > 1
 
     @property
     def params(self) -> dict[str, Any]:
+        """The trial's sampled values (logged as params)."""
         return dict(self.trial.params)
 
     @property
     def tags(self) -> dict[str, str]:
+        """Tags that tie the trial's MLflow run to its study."""
         tags = {"sweep.study": self.study.study_name, "sweep.trial_number": str(self.number)}
         if self.parent_run_id:
             tags["mlflow.parentRunId"] = self.parent_run_id
@@ -129,7 +133,10 @@ class TrialContext:
 
     @contextlib.contextmanager
     def alive(self) -> Iterator[None]:
-        with heartbeat(self.study._storage, self.trial._trial_id, self.interval):
+        """Record heartbeats while the block runs, so a dead job's trial is noticed."""
+        # attach() opened an RDB study (behind optuna's caching wrapper, which passes through)
+        storage = cast(optuna.storages.RDBStorage, self.study._storage)
+        with heartbeat(storage, self.trial._trial_id, self.interval):
             yield
 
     def report(self, epoch: int, metrics: Mapping[str, float]) -> None:
