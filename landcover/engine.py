@@ -169,7 +169,7 @@ class Trainer:
         # the plain module. Only rank 0 writes (its tracker is the only one).
         self.distributed = distributed
         self.train_model: torch.nn.Module = self.model
-        if distributed.enabled and optimizer is not None:
+        if distributed.enabled and not model.fitted_once:
             sync_batchnorm(self.model)
             self.train_model = DistributedDataParallel(
                 self.model,
@@ -178,7 +178,7 @@ class Trainer:
                 # encoder_depth never uses, which a static graph tolerates at no per-step cost
                 static_graph=True,
             )
-        if compile_model and optimizer is not None:
+        if compile_model and not model.fitted_once:
             self.train_model = cast(torch.nn.Module, torch.compile(self.train_model))
 
     def metric_names(self) -> set[str]:
@@ -267,8 +267,9 @@ class Trainer:
     def train_epoch(self, epoch: int) -> dict[str, float]:
         """One epoch of gradient steps (or the one fit of a model fitted once); a NaN loss stops the
         run."""
-        if self.model.fitted_once or self.optimizer is None:
+        if self.model.fitted_once:
             return self.fit_once(epoch)
+        assert self.optimizer is not None  # every model not fitted once has one
         self.model.train()
         self.data.train_dataset.set_epoch(epoch)
         total_loss, steps, patches = 0.0, 0, 0

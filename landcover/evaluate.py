@@ -36,7 +36,7 @@ from landcover.figures import class_map_rgb, confusion_matrix_figure, evaluation
 from landcover.metrics import ConfusionMatrix, scores_from_matrix
 from landcover.predict.predictor import PredictSettings, predict_raster
 from landcover.predict.reference import LoadedModel, load_model_reference
-from landcover.predict.writer import OutputSet, class_indices_of_codes
+from landcover.predict.writer import OutputSet, class_indices_of_codes, pixel_area
 
 log = logging.getLogger("landcover.evaluate")
 
@@ -152,7 +152,7 @@ def rank_regions(
     sizes = ndimage.sum_labels(np.ones_like(regions), regions, index).astype(int)
     mean_conf = ndimage.mean(confidence, regions, index)
     slices = ndimage.find_objects(regions)
-    pixel_area = abs(transform.a * transform.e) if has_crs else None
+    area = pixel_area(transform) if has_crs else None
     rows = []
     for label, size, conf, box in zip(index, sizes, mean_conf, slices, strict=True):
         if size < min_pixels:
@@ -165,7 +165,7 @@ def rank_regions(
         rows.append(
             {
                 "pixels": int(size),
-                "area_m2": None if pixel_area is None else size * pixel_area,
+                "area_m2": None if area is None else size * area,
                 "row_min": r0,
                 "col_min": c0,
                 "row_max": r1 - 1,

@@ -44,7 +44,7 @@ def run_export(cfg: DictConfig) -> tuple[Path, float]:
     model = load_model_reference(str(cfg.model), tracking_uri=cfg.tracking.uri, device="cpu")
     if model.torch_module is None:
         raise LandcoverError(f"{cfg.model}: only PyTorch models can be exported")
-    if model.metadata.get("arch") == "pixel_gbm":
+    if getattr(model.torch_module, "fitted_once", False):
         raise LandcoverError(
             f"{cfg.model}: pixel_gbm is a scikit-learn model inside a PyTorch shell; ONNX "
             "export covers the networks only"

@@ -223,6 +223,12 @@ class OutputSet:
         shutil.rmtree(self.workdir, ignore_errors=True)
 
 
+def pixel_area(transform: Affine) -> float:
+    """Ground area of one pixel in the CRS's units squared: the transform's determinant, right
+    for rotated grids too. Meaningless without a CRS: callers check that first."""
+    return abs(transform.a * transform.e - transform.b * transform.d)
+
+
 def sibling(path: Path, what: str) -> Path:
     """`<stem>_<suffix>.tif` beside an output (confidence, probabilities)."""
     return path.with_name(f"{path.stem}_{what}{path.suffix}")
@@ -245,11 +251,7 @@ class ClassMapWriter:
         self.codes = class_codes(schema)
         self.counts = np.zeros(schema.num_classes, dtype=np.int64)
         transform = profile["transform"]
-        self.pixel_area = (
-            abs(transform.a * transform.e - transform.b * transform.d)
-            if profile.get("crs") is not None
-            else None
-        )
+        self.pixel_area = pixel_area(transform) if profile.get("crs") is not None else None
         self.outputs: dict[str, Path] = {}
         self.set = OutputSet(self.output)
         self.set.add(
