@@ -29,18 +29,16 @@ def load(target: str) -> Callable[..., object]:
     return getattr(importlib.import_module(module), name)
 
 
-def command_main(
-    run: str | Callable[[DictConfig], object], config_name: str, *, distributed: bool = False
-) -> Callable[[], None]:
-    """`run`: the work, or its dotted path (imported when the app runs). `distributed`: the
-    command splits its work across torchrun's ranks itself; otherwise, launched under
-    torchrun, rank 0 does the work alone (no duplicated maps or MLflow runs)."""
+def command_main(run: str | Callable[[DictConfig], object], config_name: str) -> Callable[[], None]:
+    """`run`: the work, or its dotted path (imported when the app runs). Launched under
+    torchrun, rank 0 does the work alone (no duplicated maps or MLflow runs); mapping many
+    rasters on many machines is `landcover-predict engine=ray`."""
     log = logging.getLogger(f"landcover.{config_name}")
 
     @hydra.main(version_base="1.3", config_path=COMMANDS_CONFIG_DIR, config_name=config_name)
     def app(cfg: DictConfig) -> None:
         context = ranks.context_from_env()
-        if not distributed and not context.is_main:
+        if not context.is_main:
             log.info("rank %d: %s runs on rank 0 only", context.rank, config_name)
             return
         try:

@@ -258,6 +258,7 @@ class PredictSettings:
     probabilities: bool
     progress: bool
     gdal_cache_mb: int
+    pixel_size_tolerance: float
 
     @classmethod
     def defaults(cls, **changes: Any) -> PredictSettings:
@@ -269,15 +270,32 @@ class PredictSettings:
 
 
 @dataclass
+class EngineConfig:
+    """Where a mapping job computes: this process, or a pool of Ray actors."""
+
+    name: str  # local | ray
+    workers: int
+    cpus_per_worker: float
+    gpus_per_worker: float
+    threads: int | None
+    address: str | None
+    max_restarts: int
+
+
+@dataclass
 class PredictCommandConfig:
-    """landcover-predict."""
+    """landcover-predict: a mapping job."""
 
     model: str
     input: Any
     output: str
+    asset: str | None
     device: str
     predict: PredictSettings
+    engine: EngineConfig
+    retries: int
     log_to_mlflow: bool
+    per_input_runs: bool
     quicklook_size: int
     tracking: TrackingConfig
 

@@ -15,7 +15,6 @@ same reason; torch's SyncBatchNorm is CUDA-only, this one works with gloo and NC
 from __future__ import annotations
 
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 import torch.distributed as dist
@@ -64,16 +63,6 @@ def broadcast_object(value):
     holder = [value]
     dist.broadcast_object_list(holder, src=0)
     return holder[0]
-
-
-def gather_to_main(items: list) -> list:
-    """Every rank's list, concatenated in rank order, on rank 0 (others get []); in one
-    process, the list itself."""
-    if not dist.is_initialized():
-        return items
-    gathered: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == 0 else None
-    dist.gather_object(items, gathered, dst=0)
-    return [item for part in gathered for item in part] if gathered is not None else []
 
 
 class GlobalBatchShard(Sampler[int]):

@@ -33,7 +33,7 @@ def train() -> None:
     run_hydra_app(_train_app, help_for=(CONFIG_DIR, "train"))
 
 
-predict = command_main("landcover.predict.cli:run_predictions", "predict", distributed=True)
+predict = command_main("landcover.mapping.job:run_predictions", "predict")
 evaluate = command_main("landcover.evaluate:run_evaluation", "evaluate")
 export = command_main("landcover.interop.export:run_export", "export")
 promote = command_main("landcover.promote:run_promotion", "promote")

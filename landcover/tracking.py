@@ -1,6 +1,6 @@
 """The training run's face on MLflow (`Tracker`) and what every command shares: runs in
 the right experiment, provenance tags, the logged model. Each command's own records live
-beside it (predict/cli.py, evaluate.py, interop/export.py, sweep/records.py).
+beside it (mapping/job.py, evaluate.py, interop/export.py, sweep/records.py).
 
 A run records the resolved config (flattened params plus the YAML), provenance tags, metrics
 per epoch, figures, and the trained model. The model is logged in landcover's own flavour

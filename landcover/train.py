@@ -62,8 +62,16 @@ def model_metadata(cfg: DictConfig, data: TrainingData, model: SegmentationModel
         "output_margin": model.output_margin,
         "size_divisor": model.size_divisor,
         "patch_size": cfg.data.patch_size,
+        "pixel_size": training_pixel_size(data),
         "dataset_fingerprint": data.fingerprint,
     }
+
+
+def training_pixel_size(data: TrainingData) -> float | None:
+    """The ground size of a training pixel (CRS units), which mapping compares inputs with;
+    None for data without a CRS (the real sample patches)."""
+    scene = data.train_scenes[0]
+    return abs(float(scene.transform[0])) if scene.crs else None
 
 
 def run_tags(

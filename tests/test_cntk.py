@@ -228,7 +228,7 @@ def test_import_command_logs_a_model_every_command_takes(cntk_dir, shared, tmp_p
 
     scene = next(iter(sorted((shared / "data/chesapeake-sample/val").glob("*_naip-old.tif"))))
     (outcome,) = predict(run_id, scene, tmp_path / "map.tif", uri, "predict.tile_size=256")
-    with rasterio.open(outcome.outputs["classes"]) as src:
+    with rasterio.open(outcome) as src:
         mapped = src.read(1)
     net = import_cntk_seed(cntk_dir / "250epochs.model").net
     with rasterio.open(scene) as src:

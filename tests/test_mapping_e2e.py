@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import rasterio
@@ -9,7 +11,7 @@ from mlflow.tracking import MlflowClient
 
 from landcover.evaluate import run_evaluation
 from landcover.interop.export import run_export
-from landcover.predict.cli import run_predictions
+from landcover.mapping.job import run_predictions
 from landcover.train import train
 from tests.conftest import compose_config, compose_train
 from tests.test_train_e2e import tiny_overrides
@@ -41,7 +43,8 @@ def predict(reference, scene, output, uri, *extra):
         "quicklook_size=64",
         *extra,
     )
-    return run_predictions(cfg)
+    summary = run_predictions(cfg)
+    return [Path(row.output) for row in summary.mapped]
 
 
 def evaluate(reference, root, uri, out, *extra):
@@ -67,8 +70,7 @@ def evaluate(reference, root, uri, out, *extra):
 def test_predict_by_run_id_records_a_linked_run(model_run, tiny_synthetic):
     result, tmp, uri = model_run
     scene = tiny_synthetic / "val" / "synth_000_naip.tif"
-    (outcome,) = predict(result.run_id, scene, f"{tmp}/maps/", uri, "predict.confidence=true")
-    classes = outcome.outputs["classes"]
+    (classes,) = predict(result.run_id, scene, f"{tmp}/maps/", uri, "predict.confidence=true")
     assert classes == tmp / "maps" / "synth_000_naip_landcover.tif"
     assert classes.with_suffix(".areas.csv").read_text().startswith("class,code,pixels")
     with rasterio.open(classes) as out, rasterio.open(scene) as src:
@@ -77,8 +79,8 @@ def test_predict_by_run_id_records_a_linked_run(model_run, tiny_synthetic):
     client = MlflowClient(uri)
     runs = client.search_runs([client.get_experiment_by_name("predictions").experiment_id])
     assert runs[0].data.tags["landcover.source_run_id"] == result.run_id
-    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
-    assert "quicklook.png" in artifacts
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "region")}
+    assert {"region/mosaic.vrt", "region/mosaic.png", "region/manifest.csv"} <= artifacts
 
 
 def test_checkpoint_and_run_give_the_same_map(model_run, tiny_synthetic):
@@ -89,8 +91,8 @@ def test_checkpoint_and_run_give_the_same_map(model_run, tiny_synthetic):
         result.checkpoint_dir / "best.pt", scene, tmp / "b.tif", uri, "log_to_mlflow=false"
     )
     with (
-        rasterio.open(by_run.outputs["classes"]) as a,
-        rasterio.open(by_ckpt.outputs["classes"]) as b,
+        rasterio.open(by_run) as a,
+        rasterio.open(by_ckpt) as b,
     ):
         np.testing.assert_array_equal(a.read(), b.read())
 
@@ -111,8 +113,8 @@ def test_export_onnx_logs_to_training_run_and_predicts_alike(model_run, tiny_syn
     (by_onnx,) = predict(path, scene, tmp / "onnx.tif", uri, "log_to_mlflow=false")
     (by_torch,) = predict(result.run_id, scene, tmp / "torch.tif", uri, "log_to_mlflow=false")
     with (
-        rasterio.open(by_onnx.outputs["classes"]) as a,
-        rasterio.open(by_torch.outputs["classes"]) as b,
+        rasterio.open(by_onnx) as a,
+        rasterio.open(by_torch) as b,
     ):
         assert (a.read() == b.read()).mean() > 0.999
 

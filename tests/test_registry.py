@@ -221,7 +221,7 @@ def test_cli_config_promotes_and_commands_take_models_uris(store, client, tiny_s
     by_run = predict(result.candidate.run_id, scene, tmp / "run.tif", uri)
     maps = []
     for outcome in (*by_alias, *by_version, *by_run):
-        with rasterio.open(outcome.outputs["classes"]) as src:
+        with rasterio.open(outcome) as src:
             maps.append(src.read(1))
     assert np.array_equal(maps[0], maps[2]) and np.array_equal(maps[1], maps[2])
     metrics = evaluate("models:/landcover@champion", tiny_synthetic, uri, tmp / "evaluation")

@@ -48,13 +48,21 @@ def quiet_georeferencing_warnings() -> None:
     warnings.filterwarnings("ignore", category=NotGeoreferencedWarning)
 
 
+REMOTE_PREFIXES = ("http://", "https://", "s3://", "gs://", "/vsi")
+
+
+def is_remote(path: str) -> bool:
+    """An href GDAL reads through a virtual filesystem (range requests, no whole download)."""
+    return str(path).startswith(REMOTE_PREFIXES)
+
+
 def open_raster(path: str | Path) -> rasterio.io.DatasetReader:
     """Open a raster, turning rasterio's terse failures into errors that name the file.
 
     Rasters without a CRS (the real Chesapeake sample patches) are accepted silently.
     """
     path = str(path)
-    if not Path(path).exists():
+    if not is_remote(path) and not Path(path).exists():
         raise SceneError(f"{path}: file does not exist")
     try:
         with warnings.catch_warnings():

@@ -7,6 +7,7 @@ is bounded by one strip (tile height x raster width), never by the raster's area
 
 from __future__ import annotations
 
+import logging
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -29,6 +30,8 @@ from landcover.predict.reference import LoadedModel
 from landcover.predict.tiling import StripAccumulator, TileLayout
 from landcover.predict.writer import AreaTable, ClassMapWriter
 
+log = logging.getLogger(__name__)
+
 # (first row, class indices, confidence, merged probabilities or None) of finished rows
 RowsCallback = Callable[[int, np.ndarray, np.ndarray, np.ndarray | None], None]
 
@@ -37,11 +40,12 @@ RowsCallback = Callable[[int, np.ndarray, np.ndarray, np.ndarray | None], None]
 class PredictionResult:
     """What mapping one raster produced: output paths, area table, pixels and seconds."""
 
-    input: Path
+    input: str  # a path or a remote href (http, s3, /vsi...)
     outputs: dict[str, Path]
     area_table: AreaTable
     seconds: float
     pixels: int
+    warning: str | None = None  # e.g. a pixel size far from the model's training data
 
 
 def plan_layout(
@@ -130,6 +134,26 @@ def _tile_probabilities(
         yield from zip(chunk, probabilities, strict=True)
 
 
+def pixel_size_warning(
+    model: LoadedModel, src: rasterio.io.DatasetReader, source: str, tolerance: float
+) -> str | None:
+    """A warning when the input's pixel size is more than `tolerance` times off the model's
+    training pixel size (a 1 m model maps a 23 m tile as if it were 1 m: plausible nonsense).
+    Silent where either has no CRS (pixel sizes then mean nothing)."""
+    trained = model.metadata.get("pixel_size")
+    if not trained or src.crs is None:
+        return None
+    size = float(abs(src.res[0]))
+    ratio = max(size / trained, trained / size)
+    if ratio <= tolerance:
+        return None
+    return (
+        f"{source}: pixel size {size:g} differs from the model's training pixel size "
+        f"{trained:g} by {ratio:.1f}x (more than predict.pixel_size_tolerance={tolerance:g}); "
+        "its map is likely wrong"
+    )
+
+
 def predict_raster(
     model: LoadedModel,
     input_path: str | Path,
@@ -142,20 +166,28 @@ def predict_raster(
     (probabilities only with `keep_probabilities` or `settings.probabilities`)."""
     settings = settings or PredictSettings.defaults()
     started = time.perf_counter()
-    input_path, output_path = Path(input_path), Path(output_path)
+    source, output_path = str(input_path), Path(output_path)
     schema = model.schema
     # GDAL handles are not thread-safe: the reader thread and the finisher (which reads the
     # nodata mask) each get their own.
     with (
-        rasterio.Env(GDAL_CACHEMAX=settings.gdal_cache_mb),
-        open_raster(input_path) as src,
-        open_raster(input_path) as mask_src,
+        # remote COGs: no directory listing, no probing for sidecar files (one request each)
+        rasterio.Env(
+            GDAL_CACHEMAX=settings.gdal_cache_mb,
+            GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR",
+            CPL_VSIL_CURL_ALLOWED_EXTENSIONS=".tif,.tiff",
+        ),
+        open_raster(source) as src,
+        open_raster(source) as mask_src,
     ):
         if src.count != model.bands:
             raise SceneError(
-                f"{input_path}: has {src.count} band(s) but model "
+                f"{source}: has {src.count} band(s) but model "
                 f"{model.reference} expects {model.bands}"
             )
+        warning = pixel_size_warning(model, src, source, settings.pixel_size_tolerance)
+        if warning:
+            log.warning("%s", warning)
         layout, blend = plan_layout(model, settings, src.width, src.height)
         profile = {
             "width": src.width,
@@ -167,7 +199,7 @@ def predict_raster(
         tops = list(layout.row_tops())
         bar = tqdm(
             total=len(tops) * layout.cols,
-            desc=f"predict {input_path.name}",
+            desc=f"predict {source.rsplit('/', 1)[-1]}",
             unit="tile",
             disable=not settings.progress,
             dynamic_ncols=True,
@@ -206,11 +238,12 @@ def predict_raster(
             bar.close()
         table = writer.area_table()
     return PredictionResult(
-        input_path,
+        source,
         writer.outputs,
         table,
         time.perf_counter() - started,
         layout.width * layout.height,
+        warning,
     )
 
 

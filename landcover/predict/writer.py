@@ -20,7 +20,7 @@ import rasterio.shutil
 from affine import Affine
 from rasterio.windows import Window
 
-from landcover.atomic import naming_full_disk, staging_dir
+from landcover.atomic import naming_full_disk, staging_dir, write_text
 from landcover.data.schema import IGNORE_INDEX, ClassSchema, hex_to_rgb
 from landcover.errors import LandcoverError
 
@@ -76,6 +76,30 @@ def colormap(schema: ClassSchema) -> dict[int, tuple[int, int, int, int]]:
     return table
 
 
+def category_names_pam(schema: ClassSchema) -> str:
+    """GDAL's PAM sidecar (`<map>.tif.aux.xml`) naming every written code, so QGIS, ArcGIS and
+    `gdalinfo` ("Categories:") show class labels. GeoTIFF has no tag for category names; GDAL
+    itself keeps them in this file."""
+    from xml.sax.saxutils import escape
+
+    names = [""] * 256
+    for info in schema.classes:
+        if info.codes:
+            names[info.codes[0]] = info.name
+    names[NODATA] = "no data"
+    last = max(i for i, name in enumerate(names) if name)
+    categories = "".join(f"      <Category>{escape(n)}</Category>\n" for n in names[: last + 1])
+    return (
+        "<PAMDataset>\n"
+        '  <PAMRasterBand band="1">\n'
+        "    <CategoryNames>\n"
+        f"{categories}"
+        "    </CategoryNames>\n"
+        "  </PAMRasterBand>\n"
+        "</PAMDataset>\n"
+    )
+
+
 @dataclass
 class AreaTable:
     """Pixel count, area and share of each class in the mapped (non-nodata) region."""
@@ -86,7 +110,7 @@ class AreaTable:
     pixel_area_m2: float | None
 
     def rows(self) -> list[dict]:
-        """Per-class pixels, hectares and shares, in class order."""
+        """Per-class pixels, square metres and shares, in class order."""
         total = int(self.counts.sum())
         return [
             {
@@ -319,5 +343,6 @@ class ClassMapWriter:
     def __exit__(self, exc_type, exc, tb) -> None:
         if exc_type is None:
             self.outputs = self.set.publish()
+            write_text(f"{self.output}.aux.xml", category_names_pam(self.schema))
         else:
             self.set.discard()

@@ -1,0 +1,249 @@
+"""`landcover-predict`: a mapping job over any number of rasters, resumable and recorded once.
+
+Output a directory and the job keeps a manifest there (one row per input: status, output,
+pixels, seconds, attempts, error): a re-run of the same command skips inputs whose maps are
+complete, retries failed ones up to `retries` times, and ends non-zero with one line per input
+that still fails. It then writes the region's outputs (a VRT mosaic and area totals per CRS, a
+quicklook) and records the whole job as one MLflow run. Output a file and one input is mapped
+to it, recorded the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import matplotlib.pyplot as plt
+import mlflow
+from omegaconf import DictConfig, ListConfig
+
+from landcover.atomic import write_text
+from landcover.config import plain_dict
+from landcover.errors import ConfigError, LandcoverError
+from landcover.mapping import region
+from landcover.mapping.engines import Outcome, Task, output_for, run_local, run_ray
+from landcover.mapping.inputs import MapInput, expand
+from landcover.mapping.manifest import DONE, FAILED, Manifest, Row, job_lock, output_is_complete
+
+log = logging.getLogger("landcover.predict")
+
+
+class MappingFailedError(LandcoverError):
+    """Some inputs could not be mapped; the others were, and the manifest says which."""
+
+
+@dataclass
+class JobSummary:
+    """What a job did: counts, where things are, its MLflow run."""
+
+    folder: Path
+    mapped: list[Row] = field(default_factory=list)
+    skipped: list[Row] = field(default_factory=list)
+    failed: list[Row] = field(default_factory=list)
+    mosaics: dict[str, Path] = field(default_factory=dict)
+    run_id: str | None = None
+    seconds: float = 0.0
+    model_reference: str = ""  # as the workers resolved it (empty when nothing ran)
+    source_run_id: str = ""
+
+
+def is_folder_output(output: str, inputs: list[MapInput]) -> bool:
+    """A directory output (ends with /, exists as one, or several inputs) makes a job folder."""
+    return len(inputs) > 1 or output.endswith("/") or Path(output).is_dir()
+
+
+def run_predictions(cfg: DictConfig) -> JobSummary:
+    """`landcover-predict` on its validated config."""
+    spec = [str(s) for s in cfg.input] if isinstance(cfg.input, ListConfig) else str(cfg.input)
+    inputs = expand(spec, asset=cfg.asset)
+    output = str(cfg.output)
+    folder_mode = is_folder_output(output, inputs)
+    folder = Path(output) if folder_mode else Path(output).parent
+    if not folder_mode and Path(output).suffix.lower() not in (".tif", ".tiff"):
+        raise ConfigError(f"config value output={output}: a map is a .tif (or give a folder/)")
+    started = time.perf_counter()
+    folder.mkdir(parents=True, exist_ok=True)
+    with job_lock(folder) if folder_mode else nullcontext():
+        manifest = Manifest(folder) if folder_mode else None
+        summary = JobSummary(folder)
+        tasks, rows = [], {}
+        for item in inputs:
+            target = output_for(folder, item.name) if folder_mode else Path(output)
+            row = manifest.row(item.source, target) if manifest else Row(item.source, str(target))
+            rows[item.source] = row
+            if manifest and output_is_complete(row):
+                summary.skipped.append(row)
+            else:
+                tasks.append(Task(item.source, str(target)))
+        if summary.skipped:
+            log.info("%d of %d inputs already mapped: skipped", len(summary.skipped), len(inputs))
+        _map_with_retries(cfg, tasks, rows, manifest, summary)
+        summary.seconds = time.perf_counter() - started
+        done = [rows[i.source] for i in inputs if rows[i.source].status == DONE]
+        if folder_mode:
+            summary.mosaics = _region_outputs(folder, done, int(cfg.quicklook_size))
+        if cfg.log_to_mlflow:
+            summary.run_id = _record_job(cfg, spec, summary, done, folder_mode)
+    if summary.failed:
+        lines = [f"  {row.input}: {row.error}" for row in summary.failed]
+        raise MappingFailedError(
+            f"{len(summary.failed)} of {len(inputs)} inputs failed (see {folder}/manifest.csv; "
+            "re-run the same command to retry them):\n" + "\n".join(lines)
+        )
+    log.info(
+        "job done: %d mapped, %d skipped in %.1f s; %s",
+        len(summary.mapped),
+        len(summary.skipped),
+        summary.seconds,
+        ", ".join(str(p) for p in summary.mosaics.values()) or folder,
+    )
+    return summary
+
+
+def _map_with_retries(
+    cfg: DictConfig,
+    tasks: list[Task],
+    rows: dict[str, Row],
+    manifest: Manifest | None,
+    summary: JobSummary,
+) -> None:
+    """Map tasks; each failure is tried again up to `retries` times; rows saved as they end."""
+    engine = cfg.engine
+    device = str(cfg.device)
+    if engine.name == "local":  # Ray workers choose theirs where they run
+        from landcover.runtime import select_device
+
+        device = str(select_device(device))
+    worker_args: dict[str, Any] = {
+        "model": str(cfg.model),
+        "tracking_uri": str(cfg.tracking.uri),
+        "device": device,
+        "settings": plain_dict(cfg.predict),
+        "threads": engine.threads,
+    }
+    pending = list(tasks)
+    for attempt in range(1 + int(cfg.retries)):
+        if not pending:
+            break
+        if attempt:
+            log.info("retrying %d failed input(s), attempt %d", len(pending), attempt + 1)
+        if engine.name == "ray":
+            outcomes = run_ray(worker_args, pending, engine)
+        elif engine.name == "local":
+            outcomes = run_local(worker_args, pending)
+        else:
+            raise ConfigError(f"config value engine.name={engine.name!r} is not local or ray")
+        pending = []
+        for outcome in outcomes:
+            summary.model_reference = outcome.model_reference
+            summary.source_run_id = outcome.source_run_id
+            row = _record_outcome(rows[outcome.task.source], outcome)
+            if manifest:
+                manifest.save()
+            if row.status == FAILED:
+                pending.append(outcome.task)
+    summary.mapped = [r for r in rows.values() if r.status == DONE and r not in summary.skipped]
+    summary.failed = [r for r in rows.values() if r.status == FAILED]
+
+
+def _record_outcome(row: Row, outcome: Outcome) -> Row:
+    row.attempts += 1
+    if outcome.error:
+        row.status, row.error = FAILED, outcome.error
+        log.error("%s: failed (%s)", outcome.task.source, outcome.error)
+        return row
+    row.status, row.error, row.warning = DONE, "", outcome.warning
+    row.pixels, row.seconds, row.crs = outcome.pixels, round(outcome.seconds, 3), outcome.crs
+    row.width, row.height = outcome.width, outcome.height
+    log.info(
+        "%s -> %s (%.1f Mpx in %.1f s)",
+        outcome.task.source,
+        outcome.task.output,
+        outcome.pixels / 1e6,
+        outcome.seconds,
+    )
+    return row
+
+
+def _region_outputs(folder: Path, done: list[Row], quicklook_size: int) -> dict[str, Path]:
+    """Mosaics, area totals and a quicklook over every map the folder holds."""
+    maps = [Path(row.output) for row in done]
+    mosaics = region.write_mosaics(folder, maps) if maps else {}
+    tables = [(row.crs, Path(row.output).with_suffix(".areas.json").read_text()) for row in done]
+    totals = region.area_totals(tables)
+    write_text(folder / "area_totals.json", json.dumps(totals, indent=2))
+    write_text(folder / "area_totals.csv", region.totals_csv(totals))
+    for crs, mosaic in mosaics.items():
+        figure = region.mosaic_quicklook(mosaic, quicklook_size, f"{mosaic.name} ({crs})")
+        figure.savefig(mosaic.with_suffix(".png"), dpi=100)
+        plt.close(figure)
+    return mosaics
+
+
+def _record_job(
+    cfg: DictConfig, spec: str | list[str], summary: JobSummary, done: list[Row], folder: bool
+) -> str:
+    """One MLflow run for the whole job (and a child per input only when asked)."""
+    from landcover import tracking
+
+    reference = summary.model_reference or str(cfg.model)
+    pixels = sum(row.pixels for row in summary.mapped)
+    name = f"map {len(done)} input(s)" if folder else f"predict {Path(str(cfg.output)).name}"
+    with tracking.start_run(cfg.tracking.uri, cfg.tracking.experiment, run_name=name) as run:
+        mlflow.set_tags(
+            {
+                "landcover.kind": "mapping_job",
+                "landcover.model": reference,
+                **(
+                    {"landcover.source_run_id": summary.source_run_id}
+                    if summary.source_run_id
+                    else {}
+                ),
+                "output": str(summary.folder if folder else cfg.output),
+            }
+        )
+        mlflow.log_params(
+            {
+                "model": str(cfg.model),
+                "input": json.dumps(spec)[:500],
+                "engine": str(cfg.engine.name),
+                "engine.workers": int(cfg.engine.workers),
+                "retries": int(cfg.retries),
+                **{f"predict.{k}": v for k, v in plain_dict(cfg.predict).items()},
+            }
+        )
+        mlflow.log_metrics(
+            {
+                "inputs": float(len(done) + len(summary.failed)),
+                "mapped": float(len(summary.mapped)),
+                "skipped": float(len(summary.skipped)),
+                "failed": float(len(summary.failed)),
+                "megapixels": pixels / 1e6,
+                "seconds": summary.seconds,
+                "megapixels_per_s": pixels / 1e6 / max(summary.seconds, 1e-9),
+            }
+        )
+        for path in sorted(summary.folder.glob("area_totals.*")) if folder else []:
+            mlflow.log_artifact(str(path), "region")
+        if folder and (summary.folder / "manifest.csv").exists():
+            mlflow.log_artifact(str(summary.folder / "manifest.csv"), "region")
+        for mosaic in summary.mosaics.values():
+            mlflow.log_artifact(str(mosaic), "region")
+            if mosaic.with_suffix(".png").exists():
+                mlflow.log_artifact(str(mosaic.with_suffix(".png")), "region")
+        for row in done:
+            areas = Path(row.output).with_suffix(".areas.json")
+            if not folder:
+                mlflow.log_artifact(str(areas), "area")
+        if cfg.per_input_runs:
+            for row in summary.mapped:
+                with mlflow.start_run(run_name=f"predict {Path(row.output).name}", nested=True):
+                    mlflow.set_tags({"landcover.kind": "prediction", "input": row.input})
+                    mlflow.log_metrics({"megapixels": row.pixels / 1e6, "seconds": row.seconds})
+                    mlflow.log_artifact(str(Path(row.output).with_suffix(".areas.json")), "area")
+        return run.info.run_id

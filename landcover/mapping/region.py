@@ -1,0 +1,182 @@
+"""What a whole job adds up to: a mosaic per CRS, area totals per CRS, a quicklook.
+
+The mosaic is a GDAL VRT over the job's maps (no pixels copied): QGIS or `gdal_translate`
+open the region as one raster, with the maps' colours and class names. Maps in different CRSs
+get one mosaic each; maps without a CRS cannot be placed and are left out of mosaics.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from xml.sax.saxutils import escape
+
+import numpy as np
+import rasterio
+from matplotlib.figure import Figure
+
+from landcover.atomic import write_text
+from landcover.predict.writer import NODATA
+
+
+def _crs_label(crs: str, index: int, count: int) -> str:
+    if count == 1:
+        return ""
+    code = crs.split(":")[-1] if crs.upper().startswith("EPSG:") else str(index)
+    return f"_{code}"
+
+
+def by_crs(maps: Sequence[Path]) -> dict[str, list[Path]]:
+    """Maps grouped by CRS (maps without one are dropped: they have no place on the ground)."""
+    groups: dict[str, list[Path]] = defaultdict(list)
+    for path in maps:
+        with rasterio.open(path) as src:
+            if src.crs is not None:
+                groups[src.crs.to_string()].append(path)
+    return dict(groups)
+
+
+def write_mosaics(folder: Path, maps: Sequence[Path]) -> dict[str, Path]:
+    """`mosaic.vrt` (or `mosaic_<epsg>.vrt` per CRS) over the maps; CRS -> VRT path."""
+    groups = by_crs(maps)
+    written = {}
+    for index, (crs, paths) in enumerate(sorted(groups.items())):
+        target = folder / f"mosaic{_crs_label(crs, index, len(groups))}.vrt"
+        write_text(target, mosaic_vrt(paths, target.parent))
+        written[crs] = target
+    return written
+
+
+def mosaic_vrt(paths: Sequence[Path], relative_to: Path) -> str:
+    """A VRT placing every map on one grid (the first map's pixel size, the union of bounds)."""
+    with rasterio.open(paths[0]) as first:
+        res_x, res_y = first.res
+        wkt = first.crs.to_wkt()
+        colors = first.colormap(1)
+    sources, lefts, tops, rights, bottoms = [], [], [], [], []
+    for path in paths:
+        with rasterio.open(path) as src:
+            left, bottom, right, top = src.bounds
+            sources.append((path, src.width, src.height, left, top, src.res))
+            lefts.append(left)
+            rights.append(right)
+            tops.append(top)
+            bottoms.append(bottom)
+    min_x, max_y = min(lefts), max(tops)
+    width = math.ceil(round((max(rights) - min_x) / res_x, 6))
+    height = math.ceil(round((max_y - min(bottoms)) / res_y, 6))
+    entries = "".join(
+        f'      <Entry c1="{r}" c2="{g}" c3="{b}" c4="{a}"/>\n'
+        for _, (r, g, b, a) in sorted(colors.items())
+    )
+    names = _category_names(paths[0])
+    categories = "".join(f"      <Category>{escape(n)}</Category>\n" for n in names)
+    blocks = []
+    for path, w, h, left, top, (sx, sy) in sources:
+        x_off = round((left - min_x) / res_x, 6)
+        y_off = round((max_y - top) / res_y, 6)
+        blocks.append(
+            "    <ComplexSource>\n"
+            f'      <SourceFilename relativeToVRT="1">{escape(_relative(path, relative_to))}'
+            "</SourceFilename>\n"
+            "      <SourceBand>1</SourceBand>\n"
+            f'      <SrcRect xOff="0" yOff="0" xSize="{w}" ySize="{h}"/>\n'
+            f'      <DstRect xOff="{x_off}" yOff="{y_off}" xSize="{w * sx / res_x}" '
+            f'ySize="{h * sy / res_y}"/>\n'
+            f"      <NODATA>{NODATA}</NODATA>\n"
+            "    </ComplexSource>\n"
+        )
+    return (
+        f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">\n'
+        f"  <SRS>{escape(wkt)}</SRS>\n"
+        f"  <GeoTransform>{min_x!r}, {res_x!r}, 0.0, {max_y!r}, 0.0, {-res_y!r}</GeoTransform>\n"
+        '  <VRTRasterBand dataType="Byte" band="1">\n'
+        f"    <NoDataValue>{NODATA}</NoDataValue>\n"
+        "    <ColorInterp>Palette</ColorInterp>\n"
+        f"    <ColorTable>\n{entries}    </ColorTable>\n"
+        + (f"    <CategoryNames>\n{categories}    </CategoryNames>\n" if names else "")
+        + "".join(blocks)
+        + "  </VRTRasterBand>\n</VRTDataset>\n"
+    )
+
+
+def _relative(path: Path, folder: Path) -> str:
+    try:
+        return str(path.resolve().relative_to(folder.resolve()))
+    except ValueError:
+        return str(path.resolve())
+
+
+def _category_names(path: Path) -> list[str]:
+    import xml.etree.ElementTree as ElementTree
+
+    sidecar = Path(f"{path}.aux.xml")
+    if not sidecar.is_file():
+        return []
+    return [c.text or "" for c in ElementTree.parse(sidecar).iter("Category")]
+
+
+def area_totals(rows: Sequence[tuple[str, str]]) -> dict[str, list[dict]]:
+    """Per-class pixels and area summed over the job's maps, per CRS.
+
+    `rows`: (CRS, the map's area table JSON). Maps without a CRS are summed under "none"
+    (pixels only: their area is unknown).
+    """
+    totals: dict[str, dict[tuple[str, int], list[float]]] = defaultdict(dict)
+    for crs, text in rows:
+        for entry in json.loads(text)["classes"]:
+            key = (entry["class"], entry["code"])
+            pixels, area = totals[crs or "none"].setdefault(key, [0, 0.0])
+            totals[crs or "none"][key] = [pixels + entry["pixels"], area + (entry["area_m2"] or 0)]
+    result = {}
+    for crs, classes in totals.items():
+        grand = sum(p for p, _ in classes.values()) or 1
+        result[crs] = [
+            {
+                "class": name,
+                "code": code,
+                "pixels": int(pixels),
+                "area_m2": None if crs == "none" else area,
+                "area_ha": None if crs == "none" else area / 1e4,
+                "share_percent": 100.0 * pixels / grand,
+            }
+            for (name, code), (pixels, area) in classes.items()
+        ]
+    return result
+
+
+def totals_csv(totals: dict[str, list[dict]]) -> str:
+    """Area totals as one CSV, a block of rows per CRS."""
+    lines = ["crs,class,code,pixels,area_m2,area_ha,share_percent"]
+    for crs, rows in totals.items():
+        for row in rows:
+            area = "" if row["area_m2"] is None else f"{row['area_m2']:.1f}"
+            hectares = "" if row["area_ha"] is None else f"{row['area_ha']:.4f}"
+            lines.append(
+                f"{crs},{row['class']},{row['code']},{row['pixels']},{area},{hectares},"
+                f"{row['share_percent']:.4f}"
+            )
+    return "\n".join(lines) + "\n"
+
+
+def mosaic_quicklook(mosaic: Path, size: int, title: str) -> Figure:
+    """A small picture of the whole region, in the maps' colours, with class names."""
+    from landcover.figures import quicklook_figure
+
+    with rasterio.open(mosaic) as src:
+        scale = max(src.width, src.height) / size
+        shape = (max(1, int(src.height / max(scale, 1))), max(1, int(src.width / max(scale, 1))))
+        codes = src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
+        colors = src.colormap(1)
+    names = dict(enumerate(_category_names_vrt(mosaic)))
+    names = {code: name for code, name in names.items() if name and code != NODATA}
+    return quicklook_figure(np.asarray(codes, dtype=np.uint8), colors, names, title)
+
+
+def _category_names_vrt(mosaic: Path) -> list[str]:
+    import xml.etree.ElementTree as ElementTree
+
+    return [c.text or "" for c in ElementTree.parse(mosaic).iter("Category")]
