@@ -7,7 +7,13 @@ peak RSS of the predicting process. Each scene is mapped in a fresh process so i
 its own (that process imports neither MLflow nor anything it does not need to map).
 Figures are printed and logged to MLflow (experiment `benchmarks`).
 
+Every backend (`--backends torch onnxruntime`, PyTorch eager and the cached ONNX graph run by
+ONNX Runtime) maps the same scene in the same run; each row also gives its pixel agreement with
+PyTorch fp32 and its achieved GFLOP/s next to the matmul peak. The one-off ONNX export is timed
+apart (a real job pays it once per model, then reuses the cache).
+
     .venv/bin/python experiments/bench_predict.py [--sizes 4096 16384] [--tile 512 --overlap 64]
+        [--backends torch onnxruntime]
 """
 
 from __future__ import annotations
@@ -84,18 +90,26 @@ def write_scene(path: Path, size: int, block: int = 2048) -> None:
                 dst.write(tile[:, :h, :w], window=Window(col, row, w, h))
 
 
-def map_scene(path: str, output: str, settings: PredictSettings, queue) -> None:
-    torch.set_num_threads(torch.get_num_threads())
+def loaded_model(backend: str):
+    """The benchmark's network on `backend` (compiled from the cache after the first time)."""
+    from landcover.predict.backends import with_backend
+
     model, metadata = make_model()
-    result = predict_raster(from_module(model, metadata), path, output, settings)
+    return with_backend(from_module(model, metadata), backend, torch.device("cpu"))
+
+
+def map_scene(path: str, output: str, settings: PredictSettings, backend: str, queue) -> None:
+    torch.set_num_threads(torch.get_num_threads())
+    result = predict_raster(loaded_model(backend), path, output, settings)
     peak_mib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     queue.put({"seconds": result.seconds, "pixels": result.pixels, "peak_rss_mib": peak_mib})
 
 
-def forward_only_rate(settings: PredictSettings, size: int, sample_tiles: int | None) -> float:
+def forward_only_rate(
+    settings: PredictSettings, size: int, sample_tiles: int | None, backend: str
+) -> float:
     """Scene Mpx/s the forward pass alone would give over this scene's tiles."""
-    model, metadata = make_model()
-    loaded = from_module(model, metadata)
+    loaded = loaded_model(backend)
     layout, _ = plan_layout(loaded, settings, size, size)
     tiles = layout.rows * layout.cols
     batches = -(-(sample_tiles or tiles) // settings.batch_size)
@@ -137,6 +151,7 @@ def main() -> None:
         default=64,
         help="tiles timed for the forward-only rate (0 = all)",
     )
+    parser.add_argument("--backends", nargs="+", default=["torch", "onnxruntime"])
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     args = parser.parse_args()
     settings = PredictSettings.defaults(
@@ -148,35 +163,57 @@ def main() -> None:
         f" FLOP floor {floor:.2f} Mpx/s"
     )
     results = {"gflop_per_256_tile": gflop, "matmul_gflops": peak, "flop_floor_mpx_s": floor}
+    for backend in args.backends:  # the one-off export, apart from the timings
+        started = time.perf_counter()
+        kind = loaded_model(backend).kind
+        print(f"{backend}: model ready as {kind} in {time.perf_counter() - started:.1f} s")
     context = mp.get_context("spawn")
     with tempfile.TemporaryDirectory() as tmp:
         for size in args.sizes:
             scene = Path(tmp) / f"scene_{size}.tif"
             write_scene(scene, size)
-            queue = context.Queue()
-            worker = context.Process(
-                target=map_scene,
-                args=(str(scene), str(Path(tmp) / f"map_{size}.tif"), settings, queue),
-            )
-            worker.start()
-            stats = queue.get()
-            worker.join()
-            e2e = stats["pixels"] / stats["seconds"] / 1e6
-            forward = forward_only_rate(settings, size, args.forward_sample_tiles or None)
-            print(
-                f"{size} x {size}: end to end {e2e:.3f} scene Mpx/s "
-                f"({stats['seconds']:.0f} s), forward only {forward:.3f} Mpx/s "
-                f"(e2e = {100 * e2e / forward:.0f} % of it), peak RSS "
-                f"{stats['peak_rss_mib']:.0f} MiB"
-            )
-            results.update(
-                {
-                    f"e2e_mpx_s_{size}": e2e,
-                    f"forward_mpx_s_{size}": forward,
-                    f"peak_rss_mib_{size}": stats["peak_rss_mib"],
-                    f"seconds_{size}": stats["seconds"],
-                }
-            )
+            maps = {}
+            for backend in args.backends:
+                output = Path(tmp) / f"map_{size}_{backend}.tif"
+                queue = context.Queue()
+                worker = context.Process(
+                    target=map_scene, args=(str(scene), str(output), settings, backend, queue)
+                )
+                worker.start()
+                stats = queue.get()
+                worker.join()
+                with rasterio.open(output) as src:
+                    maps[backend] = src.read(1)
+                agreement = float((maps[backend] == maps[args.backends[0]]).mean())
+                e2e = stats["pixels"] / stats["seconds"] / 1e6
+                forward = forward_only_rate(
+                    settings, size, args.forward_sample_tiles or None, backend
+                )
+                achieved = forward * 1e6 * gflop / 256**2  # GFLOP/s at the forward-only rate
+                print(
+                    f"{size} x {size} {backend}: end to end {e2e:.3f} scene Mpx/s "
+                    f"({stats['seconds']:.0f} s), forward only {forward:.3f} Mpx/s "
+                    f"(e2e = {100 * e2e / forward:.0f} % of it; {achieved:.0f} GFLOP/s = "
+                    f"{100 * achieved / peak:.0f} % of the matmul peak), peak RSS "
+                    f"{stats['peak_rss_mib']:.0f} MiB, {100 * agreement:.4f} % of pixels as "
+                    f"{args.backends[0]}"
+                )
+                results.update(
+                    {
+                        f"e2e_mpx_s_{size}_{backend}": e2e,
+                        f"forward_mpx_s_{size}_{backend}": forward,
+                        f"peak_rss_mib_{size}_{backend}": stats["peak_rss_mib"],
+                        f"seconds_{size}_{backend}": stats["seconds"],
+                        f"agreement_{size}_{backend}": agreement,
+                        f"gflops_{size}_{backend}": achieved,
+                    }
+                )
+                output.unlink()
+            if len(args.backends) > 1:
+                first, last = args.backends[0], args.backends[-1]
+                ratio = results[f"seconds_{size}_{first}"] / results[f"seconds_{size}_{last}"]
+                print(f"{size} x {size}: {last} is {ratio:.2f}x {first} end to end")
+                results[f"speedup_{size}_{last}_vs_{first}"] = ratio
             scene.unlink()
     import mlflow  # only here: the mapping processes must not pay for it in memory
 
@@ -192,6 +229,7 @@ def main() -> None:
                 "overlap": args.overlap,
                 "batch_size": args.batch_size,
                 "sizes": str(args.sizes),
+                "backends": str(args.backends),
                 "cpu_threads": torch.get_num_threads(),
             }
         )

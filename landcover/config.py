@@ -259,6 +259,8 @@ class PredictSettings:
     progress: bool
     gdal_cache_mb: int
     pixel_size_tolerance: float
+    backend: str  # auto | torch | onnxruntime (landcover.predict.backends)
+    precision: str  # auto | fp32 | bf16 | fp16
 
     @classmethod
     def defaults(cls, **changes: Any) -> PredictSettings:

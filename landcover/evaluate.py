@@ -34,9 +34,11 @@ from landcover.data.schema import IGNORE_INDEX, ClassSchema
 from landcover.errors import ConfigError
 from landcover.figures import class_map_rgb, confusion_matrix_figure, evaluation_panels_figure
 from landcover.metrics import ConfusionMatrix, scores_from_matrix
+from landcover.predict.backends import with_backend
 from landcover.predict.predictor import PredictSettings, predict_raster
 from landcover.predict.reference import LoadedModel, load_model_reference
 from landcover.predict.writer import OutputSet, class_indices_of_codes, pixel_area
+from landcover.runtime import select_device
 
 log = logging.getLogger("landcover.evaluate")
 
@@ -293,7 +295,12 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     threshold = float(cfg.evaluate.confidence_threshold)
     if not 0 < threshold <= 1:
         raise ConfigError(f"evaluate.confidence_threshold={threshold} must be within (0, 1]")
-    model = load_model_reference(str(cfg.model), tracking_uri=cfg.tracking.uri, device=cfg.device)
+    model = with_backend(
+        load_model_reference(str(cfg.model), tracking_uri=cfg.tracking.uri, device=cfg.device),
+        str(cfg.predict.backend),
+        select_device(cfg.device),
+        str(cfg.predict.precision),
+    )
     ensure_synthetic(data_cfg)
     schema = model.schema
     scenes = split_scenes(data_cfg, str(cfg.split), schema)

@@ -54,13 +54,18 @@ class MapWorker:
 
         from landcover.config import PredictSettings
         from landcover.data.scenes import quiet_georeferencing_warnings
+        from landcover.predict.backends import with_backend
         from landcover.predict.reference import load_model_reference
+        from landcover.runtime import select_device
 
         if threads:
             torch.set_num_threads(threads)
         quiet_georeferencing_warnings()
-        self.model = load_model_reference(model, tracking_uri=tracking_uri, device=device)
         self.settings = PredictSettings(**settings)
+        loaded = load_model_reference(model, tracking_uri=tracking_uri, device=device)
+        self.model = with_backend(
+            loaded, self.settings.backend, select_device(device), self.settings.precision
+        )
 
     def map(self, task: Task) -> Outcome:
         """Map one input; any failure is an Outcome with its reason, never an exception."""

@@ -62,8 +62,16 @@ class LoadedModel:
 
 
 def _torch_forward(
-    module: torch.nn.Module, device: torch.device, channels_last: bool
+    module: torch.nn.Module,
+    device: torch.device,
+    channels_last: bool,
+    autocast: torch.dtype | None | str = "default",
 ) -> Callable[[torch.Tensor], torch.Tensor]:
+    """Eager forward on `device`; `autocast` is the reduced precision to compute in (None:
+    float32; "default": bf16 on CUDA, float32 on CPU)."""
+    if autocast == "default":
+        autocast = torch.bfloat16 if device.type == "cuda" else None
+    dtype = autocast if isinstance(autocast, torch.dtype) else None
     module = module.to(device).eval()
     memory_format = torch.channels_last if channels_last else torch.contiguous_format
     module = module.to(memory_format=memory_format)
@@ -71,7 +79,7 @@ def _torch_forward(
     @torch.inference_mode()
     def forward(batch: torch.Tensor) -> torch.Tensor:
         batch = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
             return module(batch).float()
 
     return forward

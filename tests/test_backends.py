@@ -1,0 +1,143 @@
+"""Compiled backends: exported once, checked, cached, reused; a failure falls back to PyTorch."""
+
+from __future__ import annotations
+
+import logging
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import rasterio
+import torch
+
+from landcover.errors import ConfigError
+from landcover.predict import backends
+from landcover.predict.reference import from_module, load_model_reference
+from tests.conftest import write_raster
+
+MODEL = Path(__file__).parent / "fixtures" / "pre_refactor" / "checkpoint.pt"
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture
+def cache(tmp_path, monkeypatch) -> Path:
+    monkeypatch.setenv("LANDCOVER_CACHE_DIR", str(tmp_path / "cache"))
+    return tmp_path / "cache" / "compiled"
+
+
+def pixels(size: int = 64) -> torch.Tensor:
+    rng = np.random.default_rng(1)
+    return torch.from_numpy(rng.uniform(0, 255, (1, 4, size, size)).astype(np.float32))
+
+
+def test_onnxruntime_is_compiled_once_checked_and_reused(cache, monkeypatch):
+    eager = load_model_reference(str(MODEL), device="cpu")
+    compiled = backends.with_backend(eager, "onnxruntime", torch.device("cpu"))
+    assert compiled.kind == "onnxruntime" and eager.kind == "checkpoint"
+    (cached,) = cache.glob("*.onnx")
+    with torch.inference_mode():
+        expected = eager.forward(pixels()).numpy()
+    assert np.abs(compiled.forward(pixels()).numpy() - expected).max() < 1e-3
+    stamp = cached.stat().st_mtime_ns
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("exported again")
+
+    monkeypatch.setattr("landcover.interop.onnx.export_onnx", no_export)
+    again = backends.with_backend(
+        load_model_reference(str(MODEL), device="cpu"), "onnxruntime", torch.device("cpu")
+    )
+    assert again.kind == "onnxruntime" and cached.stat().st_mtime_ns == stamp
+
+
+def test_a_failed_export_falls_back_to_pytorch_with_one_warning(cache, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise RuntimeError("unsupported operator\nsecond line")
+
+    monkeypatch.setattr("landcover.interop.onnx.export_onnx", broken)
+    eager = load_model_reference(str(MODEL), device="cpu")
+    with caplog.at_level(logging.WARNING, logger="landcover.predict.backends"):
+        model = backends.with_backend(eager, "onnxruntime", torch.device("cpu"))
+    assert model is eager
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "unsupported operator" in record.getMessage() and "\n" not in record.getMessage()
+    assert not cache.exists() or not any(cache.iterdir())  # nothing half-written
+
+
+def test_auto_compiles_networks_on_cpu_and_leaves_the_gbm_alone(cache):
+    eager = load_model_reference(str(MODEL), device="cpu")
+    assert backends.resolve("auto", eager, torch.device("cpu")) == "onnxruntime"
+    assert backends.resolve("auto", eager, torch.device("cuda")) == "torch"
+    from landcover.models import build_model
+
+    gbm = build_model(
+        {
+            "arch": "pixel_gbm",
+            "max_iter": 2,
+            "learning_rate": 0.1,
+            "max_leaf_nodes": 4,
+            "l2_regularization": 0.0,
+            "samples": 10,
+        },
+        in_channels=4,
+        num_classes=2,
+        mean=[0.0] * 4,
+        std=[1.0] * 4,
+    )
+    loaded = from_module(gbm, {"bands": 4})
+    assert backends.resolve("auto", loaded, torch.device("cpu")) == "torch"
+    with pytest.raises(ConfigError, match="predict.backend='tensorrt'"):
+        backends.resolve("tensorrt", eager, torch.device("cpu"))
+
+
+def test_predict_maps_alike_on_onnxruntime_and_torch(tmp_path):
+    rng = np.random.default_rng(0)
+    scene = write_raster(
+        tmp_path / "scene.tif", rng.integers(0, 255, (4, 300, 260), dtype=np.uint8)
+    )
+    maps = {}
+    for backend in ("torch", "onnxruntime"):
+        output = tmp_path / f"{backend}.tif"
+        done = subprocess.run(
+            [
+                str(BIN / "landcover-predict"),
+                f"model={MODEL}",
+                f"input={scene}",
+                f"output={output}",
+                f"predict.backend={backend}",
+                "predict.tile_size=128",
+                "predict.overlap=32",
+                "predict.progress=false",
+                "log_to_mlflow=false",
+            ],
+            cwd=tmp_path,
+            capture_output=True,
+            text=True,
+            timeout=300,
+            env={"LANDCOVER_CACHE_DIR": str(tmp_path / "cache"), "PATH": str(BIN)},
+        )
+        assert done.returncode == 0, done.stderr
+        with rasterio.open(output) as src:
+            maps[backend] = src.read(1)
+    assert (maps["torch"] == maps["onnxruntime"]).mean() >= 0.999
+    assert list((tmp_path / "cache" / "compiled").glob("*.onnx"))
+
+
+def test_precision_is_an_explicit_choice(cache):
+    cpu = torch.device("cpu")
+    eager = load_model_reference(str(MODEL), device="cpu")
+    assert backends.with_backend(eager, "torch", cpu) is eager  # auto: fp32 on CPU, untouched
+    reduced = backends.with_backend(eager, "torch", cpu, precision="bf16")
+    with torch.inference_mode():
+        full, half = eager.forward(pixels()), reduced.forward(pixels())
+    assert half.dtype == torch.float32 and half.shape == full.shape
+    assert not torch.equal(full, half)  # computed in bf16: not the fp32 logits
+    assert (full.argmax(1) == half.argmax(1)).float().mean() > 0.5
+    with pytest.raises(ConfigError, match="onnxruntime backend"):
+        backends.with_backend(eager, "onnxruntime", cpu, precision="bf16")
+    with pytest.raises(ConfigError, match="fp16 needs CUDA"):
+        backends.with_backend(eager, "torch", cpu, precision="fp16")
+    with pytest.raises(ConfigError, match="int8 is not supported"):
+        backends.with_backend(eager, "torch", cpu, precision="int8")
