@@ -140,6 +140,8 @@ def onnx_model(model: LoadedModel, path: Path) -> LoadedModel:
 
     options = ort.SessionOptions()
     options.intra_op_num_threads = torch.get_num_threads()
+    # no busy-waiting between runs: the reader and writer threads need those cores
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
 
