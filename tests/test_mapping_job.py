@@ -47,21 +47,26 @@ def corrupt(path: Path) -> None:
     path.write_bytes(data[: len(data) // 3])
 
 
+def job_command(tmp: Path, inputs: str, output: Path, *extra: str, model: Path = MODEL):
+    """`landcover-predict` over `inputs` into the job folder `output`, small tiles, one thread."""
+    return [
+        str(BIN / "landcover-predict"),
+        f"model={model}",
+        f"input={inputs}",
+        f"output={output}/",
+        f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
+        "predict.tile_size=64",
+        "predict.overlap=16",
+        "predict.progress=false",
+        "quicklook_size=64",
+        "engine.threads=1",
+        *extra,
+    ]
+
+
 def job(tmp: Path, inputs: str, output: Path, *extra: str, timeout: int = 300):
     return subprocess.run(
-        [
-            str(BIN / "landcover-predict"),
-            f"model={MODEL}",
-            f"input={inputs}",
-            f"output={output}/",
-            f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
-            "predict.tile_size=64",
-            "predict.overlap=16",
-            "predict.progress=false",
-            "quicklook_size=64",
-            "engine.threads=1",
-            *extra,
-        ],
+        job_command(tmp, inputs, output, *extra),
         cwd=tmp,
         capture_output=True,
         text=True,
@@ -133,17 +138,7 @@ def test_a_killed_job_resumes_to_the_same_maps_as_one_shot(tmp_path):
     assert job(tmp_path, inputs, whole, "log_to_mlflow=false").returncode == 0
     killed = tmp_path / "killed"
     process = subprocess.Popen(
-        [
-            str(BIN / "landcover-predict"),
-            f"model={MODEL}",
-            f"input={inputs}",
-            f"output={killed}/",
-            "predict.tile_size=64",
-            "predict.overlap=16",
-            "predict.progress=false",
-            "engine.threads=1",
-            "log_to_mlflow=false",
-        ],
+        job_command(tmp_path, inputs, killed, "log_to_mlflow=false"),
         cwd=tmp_path,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
@@ -337,14 +332,7 @@ def test_an_input_far_from_the_training_pixel_size_is_flagged(tmp_path):
     assert coarse and fine
     out = tmp_path / "maps"
     done = subprocess.run(
-        [
-            str(BIN / "landcover-predict"),
-            f"model={model}",
-            f"input={tmp_path}/in/*.tif",
-            f"output={out}/",
-            "log_to_mlflow=false",
-            "predict.progress=false",
-        ],
+        job_command(tmp_path, f"{tmp_path}/in/*.tif", out, "log_to_mlflow=false", model=model),
         cwd=tmp_path,
         capture_output=True,
         text=True,
@@ -370,3 +358,20 @@ def test_a_second_job_on_the_same_folder_is_refused(tmp_path):
     with job_lock(tmp_path):  # released: free again
         pass
     assert os.path.exists(tmp_path / ".job.lock")
+
+
+def test_an_unknown_engine_is_refused_before_any_work(tmp_path):
+    from landcover.errors import ConfigError
+    from landcover.mapping.job import run_predictions
+    from tests.conftest import compose_config
+
+    cfg = compose_config(
+        "predict",
+        f"model={MODEL}",
+        "input=nowhere/*.tif",
+        f"output={tmp_path}/",
+        "engine.name=dask",
+    )
+    with pytest.raises(ConfigError, match="engine.name='dask' is not local or ray"):
+        run_predictions(cfg)
+    assert not any(tmp_path.iterdir())  # no manifest, no lock, nothing

@@ -37,7 +37,6 @@ class Outcome:
     width: int = 0
     height: int = 0
     crs: str = ""
-    areas_json: str = ""
     warning: str = ""
     error: str = ""
     model_reference: str = ""  # what the worker loaded, for the job's record
@@ -81,9 +80,6 @@ class MapWorker:
             output = result.outputs["classes"]
             write_text(output.with_suffix(".areas.csv"), table.to_csv())
             write_text(output.with_suffix(".areas.json"), table.to_json())
-            with rasterio.open(output) as src:
-                crs = src.crs.to_string() if src.crs else ""
-                width, height = src.width, src.height
         except (LandcoverError, rasterio.errors.RasterioError, OSError, ValueError) as err:
             reason = (str(err).splitlines() or [type(err).__name__])[0]
             return Outcome(
@@ -97,10 +93,9 @@ class MapWorker:
             task,
             pixels=result.pixels,
             seconds=result.seconds,
-            width=width,
-            height=height,
-            crs=crs,
-            areas_json=table.to_json(),
+            width=result.width,
+            height=result.height,
+            crs=result.crs,
             warning=result.warning or "",
             model_reference=self.model.reference,
             source_run_id=self.model.source_run_id or "",

@@ -59,6 +59,8 @@ def is_folder_output(output: str, inputs: list[MapInput]) -> bool:
 
 def run_predictions(cfg: DictConfig) -> JobSummary:
     """`landcover-predict` on its validated config."""
+    if cfg.engine.name not in ("local", "ray"):
+        raise ConfigError(f"config value engine.name={cfg.engine.name!r} is not local or ray")
     spec = [str(s) for s in cfg.input] if isinstance(cfg.input, ListConfig) else str(cfg.input)
     inputs = expand(spec, asset=cfg.asset)
     output = str(cfg.output)
@@ -134,10 +136,8 @@ def _map_with_retries(
             log.info("retrying %d failed input(s), attempt %d", len(pending), attempt + 1)
         if engine.name == "ray":
             outcomes = run_ray(worker_args, pending, engine)
-        elif engine.name == "local":
-            outcomes = run_local(worker_args, pending)
         else:
-            raise ConfigError(f"config value engine.name={engine.name!r} is not local or ray")
+            outcomes = run_local(worker_args, pending)
         pending = []
         for outcome in outcomes:
             summary.model_reference = outcome.model_reference
@@ -147,7 +147,8 @@ def _map_with_retries(
                 manifest.save()
             if row.status == FAILED:
                 pending.append(outcome.task)
-    summary.mapped = [r for r in rows.values() if r.status == DONE and r not in summary.skipped]
+            else:
+                summary.mapped.append(row)
     summary.failed = [r for r in rows.values() if r.status == FAILED]
 
 
@@ -236,10 +237,9 @@ def _record_job(
             mlflow.log_artifact(str(mosaic), "region")
             if mosaic.with_suffix(".png").exists():
                 mlflow.log_artifact(str(mosaic.with_suffix(".png")), "region")
-        for row in done:
-            areas = Path(row.output).with_suffix(".areas.json")
-            if not folder:
-                mlflow.log_artifact(str(areas), "area")
+        if not folder:  # a job folder has its totals instead
+            for row in done:
+                mlflow.log_artifact(str(Path(row.output).with_suffix(".areas.json")), "area")
         if cfg.per_input_runs:
             for row in summary.mapped:
                 with mlflow.start_run(run_name=f"predict {Path(row.output).name}", nested=True):

@@ -72,7 +72,8 @@ def mosaic_vrt(paths: Sequence[Path], relative_to: Path) -> str:
         f'      <Entry c1="{r}" c2="{g}" c3="{b}" c4="{a}"/>\n'
         for _, (r, g, b, a) in sorted(colors.items())
     )
-    names = _category_names(paths[0])
+    sidecar = Path(f"{paths[0]}.aux.xml")  # the map's class names, as the writer put them
+    names = category_names(sidecar) if sidecar.is_file() else []
     categories = "".join(f"      <Category>{escape(n)}</Category>\n" for n in names)
     blocks = []
     for path, w, h, left, top, (sx, sy) in sources:
@@ -110,13 +111,11 @@ def _relative(path: Path, folder: Path) -> str:
         return str(path.resolve())
 
 
-def _category_names(path: Path) -> list[str]:
+def category_names(xml_file: Path) -> list[str]:
+    """The `<Category>` names of a GDAL XML file (a map's .aux.xml, or a VRT), by code."""
     import xml.etree.ElementTree as ElementTree
 
-    sidecar = Path(f"{path}.aux.xml")
-    if not sidecar.is_file():
-        return []
-    return [c.text or "" for c in ElementTree.parse(sidecar).iter("Category")]
+    return [c.text or "" for c in ElementTree.parse(xml_file).iter("Category")]
 
 
 def area_totals(rows: Sequence[tuple[str, str]]) -> dict[str, list[dict]]:
@@ -125,12 +124,14 @@ def area_totals(rows: Sequence[tuple[str, str]]) -> dict[str, list[dict]]:
     `rows`: (CRS, the map's area table JSON). Maps without a CRS are summed under "none"
     (pixels only: their area is unknown).
     """
-    totals: dict[str, dict[tuple[str, int], list[float]]] = defaultdict(dict)
+    totals: dict[str, dict[tuple[str, int], list[float]]] = defaultdict(
+        lambda: defaultdict(lambda: [0, 0.0])
+    )
     for crs, text in rows:
         for entry in json.loads(text)["classes"]:
-            key = (entry["class"], entry["code"])
-            pixels, area = totals[crs or "none"].setdefault(key, [0, 0.0])
-            totals[crs or "none"][key] = [pixels + entry["pixels"], area + (entry["area_m2"] or 0)]
+            summed = totals[crs or "none"][(entry["class"], entry["code"])]
+            summed[0] += entry["pixels"]
+            summed[1] += entry["area_m2"] or 0
     result = {}
     for crs, classes in totals.items():
         grand = sum(p for p, _ in classes.values()) or 1
@@ -171,12 +172,6 @@ def mosaic_quicklook(mosaic: Path, size: int, title: str) -> Figure:
         shape = (max(1, int(src.height / max(scale, 1))), max(1, int(src.width / max(scale, 1))))
         codes = src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
         colors = src.colormap(1)
-    names = dict(enumerate(_category_names_vrt(mosaic)))
+    names = dict(enumerate(category_names(mosaic)))
     names = {code: name for code, name in names.items() if name and code != NODATA}
     return quicklook_figure(np.asarray(codes, dtype=np.uint8), colors, names, title)
-
-
-def _category_names_vrt(mosaic: Path) -> list[str]:
-    import xml.etree.ElementTree as ElementTree
-
-    return [c.text or "" for c in ElementTree.parse(mosaic).iter("Category")]

@@ -46,6 +46,9 @@ class PredictionResult:
     seconds: float
     pixels: int
     warning: str | None = None  # e.g. a pixel size far from the model's training data
+    width: int = 0  # the raster's (and its map's) grid
+    height: int = 0
+    crs: str = ""  # empty without a CRS
 
 
 def plan_layout(
@@ -244,6 +247,9 @@ def predict_raster(
         time.perf_counter() - started,
         layout.width * layout.height,
         warning,
+        layout.width,
+        layout.height,
+        profile["crs"].to_string() if profile["crs"] else "",
     )
 
 
