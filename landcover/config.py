@@ -228,10 +228,27 @@ class TrainerConfig:
 
 @dataclass
 class LossConfig:
-    """Cross entropy settings."""
+    """The training loss (`loss:` of conf/train.yaml): the weight of each term, class weights."""
 
-    class_weights: dict[str, float] | None
+    cross_entropy: float
+    dice: float
+    focal: float
+    lovasz: float
+    class_weights: Any  # null | auto | {class name: weight}
+    auto_weight_clip: float
     label_smoothing: float
+    focal_gamma: float
+
+
+@dataclass
+class InitConfig:
+    """Where training starts (`init:` of conf/train.yaml): another model's weights, re-mapped
+    by class (landcover.models.transfer), and the modules held back while fine-tuning."""
+
+    model: str | None  # any model reference: run id, runs:/, models:/name@alias, checkpoint
+    freeze: list[str]  # `encoder` or state_dict prefixes (net.encoder.layer1)
+    frozen_lr_scale: float  # 0: frozen; > 0: those modules learn at lr x this
+    class_map: dict[str, list[str]] | None  # {new class: [source classes]}; default: by codes
 
 
 @dataclass
@@ -243,6 +260,8 @@ class TrackingConfig:
     run_name: str | None
     log_model: bool
     tags: dict[str, str]
+    system_metrics: bool
+    system_metrics_interval: float
 
 
 @dataclass
@@ -261,6 +280,7 @@ class PredictSettings:
     pixel_size_tolerance: float
     backend: str  # auto | torch | onnxruntime (landcover.predict.backends)
     precision: str  # auto | fp32 | bf16 | fp16
+    tta: str  # none | flips | d4 (landcover.predict.tta)
 
     @classmethod
     def defaults(cls, **changes: Any) -> PredictSettings:
@@ -421,6 +441,7 @@ class TrainConfig:
     optimizer: Any
     scheduler: Any
     loss: LossConfig
+    init: InitConfig
     tracking: TrackingConfig
 
 
@@ -492,6 +513,18 @@ def _check_ranges(cfg: DictConfig) -> None:
         raise ConfigError(
             f"config value trainer.keep_epoch_checkpoints={cfg.trainer.keep_epoch_checkpoints} "
             "must be >= 0"
+        )
+    if cfg.init.frozen_lr_scale < 0:
+        raise ConfigError(
+            f"config value init.frozen_lr_scale={cfg.init.frozen_lr_scale} must be >= 0"
+        )
+    if cfg.loss.auto_weight_clip < 1:
+        raise ConfigError(
+            f"config value loss.auto_weight_clip={cfg.loss.auto_weight_clip} must be >= 1"
+        )
+    if not 0 <= cfg.loss.label_smoothing < 1:
+        raise ConfigError(
+            f"config value loss.label_smoothing={cfg.loss.label_smoothing} must be in [0, 1)"
         )
     if cfg.data.num_workers < 0:
         raise ConfigError(f"config value data.num_workers={cfg.data.num_workers} must be >= 0")

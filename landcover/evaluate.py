@@ -31,6 +31,7 @@ from landcover.config import plain_dict
 from landcover.data.loaders import ensure_synthetic, split_scenes
 from landcover.data.scenes import Scene, open_raster
 from landcover.data.schema import IGNORE_INDEX, ClassSchema
+from landcover.dataset_records import scenes_dataset
 from landcover.errors import ConfigError
 from landcover.figures import class_map_rgb, confusion_matrix_figure, evaluation_panels_figure
 from landcover.metrics import ConfusionMatrix, scores_from_matrix
@@ -57,10 +58,21 @@ def log_evaluation(
     per_scene_csv: str,
     regions_csv: str,
     disagreement_maps: list[Path],
+    dataset: Any = None,
+    model_id: str | None = None,
 ) -> None:
-    """A whole-scene evaluation, inside an active run."""
+    """A whole-scene evaluation, inside an active run: the scenes it read as the run's
+    dataset, its metrics linked to that dataset and to the evaluated logged model."""
+    from landcover.dataset_records import log_datasets
+
     mlflow.log_params(dict(params))
-    mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+    if dataset is not None:
+        log_datasets({"evaluation": dataset})
+    mlflow.log_metrics(
+        {k: float(v) for k, v in metrics.items() if np.isfinite(v)},
+        dataset=dataset,
+        model_id=model_id,
+    )
     tracking.log_confusion_matrix(matrix, class_names, matrix_figure)
     mlflow.log_figure(panels, "panels/scene_panels.png")
     plt.close(panels)
@@ -300,6 +312,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
         str(cfg.predict.backend),
         select_device(cfg.device),
         str(cfg.predict.precision),
+        int(cfg.predict.batch_size),
     )
     ensure_synthetic(data_cfg)
     schema = model.schema
@@ -380,5 +393,9 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
             per_scene_csv=_csv(per_scene),
             regions_csv=_csv(regions),
             disagreement_maps=[e.outputs["disagreement"] for e in evaluations],
+            dataset=scenes_dataset(
+                f"{data_cfg.name}/{cfg.split}", str(data_cfg.root), scenes, schema
+            ),
+            model_id=model.model_id,
         )
     return metrics

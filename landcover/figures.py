@@ -1,4 +1,5 @@
-"""Pictures people would rather look at than read: confusion matrices and prediction panels.
+"""Pictures people would rather look at than read: confusion matrices, prediction panels,
+learning curves and per-class scores.
 
 Figures are rendered with matplotlib's Agg backend (no display on servers) and returned as
 Figure objects; tracking decides where they go.
@@ -72,26 +73,112 @@ def add_class_legend(fig: plt.Figure, schema: ClassSchema) -> None:
     fig.tight_layout(rect=(0, 0.05, 1, 1))
 
 
+def false_colour(image: np.ndarray) -> np.ndarray:
+    """(bands, H, W) with near-infrared as band 4 -> NIR, red, green as RGB: vegetation shows
+    red, water dark, pavement grey-blue. A 3-band image falls back to its RGB."""
+    if image.shape[0] < 4:
+        return image_to_rgb(image)
+    return image_to_rgb(image[[3, 0, 1]])
+
+
+ERROR_COLOURS = np.array([[0.16, 0.62, 0.26], [0.84, 0.15, 0.16], [0.55, 0.55, 0.55]])
+
+
+def error_map(target: np.ndarray, prediction: np.ndarray) -> np.ndarray:
+    """Right (green), wrong (red), unlabelled (grey), as RGB."""
+    kind = np.where(target == IGNORE_INDEX, 2, np.where(target == prediction, 0, 1))
+    return ERROR_COLOURS[kind]
+
+
 def panels_figure(
     images: Sequence[np.ndarray],
     targets: Sequence[np.ndarray],
     predictions: Sequence[np.ndarray],
     schema: ClassSchema,
+    titles: Sequence[str] | None = None,
 ) -> plt.Figure:
-    """One row per window: image | labels | prediction, with a class legend."""
+    """One row per window: image | NIR false colour | labels | prediction | errors, each row
+    named by `titles` (scene and window), with a class legend."""
     rows = len(images)
-    fig, axes = plt.subplots(rows, 3, figsize=(9, 3 * rows + 0.6), squeeze=False)
+    fig, axes = plt.subplots(rows, 5, figsize=(15, 3 * rows + 0.8), squeeze=False)
     for row, (image, target, pred) in enumerate(zip(images, targets, predictions, strict=True)):
-        for ax, picture, title in zip(
-            axes[row],
-            (image_to_rgb(image), class_map_rgb(target, schema), class_map_rgb(pred, schema)),
-            ("image (RGB)", "labels", "prediction"),
-            strict=True,
-        ):
+        labelled = target != IGNORE_INDEX
+        accuracy = float((pred[labelled] == target[labelled]).mean()) if labelled.any() else 0.0
+        pictures = (
+            image_to_rgb(image),
+            false_colour(image),
+            class_map_rgb(target, schema),
+            class_map_rgb(pred, schema),
+            error_map(target, pred),
+        )
+        names = (
+            titles[row] if titles else "image (RGB)",
+            "near-infrared, red, green",
+            "labels",
+            "prediction",
+            f"errors: {100 * accuracy:.1f} % right",
+        )
+        for ax, picture, title in zip(axes[row], pictures, names, strict=True):
             ax.imshow(picture, interpolation="nearest")
-            ax.set_title(title)
+            ax.set_title(title, fontsize=8)
             ax.axis("off")
     add_class_legend(fig, schema)
+    return fig
+
+
+def learning_curves_figure(
+    history: Sequence[dict[str, float]], monitor: str, best_epoch: int | None
+) -> plt.Figure:
+    """Train and val loss on one axis, the monitored score on a second, the best epoch marked:
+    over- or under-fitting in one look."""
+    fig, loss_ax = plt.subplots(figsize=(8, 4.5))
+    for key, style in (("train/loss", "-"), ("val/loss", "--")):
+        points = [(h["epoch"], h[key]) for h in history if key in h and np.isfinite(h[key])]
+        if points:
+            loss_ax.plot(*zip(*points, strict=True), style, marker="o", label=key)
+    loss_ax.set_xlabel("epoch")
+    loss_ax.set_ylabel("loss")
+    score_ax = loss_ax.twinx()
+    scores = [(h["epoch"], h[monitor]) for h in history if monitor in h and np.isfinite(h[monitor])]
+    if scores and "loss" not in monitor:
+        score_ax.plot(*zip(*scores, strict=True), color="tab:green", marker="s", label=monitor)
+        score_ax.set_ylabel(monitor)
+    if best_epoch is not None:
+        loss_ax.axvline(best_epoch, color="grey", linestyle=":", label=f"best epoch {best_epoch}")
+    handles = loss_ax.get_legend_handles_labels()
+    more = score_ax.get_legend_handles_labels()
+    loss_ax.legend(handles[0] + more[0], handles[1] + more[1], loc="best", fontsize=8)
+    loss_ax.set_title("learning curves")
+    fig.tight_layout()
+    return fig
+
+
+def per_class_scores_figure(
+    scores: dict[str, dict[str, float]], schema: ClassSchema, title: str
+) -> plt.Figure:
+    """IoU and F1 per class as grouped bars in the classes' own colours (one chart, not 2 x
+    classes separate metric charts)."""
+    names = schema.names
+    fig, ax = plt.subplots(figsize=(1.6 + 1.1 * len(names), 4.5))
+    positions = np.arange(len(names))
+    colours = np.array(schema.rgb_palette()) / 255
+    for offset, (label, values) in zip((-0.2, 0.2), scores.items(), strict=False):
+        heights = [values.get(name, 0.0) for name in names]
+        bars = ax.bar(
+            positions + offset,
+            heights,
+            width=0.38,
+            color=colours,
+            edgecolor="black",
+            hatch="" if offset < 0 else "//",
+            label=label,
+        )
+        ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.set_xticks(positions, names, rotation=30, ha="right")
+    ax.set_ylim(0, 1.05)
+    ax.set_title(title)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
     return fig
 
 

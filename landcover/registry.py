@@ -10,6 +10,7 @@ the code that made it.
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import re
@@ -269,7 +270,24 @@ def _register(client: MlflowClient, name: str, candidate: Candidate) -> tuple[Mo
         run_id=candidate.run_id,
         model_id=candidate.model_id,
     )
+    if candidate.model_id:
+        link_version_to_logged_model(client, candidate.model_id, version)
     return version, True
+
+
+def link_version_to_logged_model(
+    client: MlflowClient, model_id: str, version: ModelVersion
+) -> None:
+    """Name the version on its logged model (`mlflow.modelVersions`), as `mlflow.register_model`
+    does and `create_model_version` does not: the run's "Logged models" table and the model's
+    page then show the registered version."""
+    model = client.get_logged_model(model_id)
+    versions = json.loads(model.tags.get("mlflow.modelVersions", "[]"))
+    entry = {"name": version.name, "version": version.version}
+    if entry not in versions:
+        client.set_logged_model_tags(
+            model_id, {"mlflow.modelVersions": json.dumps([*versions, entry])}
+        )
 
 
 def promote(

@@ -19,6 +19,7 @@ import math
 import platform
 import re
 import subprocess
+import sys
 import tempfile
 import zlib
 from collections.abc import Iterator, Mapping
@@ -35,6 +36,7 @@ from mlflow.types import Schema, TensorSpec
 
 from landcover import serving
 from landcover.errors import RunPrunedError
+from landcover.system_metrics import system_monitors_available
 
 log = logging.getLogger("landcover.tracking")
 
@@ -165,6 +167,30 @@ def log_confusion_matrix(
     )
 
 
+EXPERIMENT_DESCRIPTION = (
+    "Land cover segmentation runs recorded by landcover: each run's description gives its "
+    "data, model, best epoch and headline metrics; its Datasets, Model metrics and System "
+    "metrics tabs hold the rest."
+)
+
+
+def describe_experiment(client: mlflow.tracking.MlflowClient, experiment: Any) -> None:
+    """Open the experiment in MLflow's model-training view (not the GenAI one) with a
+    description, once: experiments that already say what they are keep it. A team member
+    without the right to edit the experiment records runs all the same."""
+    wanted = {
+        "mlflow.experimentKind": "custom_model_development",
+        "mlflow.note.content": EXPERIMENT_DESCRIPTION,
+    }
+    for key, value in wanted.items():
+        if key not in experiment.tags:
+            try:
+                client.set_experiment_tag(experiment.experiment_id, key, value)
+            except mlflow.exceptions.MlflowException as err:
+                log.debug("experiment %s keeps no %s: %s", experiment.name, key, err)
+                return
+
+
 def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     """Where a new experiment of a SQLite store keeps its artifacts: a folder beside the
     database file (`<db folder>/mlartifacts/<experiment>`), whatever the working directory.
@@ -183,17 +209,36 @@ def experiment_id(client: mlflow.tracking.MlflowClient, experiment: str) -> str:
     """The experiment's id, creating it if needed (artifacts beside a SQLite store); two
     processes creating it at once (parallel sweep slots) both get the one that won."""
     found = client.get_experiment_by_name(experiment)
-    if found:
-        return found.experiment_id
-    try:
-        return client.create_experiment(
-            experiment, artifact_location=artifact_location(client.tracking_uri, experiment)
-        )
-    except mlflow.exceptions.MlflowException:
+    if found is None:
+        # another process may create it first: then get the one that won
+        with contextlib.suppress(mlflow.exceptions.MlflowException):
+            client.create_experiment(
+                experiment, artifact_location=artifact_location(client.tracking_uri, experiment)
+            )
         found = client.get_experiment_by_name(experiment)
         if found is None:
-            raise
-        return found.experiment_id
+            raise mlflow.exceptions.MlflowException(f"experiment {experiment!r} not created")
+    describe_experiment(client, found)
+    return found.experiment_id
+
+
+def browse_command(uri: str, run_id: str) -> str:
+    """The exact command that shows a run in MLflow's UI, and the page to open: a SQLite store
+    through `mlflow ui` on its absolute path, a server at its own address."""
+    run = mlflow.tracking.MlflowClient(uri).get_run(run_id)
+    page = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    if uri.startswith(("http://", "https://")):
+        return f"browse the run: {uri.rstrip('/')}/{page}"
+    if uri.startswith("sqlite:///"):
+        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    mlflow_bin = Path(sys.executable).parent / "mlflow"
+    program = mlflow_bin if mlflow_bin.exists() else Path("mlflow")
+    with contextlib.suppress(ValueError):
+        program = program.relative_to(Path.cwd())
+    return (
+        f"browse the run: {program} ui --backend-store-uri {uri}   "
+        f"then open http://127.0.0.1:5000/{page}"
+    )
 
 
 class Tracker:
@@ -204,11 +249,22 @@ class Tracker:
     place "not rank 0" is decided for recording.
     """
 
-    def __init__(self, uri: str, experiment: str, *, enabled: bool = True) -> None:
+    def __init__(
+        self,
+        uri: str,
+        experiment: str,
+        *,
+        enabled: bool = True,
+        system_metrics: bool = False,
+        system_metrics_interval: float = 10.0,
+    ) -> None:
         self.uri = uri
         self.experiment = experiment
         self.enabled = enabled
+        self.system_metrics = system_metrics and system_monitors_available()
+        self.system_metrics_interval = system_metrics_interval
         self.run_id: str | None = None
+        self.datasets: dict[str, Any] = {}  # context (train, val) -> the MLflow dataset
 
     @contextlib.contextmanager
     def start(
@@ -223,8 +279,13 @@ class Tracker:
             yield None
             return
         use_experiment(self.uri, self.experiment)
+        if self.system_metrics:
+            mlflow.set_system_metrics_sampling_interval(self.system_metrics_interval)
         run = mlflow.start_run(
-            run_id=run_id, run_name=None if run_id else run_name, tags=dict(tags or {})
+            run_id=run_id,
+            run_name=None if run_id else run_name,
+            tags=dict(tags or {}),
+            log_system_metrics=self.system_metrics,
         )
         self.run_id = run.info.run_id
         try:
@@ -275,6 +336,7 @@ class Tracker:
                 }
             )
         self.log_text(OmegaConf.to_yaml(cfg), "config/resolved.yaml")
+        self.log_datasets(str(cfg.data.name), str(cfg.data.root), data)
         scenes = data.train_scenes + data.val_scenes
         self.log_text(
             "".join(f"{s.image_path},{s.label_path}\n" for s in scenes), "config/scenes.csv"
@@ -298,6 +360,17 @@ class Tracker:
         )
         return {**at_best, **best}
 
+    def log_datasets(self, name: str, root: str, data: Any) -> None:
+        """The train and val scenes as the run's input datasets (the run page's Datasets)."""
+        from landcover.dataset_records import log_datasets, scenes_dataset
+
+        self.datasets = {
+            split: scenes_dataset(f"{name}/{split}", root, scenes, data.schema)
+            for split, scenes in (("train", data.train_scenes), ("val", data.val_scenes))
+        }
+        if self.enabled:
+            log_datasets(self.datasets)
+
     def log_params(self, params: Mapping[str, str]) -> None:
         """Parameters of the open run."""
         if self.enabled:
@@ -308,6 +381,11 @@ class Tracker:
         if self.enabled:
             finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
             mlflow.log_metrics(finite, step=step)
+
+    def describe(self, text: str) -> None:
+        """The run's description (`mlflow.note.content`): what a person reads first."""
+        if self.enabled:
+            mlflow.set_tag("mlflow.note.content", text)
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """A text artifact of the open run."""
@@ -332,11 +410,14 @@ class Tracker:
             log_confusion_matrix(matrix, class_names, figure, directory)
         plt.close(figure)
 
-    def log_model(self, model: torch.nn.Module, *, metadata: Mapping[str, Any]) -> str | None:
-        """Log a CPU copy of the model in eval mode; returns its models:/ URI."""
+    def log_model(
+        self, model: torch.nn.Module, *, metadata: Mapping[str, Any], step: int = 0
+    ) -> str | None:
+        """Log a CPU copy of the model in eval mode; the run's metrics of `step` (the epoch
+        whose weights it holds) are linked to it with their datasets. Returns its models:/ URI."""
         if not self.enabled:
             return None
-        uri = log_landcover_model(model, metadata)
+        uri = log_landcover_model(model, metadata, step=step)
         with tempfile.TemporaryDirectory() as tmp:
             card = Path(tmp) / "landcover_model.json"
             card.write_text(json.dumps(dict(metadata), indent=2))
@@ -345,13 +426,17 @@ class Tracker:
 
 
 def log_landcover_model(
-    model: torch.nn.Module, metadata: Mapping[str, Any], run_id: str | None = None
+    model: torch.nn.Module,
+    metadata: Mapping[str, Any],
+    run_id: str | None = None,
+    step: int = 0,
 ) -> str:
     """The model in landcover's flavour (safetensors + JSON, pyfunc face) in the active run or
-    `run_id`; returns its models:/ URI."""
+    `run_id`, holding the run's metrics of `step` (MLflow links them); returns its URI."""
     info = Model.log(
         artifact_path=None,
         name="model",
+        step=step,
         flavor=serving,
         run_id=run_id,
         pytorch_model=model,

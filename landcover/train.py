@@ -7,11 +7,13 @@ job of it, and `main` the `python -m` entry torchrun starts.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import signal
 import sys
 import threading
 from collections.abc import Mapping
+from dataclasses import asdict
 from pathlib import Path
 
 import hydra
@@ -24,13 +26,15 @@ from landcover import tracking
 from landcover.best_epoch import log_best_epoch
 from landcover.checkpoint import CheckpointManager, load_checkpoint
 from landcover.commands import run_hydra_app, stop_on_signal
-from landcover.config import validate_config
+from landcover.config import plain_dict, validate_config
 from landcover.data.loaders import TrainingData, build_training_data
 from landcover.engine import EpochCallback, FitResult, FitSettings, Trainer
 from landcover.errors import ConfigError, LandcoverError
 from landcover.models import SegmentationModel, build_model
+from landcover.models.transfer import TransferReport, parameter_groups, transfer_weights
 from landcover.optim import build_loss, build_optimizer, build_scheduler
 from landcover.paths import CONFIG_DIR
+from landcover.predict.reference import LoadedModel
 from landcover.runtime import Runtime
 from landcover.runtime import start as start_runtime
 from landcover.sweep import multirun
@@ -94,6 +98,55 @@ def run_tags(
     }
 
 
+def load_init_source(cfg: DictConfig) -> LoadedModel:
+    """The model `init.model` names, on the CPU; its input normalisation becomes this run's
+    (the copied weights expect what they were trained on), so the config says so too."""
+    from landcover.predict.reference import load_model_reference
+
+    source = load_model_reference(str(cfg.init.model), tracking_uri=cfg.tracking.uri, device="cpu")
+    if source.torch_module is None or getattr(source.torch_module, "fitted_once", False):
+        raise ConfigError(f"config value init.model={cfg.init.model}: not a network to start from")
+    if int(source.metadata["bands"]) != int(cfg.data.bands):
+        raise ConfigError(
+            f"config value init.model={cfg.init.model}: it reads {source.metadata['bands']} "
+            f"bands, data.bands is {cfg.data.bands}"
+        )
+    normalize = source.metadata["normalize"]
+    cfg.data.normalize.mean = list(normalize["mean"])
+    cfg.data.normalize.std = list(normalize["std"])
+    return source
+
+
+def start_from(
+    cfg: DictConfig, model: SegmentationModel, data: TrainingData, source: LoadedModel | None
+) -> tuple[TransferReport | None, dict[str, str]]:
+    """The source's weights copied into `model` (re-mapped by class), with the tags that name
+    where the run started; nothing without `init.model`."""
+    if source is None:
+        return None, {}
+    assert source.torch_module is not None  # load_init_source refuses anything else
+    report = transfer_weights(
+        model,
+        source.torch_module.state_dict(),
+        source.schema,
+        data.schema,
+        plain_dict(cfg.init.class_map) if cfg.init.class_map else None,
+    )
+    log.info("started from %s: %s", cfg.init.model, report.summary())
+    tags = {
+        "landcover.init_from": str(cfg.init.model),
+        "landcover.init_from_run": source.source_run_id or "",
+        "landcover.init_transfer": report.summary(),
+    }
+    return report, tags
+
+
+def train_class_pixels(data: TrainingData) -> list[int] | None:
+    """Labelled pixels per class over the train scenes (what `loss.class_weights=auto` reads)."""
+    counted = [s.class_pixels for s in data.train_scenes if s.class_pixels is not None]
+    return [sum(column) for column in zip(*counted, strict=True)] if counted else None
+
+
 def default_run_name(cfg: DictConfig) -> str | None:
     """A multirun child is named by the overrides it was launched with."""
     parent = multirun.job_parent() if cfg.trial is None else None
@@ -112,10 +165,13 @@ def build_trainer(
 ) -> Trainer:
     """The fit loop over what `train` built; its checkpoints carry the config and metadata.
     A monitor the loop never logs is refused here, before the first epoch."""
-    optimizer = None if model.fitted_once else build_optimizer(cfg.optimizer, model.parameters())
+    groups = parameter_groups(
+        model, list(cfg.init.freeze), float(cfg.init.frozen_lr_scale), float(cfg.optimizer.lr)
+    )
+    optimizer = None if model.fitted_once else build_optimizer(cfg.optimizer, groups)
     trainer = Trainer(
         model=model,
-        loss_fn=build_loss(cfg.loss, data.schema),
+        loss_fn=build_loss(cfg.loss, data.schema, train_class_pixels(data)),
         optimizer=optimizer,
         scheduler=build_scheduler(cfg.scheduler, optimizer) if optimizer else None,
         data=data,
@@ -162,6 +218,7 @@ def train(
     runtime = start_runtime(cfg.trainer, cfg.seed)
     resume = cfg.trainer.resume_from
     checkpoint = load_checkpoint(resume) if resume else None
+    source = load_init_source(cfg) if cfg.init.model and checkpoint is None else None
     model = build_model(
         cfg.model,
         in_channels=cfg.data.bands,
@@ -178,8 +235,13 @@ def train(
         pin_memory=runtime.device.type == "cuda",
         distributed=runtime.distributed,
     )
+    report, init_tags = start_from(cfg, model, data, source)
     tracker = Tracker(
-        cfg.tracking.uri, cfg.tracking.experiment, enabled=runtime.distributed.is_main
+        cfg.tracking.uri,
+        cfg.tracking.experiment,
+        enabled=runtime.distributed.is_main,
+        system_metrics=bool(cfg.tracking.system_metrics),
+        system_metrics_interval=float(cfg.tracking.system_metrics_interval),
     )
     trainer = build_trainer(cfg, runtime, model, data, tracker, epoch_callback)
     if checkpoint is not None:
@@ -188,8 +250,10 @@ def train(
     with tracker.start(
         run_name=cfg.tracking.run_name or run_name or default_run_name(cfg),
         run_id=checkpoint.get("run_id") if checkpoint else None,
-        tags=run_tags(cfg, data, runtime, extra_tags),
+        tags=run_tags(cfg, data, runtime, {**init_tags, **dict(extra_tags or {})}),
     ):
+        if report is not None:
+            tracker.log_text(json.dumps(asdict(report), indent=2), "init/transfer.json")
         static = tracker.record_start(
             cfg, data, model, resumed=bool(checkpoint), extra=extra_params
         )
@@ -202,14 +266,50 @@ def train(
             where,
         )
         result = trainer.fit()
-        result.summary = {**tracker.record_best(trainer.state, cfg.trainer.monitor), **static}
+        at_best = tracker.record_best(trainer.state, cfg.trainer.monitor)
+        result.summary = {**at_best, **static}
         log_best_epoch(trainer)
         if cfg.tracking.log_model:
             metadata = trainer.checkpoint_extra["metadata"]
-            result.model_uri = tracker.log_model(cpu_copy(trainer.model), metadata=metadata)
+            result.model_uri = tracker.log_model(
+                cpu_copy(trainer.model), metadata=metadata, step=int(result.best_epoch or 0)
+            )
+        tracker.describe(describe_run(cfg, data, trainer, at_best, static))
         best = f"{result.best_value:.4f}" if result.best_value is not None else "none"
         log.info("done: best %s = %s at epoch %s", cfg.trainer.monitor, best, result.best_epoch)
+    if tracker.enabled and tracker.run_id and cfg.trial is None:
+        log.info("%s", tracking.browse_command(str(cfg.tracking.uri), tracker.run_id))
     return result
+
+
+def describe_run(
+    cfg: DictConfig,
+    data: TrainingData,
+    trainer: Trainer,
+    at_best: Mapping[str, float],
+    static: Mapping[str, float],
+) -> str:
+    """The run's description: command, data, model, best epoch, headline metrics."""
+    from landcover.descriptions import command_line, training_description
+
+    model = str(cfg.model.arch)
+    if cfg.model.get("encoder_name"):
+        model += f"/{cfg.model.encoder_name}"
+    prefix = "val/iou_"
+    return training_description(
+        command=command_line("landcover-train", multirun.user_overrides(multirun.job_overrides())),
+        data_name=str(cfg.data.name),
+        train_scenes=len(data.train_scenes),
+        val_scenes=len(data.val_scenes),
+        fingerprint=data.fingerprint,
+        model=model,
+        parameters=int(static["model/parameters"]),
+        monitor=str(cfg.trainer.monitor),
+        best_epoch=trainer.state.best_epoch,
+        epochs=trainer.state.epoch,
+        best=at_best,
+        per_class_iou={k[len(prefix) :]: v for k, v in at_best.items() if k.startswith(prefix)},
+    )
 
 
 def cpu_copy(model: torch.nn.Module) -> torch.nn.Module:

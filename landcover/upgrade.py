@@ -8,6 +8,10 @@ Version history:
   1. `model.encoder`, `optimizer.name` (+ every optimiser's keys), `scheduler.name`.
   2. (issue 13) keys are the constructors' arguments: `model.encoder_name`; optimiser and
      schedule are `_target_` configs.
+  3. (issues 16, 17) the weights of `loss.cross_entropy`, `loss.dice`, `loss.focal`,
+     `loss.lovasz` (cross entropy alone before), `loss.auto_weight_clip`, `loss.focal_gamma`;
+     `init` (start from another model; none before); `tracking.system_metrics` and its
+     interval (off before).
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-CONFIG_VERSION = 2
+CONFIG_VERSION = 3
 
 OPTIMIZERS_V1 = {  # name -> (class, the v1 keys that class takes)
     "adam": ("torch.optim.Adam", ("lr", "weight_decay", "eps")),
@@ -65,8 +69,30 @@ def _train_v1_to_v2(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
-MODEL_STEPS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _model_v1_to_v2}
-TRAIN_STEPS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _train_v1_to_v2}
+def _train_v2_to_v3(cfg: dict[str, Any]) -> dict[str, Any]:
+    loss = dict(cfg.get("loss") or {})
+    for term, weight in (("cross_entropy", 1.0), ("dice", 0.0), ("focal", 0.0), ("lovasz", 0.0)):
+        loss.setdefault(term, weight)
+    loss.setdefault("auto_weight_clip", 10.0)
+    loss.setdefault("focal_gamma", 2.0)
+    cfg["loss"] = loss
+    cfg.setdefault("init", {"model": None, "freeze": [], "frozen_lr_scale": 0.0, "class_map": None})
+    if "tracking" in cfg:
+        tracking = dict(cfg["tracking"])
+        tracking.setdefault("system_metrics", False)
+        tracking.setdefault("system_metrics_interval", 10.0)
+        cfg["tracking"] = tracking
+    return cfg
+
+
+MODEL_STEPS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: _model_v1_to_v2,
+    2: lambda model: model,  # the model group did not change
+}
+TRAIN_STEPS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: _train_v1_to_v2,
+    2: _train_v2_to_v3,
+}
 
 
 def _upgrade(

@@ -141,3 +141,75 @@ def test_precision_is_an_explicit_choice(cache):
         backends.with_backend(eager, "torch", cpu, precision="fp16")
     with pytest.raises(ConfigError, match="int8 is not supported"):
         backends.with_backend(eager, "torch", cpu, precision="int8")
+
+
+def test_auto_is_the_default_and_a_compiled_graph_runs_a_tile_per_thread(cache, monkeypatch):
+    from landcover.config import PredictSettings
+
+    assert PredictSettings.defaults().backend == "auto"
+    assert PredictSettings.defaults().batch_size == 0
+    monkeypatch.setattr(torch, "get_num_threads", lambda: 2)
+    assert backends.parallel_tiles(0) == (2, 1)  # two tiles at once, one thread each
+    assert backends.parallel_tiles(1) == (1, 2)  # an explicit single tile gets both threads
+    assert backends.parallel_tiles(8) == (2, 1)
+    eager = load_model_reference(str(MODEL), device="cpu")
+    assert eager.preferred_batch == 1
+    compiled = backends.with_backend(eager, "auto", torch.device("cpu"))
+    assert compiled.kind == "onnxruntime" and compiled.preferred_batch == 2
+    batch = torch.cat([pixels(), pixels() * 0.5, pixels().flip(-1)])  # 3 tiles: split 2 + 1
+    together = compiled.forward(batch).numpy()
+    alone = np.concatenate([compiled.forward(batch[i : i + 1]).numpy() for i in range(3)])
+    assert together.shape == (3, *alone.shape[1:])
+    np.testing.assert_allclose(together, alone, atol=1e-5)
+
+
+def test_a_negative_batch_size_is_a_config_error():
+    from landcover.config import PredictSettings
+    from landcover.errors import ConfigValueError
+    from landcover.predict.predictor import tiles_per_batch
+
+    eager = load_model_reference(str(MODEL), device="cpu")
+    assert tiles_per_batch(eager, PredictSettings.defaults(batch_size=0)) == 1
+    assert tiles_per_batch(eager, PredictSettings.defaults(batch_size=3)) == 3
+    with pytest.raises(ConfigValueError, match="predict.batch_size=-1"):
+        tiles_per_batch(eager, PredictSettings.defaults(batch_size=-1))
+
+
+def test_openvino_compiles_the_cached_graph_checked_against_torch(cache, monkeypatch):
+    pytest.importorskip("openvino", reason="openvino is an optional extra (landcover[openvino])")
+    eager = load_model_reference(str(MODEL), device="cpu")
+    compiled = backends.with_backend(eager, "openvino", torch.device("cpu"))
+    assert compiled.kind == "openvino"
+    with torch.inference_mode():
+        expected = eager.forward(pixels(96)).numpy()
+    assert np.abs(compiled.forward(pixels(96)).numpy() - expected).max() < 1e-3
+    assert len(list(cache.glob("*.onnx"))) == 1  # the same cached graph ONNX Runtime reads
+
+    def wrong(*args, **kwargs):  # a compiled graph that disagrees with PyTorch is not used
+        raise ValueError("|OpenVINO - PyTorch| = 3.00e+00 above 0.001")
+
+    monkeypatch.setattr(backends, "_check_against_torch", wrong)
+    assert backends.with_backend(eager, "openvino", torch.device("cpu")) is eager
+
+
+def test_openvino_reduced_precision_only_where_the_cpu_has_it(cache):
+    pytest.importorskip("openvino", reason="openvino is an optional extra (landcover[openvino])")
+    eager = load_model_reference(str(MODEL), device="cpu")
+    cpu = torch.device("cpu")
+    if "BF16" not in backends.openvino_capabilities():
+        with pytest.raises(ConfigError, match="this CPU offers OpenVINO"):
+            backends.with_backend(eager, "openvino", cpu, precision="bf16")
+        return
+    reduced = backends.with_backend(eager, "openvino", cpu, precision="bf16")
+    with torch.inference_mode():
+        full, half = eager.forward(pixels(96)), reduced.forward(pixels(96))
+    assert not torch.allclose(full, half, atol=1e-4)  # computed in bf16, really
+    assert (full.argmax(1) == half.argmax(1)).float().mean() > 0.5
+
+
+def test_an_uninstalled_backend_is_named_with_its_extra(monkeypatch):
+    eager = load_model_reference(str(MODEL), device="cpu")
+    monkeypatch.setattr(backends, "installed", lambda name: name != "openvino")
+    with pytest.raises(ConfigError, match=r"landcover\[openvino\]"):
+        backends.resolve("openvino", eager, torch.device("cpu"))
+    assert backends.resolve("auto", eager, torch.device("cpu")) == "onnxruntime"

@@ -3,6 +3,7 @@ idempotency, lineage, and `models:/` references in the commands that take a mode
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 
@@ -172,6 +173,14 @@ def test_guard_previous_alias_lineage_and_idempotency(store, client):
     assert version.tags["dataset_fingerprint"] == run.data.tags["dataset_fingerprint"]
     assert version.tags["git.commit"] == run.data.tags["git.commit"]
     assert best in version.description and "fingerprint" in version.description
+    # run -> logged model -> registered version, both ways (what MLflow 3's UI shows)
+    from landcover.registry import logged_model_id
+
+    model_id = logged_model_id(run)
+    # (MLflow's SQL registry keeps the logged model as the version's source, not as model_id)
+    assert model_id and version.source == f"models:/{model_id}"
+    linked = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
+    assert [(v["name"], str(v["version"])) for v in linked] == [("landcover", "2")]
     # what the registry serves is the run's model
     loaded = load_model("models:/landcover@champion")
     original = load_model(f"runs:/{best}/model")
@@ -228,6 +237,13 @@ def test_cli_config_promotes_and_commands_take_models_uris(store, client, tiny_s
     assert 0 <= metrics["eval/overall_accuracy"] <= 1
     evaluation = client.search_runs([client.get_experiment_by_name("evaluation").experiment_id])
     assert evaluation[0].data.tags["landcover.source_run_id"] == result.candidate.run_id
+    # the evaluation lists the scenes it read, and its scores are the champion model's too
+    (read,) = evaluation[0].inputs.dataset_inputs
+    assert read.dataset.name.endswith("/val") and len(read.dataset.digest) == 16
+    champion = client.get_logged_model(result.candidate.model_id)
+    scored = {m.key: m for m in champion.metrics if m.run_id == evaluation[0].info.run_id}
+    assert scored["eval/overall_accuracy"].value == pytest.approx(metrics["eval/overall_accuracy"])
+    assert scored["eval/overall_accuracy"].dataset_digest == read.dataset.digest
     path, difference = run_export(
         compose_config(
             "export",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -11,6 +12,7 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from landcover.data.scenes import dataset_fingerprint
 from landcover.serving import load_model
 from landcover.train import train
 from tests.conftest import compose_train
@@ -39,6 +41,7 @@ def tiny_overrides(root: Path, tmp: Path, *extra: str, model=TINY_UNET) -> list[
         f"trainer.checkpoint_dir={tmp / 'checkpoints'}",
         f"tracking.uri=sqlite:///{tmp / 'mlflow.db'}",
         "tracking.experiment=e2e",
+        "tracking.system_metrics_interval=0.5",
         *extra,
     ]
 
@@ -99,6 +102,54 @@ def test_run_records_figures_confusion_matrix_and_config(trained):
     matrix = np.array(json.loads(local.read_text())["matrix"])
     assert matrix.shape == (4, 4)
     assert matrix.sum() == 160 * 160  # every labelled val pixel, once
+
+
+def test_run_lists_its_datasets_system_metrics_description_and_pictures(trained):
+
+    result, tmp = trained
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    run = client.get_run(result.run_id)
+    inputs = {
+        next(t.value for t in d.tags if t.key == "mlflow.data.context"): d.dataset
+        for d in run.inputs.dataset_inputs
+    }
+    assert set(inputs) == {"train", "val"}
+    profile = json.loads(inputs["val"].profile)
+    assert profile["scenes"] == 1 and profile["pixels"] == 160 * 160
+    assert sum(profile["class_share"].values()) == pytest.approx(1.0, abs=1e-3)
+    assert inputs["train"].name.endswith("/train") and inputs["val"].name.endswith("/val")
+    assert inputs["train"].digest != inputs["val"].digest
+    # each digest is the fingerprint of its split's files (config/scenes.csv: train, then val)
+    listed = Path(client.download_artifacts(result.run_id, "config/scenes.csv", str(tmp)))
+    pairs = [line.split(",") for line in listed.read_text().splitlines()]
+    scenes = [SimpleNamespace(image_path=image, label_path=label) for image, label in pairs]
+    assert inputs["val"].digest == dataset_fingerprint(scenes[-1:])
+    assert inputs["train"].digest == dataset_fingerprint(scenes[:-1])
+    assert any(k.startswith("system/cpu_utilization") for k in run.data.metrics)
+    assert any(k.startswith("system/system_memory") for k in run.data.metrics)
+    note = run.data.tags["mlflow.note.content"]
+    assert "landcover-train" in note and "best epoch" in note and "val/mIoU" in note
+    assert "0.98238840" not in note  # rounded, not every digit
+    figures = {a.path for a in client.list_artifacts(result.run_id, "figures")}
+    assert figures == {"figures/learning_curves.png", "figures/per_class_scores.png"}
+    experiment = client.get_experiment(run.info.experiment_id)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    assert experiment.tags["mlflow.note.content"]
+
+
+def test_logged_model_holds_the_best_epochs_metrics(trained):
+    result, tmp = trained
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    run = client.get_run(result.run_id)
+    model_id = result.model_uri.removeprefix("models:/")
+    linked = {m.key: m for m in client.get_logged_model(model_id).metrics}
+    best = result.summary
+    for key in ("val/mIoU", "val/overall_accuracy", "val/loss", "train/loss"):
+        assert linked[key].value == pytest.approx(best[key]), key
+        assert linked[key].step == result.best_epoch and linked[key].run_id == result.run_id
+    (output,) = run.outputs.model_outputs
+    assert output.model_id == model_id and output.step == result.best_epoch
+    assert [p.step for p in client.get_metric_history(result.run_id, "val/mIoU")] == [0, 1]
 
 
 def test_logged_model_reloads_and_runs_on_unseen_size(trained):
@@ -237,3 +288,35 @@ def test_pixel_gbm_baseline_is_a_run_like_any_other(tiny_synthetic, tmp_path):
                 f"tracking.uri={uri}",
             )
         )
+
+
+def test_training_starts_from_another_model_with_its_encoder_frozen(
+    trained, tiny_synthetic, tmp_path
+):
+    from landcover.checkpoint import read_checkpoint
+
+    result, tmp = trained
+    source = tmp / "checkpoints" / "best.pt"
+    cfg = compose_train(
+        *tiny_overrides(tiny_synthetic, tmp_path),
+        "trainer.max_epochs=1",
+        f"init.model={source}",
+        "init.freeze=[encoder]",
+    )
+    started = train(cfg)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(started.run_id)
+    assert run.data.tags["landcover.init_from"] == str(source)
+    assert run.data.tags["landcover.init_from_run"] == result.run_id
+    report = json.loads(
+        Path(
+            client.download_artifacts(started.run_id, "init/transfer.json", str(tmp_path))
+        ).read_text()
+    )
+    assert "net.encoder.conv1.weight" in report["loaded"] and not report["fresh"]
+    before = read_checkpoint(source)["model"]
+    after = read_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    encoder = [k for k in after if k.startswith("net.encoder.") and k.endswith("weight")]
+    assert encoder and all(torch.equal(after[k], before[k]) for k in encoder)  # held back
+    decoder = [k for k in after if k.startswith("net.decoder.") and k.endswith("weight")]
+    assert any(not torch.equal(after[k], before[k]) for k in decoder)  # trained

@@ -20,7 +20,7 @@ import numpy as np
 import rasterio
 from rasterio.errors import NotGeoreferencedWarning, RasterioIOError
 
-from landcover.data.schema import IGNORE_INDEX, ClassSchema
+from landcover.data.schema import ClassSchema
 from landcover.errors import SceneError
 
 
@@ -35,6 +35,7 @@ class Scene:
     crs: str | None
     transform: tuple[float, ...]
     labelled_pixels: int | None = None  # pixels of a scored class (None: labels not scanned)
+    class_pixels: tuple[int, ...] | None = None  # pixels per class index (None: not scanned)
 
     @property
     def pixels(self) -> int:
@@ -162,10 +163,14 @@ def validate_scene(
                 f"{label_path} has {tuple(label.transform)[:6]}"
             )
         _check_image(image, image_path)
-        labelled = None
+        labelled, class_pixels = None, None
         if check_label_codes:
             counts = scan_label_codes(label, label_path)
-            labelled = int(counts[schema.lookup_table() != IGNORE_INDEX].sum())
+            lookup = schema.lookup_table()
+            class_pixels = tuple(
+                int(counts[lookup == index].sum()) for index in range(schema.num_classes)
+            )
+            labelled = sum(class_pixels)
             unknown = schema.unknown_codes(np.flatnonzero(counts))
             if unknown:
                 raise SceneError(
@@ -182,6 +187,7 @@ def validate_scene(
             crs=_crs_text(image),
             transform=tuple(image.transform)[:6],
             labelled_pixels=labelled,
+            class_pixels=class_pixels,
         )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import fcntl
 import json
+import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -56,6 +57,8 @@ COLORMAP = {
 }
 
 CRS = "EPSG:26918"  # UTM 18N, where the Chesapeake Bay lies
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -226,6 +229,12 @@ def generate(root: str | Path, spec: SyntheticSpec) -> Path:
             if marker.exists() and marker.read_text() == wanted:
                 return root
             marker.unlink(missing_ok=True)  # a half-regenerated dataset must not look finished
+            log.info(
+                "generating synthetic landscapes (%s scenes of %d px) in %s",
+                ", ".join(f"{count} {split}" for split, count in sorted(spec.scenes.items())),
+                spec.size,
+                root,
+            )
             for split_index, (split, count) in enumerate(sorted(spec.scenes.items())):
                 directory = root / split
                 directory.mkdir(parents=True, exist_ok=True)

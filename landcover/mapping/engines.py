@@ -63,7 +63,11 @@ class MapWorker:
         self.settings = PredictSettings(**settings)
         loaded = load_model_reference(model, tracking_uri=tracking_uri, device=device)
         self.model = with_backend(
-            loaded, self.settings.backend, select_device(device), self.settings.precision
+            loaded,
+            self.settings.backend,
+            select_device(device),
+            self.settings.precision,
+            self.settings.batch_size,
         )
 
     def map(self, task: Task) -> Outcome:

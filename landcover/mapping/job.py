@@ -29,6 +29,7 @@ from landcover.mapping import region
 from landcover.mapping.engines import Outcome, Task, output_for, run_local, run_ray
 from landcover.mapping.inputs import MapInput, expand
 from landcover.mapping.manifest import DONE, FAILED, Manifest, Row, job_lock, output_is_complete
+from landcover.system_metrics import SystemSamples, sampling
 
 log = logging.getLogger("landcover.predict")
 
@@ -70,7 +71,13 @@ def run_predictions(cfg: DictConfig) -> JobSummary:
         raise ConfigError(f"config value output={output}: a map is a .tif (or give a folder/)")
     started = time.perf_counter()
     folder.mkdir(parents=True, exist_ok=True)
-    with job_lock(folder) if folder_mode else nullcontext():
+    with (
+        job_lock(folder) if folder_mode else nullcontext(),
+        sampling(
+            float(cfg.tracking.system_metrics_interval),
+            bool(cfg.tracking.system_metrics and cfg.log_to_mlflow),
+        ) as system,
+    ):
         manifest = Manifest(folder) if folder_mode else None
         summary = JobSummary(folder)
         tasks, rows = [], {}
@@ -90,7 +97,7 @@ def run_predictions(cfg: DictConfig) -> JobSummary:
         if folder_mode:
             summary.mosaics = _region_outputs(folder, done, int(cfg.quicklook_size))
         if cfg.log_to_mlflow:
-            summary.run_id = _record_job(cfg, spec, summary, done, folder_mode)
+            summary.run_id = _record_job(cfg, spec, summary, done, folder_mode, system)
     if summary.failed:
         lines = [f"  {row.input}: {row.error}" for row in summary.failed]
         raise MappingFailedError(
@@ -187,10 +194,17 @@ def _region_outputs(folder: Path, done: list[Row], quicklook_size: int) -> dict[
 
 
 def _record_job(
-    cfg: DictConfig, spec: str | list[str], summary: JobSummary, done: list[Row], folder: bool
+    cfg: DictConfig,
+    spec: str | list[str],
+    summary: JobSummary,
+    done: list[Row],
+    folder: bool,
+    system: SystemSamples,
 ) -> str:
-    """One MLflow run for the whole job (and a child per input only when asked)."""
+    """One MLflow run for the whole job (and a child per input only when asked), with the
+    rasters it read as a dataset and the system metrics sampled while it worked."""
     from landcover import tracking
+    from landcover.dataset_records import inputs_dataset, log_datasets
 
     reference = summary.model_reference or str(cfg.model)
     pixels = sum(row.pixels for row in summary.mapped)
@@ -218,6 +232,10 @@ def _record_job(
                 **{f"predict.{k}": v for k, v in plain_dict(cfg.predict).items()},
             }
         )
+        inputs = [row.input for row in done] + [row.input for row in summary.failed]
+        spec_text = spec if isinstance(spec, str) else ",".join(spec)
+        log_datasets({"mapping": inputs_dataset("inputs", spec_text, inputs, pixels)})
+        system.log_to(run.info.run_id, str(cfg.tracking.uri))
         mlflow.log_metrics(
             {
                 "inputs": float(len(done) + len(summary.failed)),

@@ -1,18 +1,24 @@
 """The engine a loaded model runs on: eager PyTorch, or the same network compiled to ONNX and
-run by ONNX Runtime (about twice as fast on CPU, measured in issue 15).
+run by ONNX Runtime or OpenVINO (1.8-2x eager PyTorch per tile at float32 on a 2-core CPU,
+`experiments/bench_predict.py`).
 
 A PyTorch model is exported once per identity (its weights, its metadata, the export
 settings, the torch version) into a cache folder, checked against PyTorch before it is kept
-(the file appears only after the check passes), and reused by every later job. A failed export
+(the file appears only after the check passes), and reused by every later job. OpenVINO reads
+that same file and is checked against PyTorch again each time it compiles it (its CPU plugin
+picks its own kernels and, unless told otherwise, bf16 on CPUs that have it). A failed export
 or check falls back to PyTorch with one warning line: the map is made either way.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
+import importlib.util
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -23,10 +29,15 @@ from landcover.predict.reference import LoadedModel
 
 log = logging.getLogger(__name__)
 
-BACKENDS = ("auto", "torch", "onnxruntime")
+BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
+# auto's order of preference on CPU: at float32 both map a 4096 x 4096 scene in the same time
+# (bench_predict), and ONNX Runtime holds 190 MiB less; OpenVINO adds bf16 on CPUs with it
+COMPILED = ("onnxruntime", "openvino")
 PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 OPSET = 17
-TOLERANCE = 1e-3  # max |ONNX - PyTorch| logit difference accepted, as landcover-export
+TOLERANCE = 1e-3  # max |compiled - PyTorch| logit difference accepted, as landcover-export
+PROBE = (1, 96, 160)  # batch, height, width of the input a compiled graph is checked on
 
 
 def cache_dir() -> Path:
@@ -49,28 +60,50 @@ def model_key(model: LoadedModel) -> str:
     return digest.hexdigest()
 
 
+def installed(backend: str) -> bool:
+    """Whether the backend's runtime can be imported (OpenVINO is an optional extra)."""
+    return backend == "torch" or importlib.util.find_spec(backend) is not None
+
+
 def resolve(name: str, model: LoadedModel, device: torch.device) -> str:
-    """The backend `name` means for this model: `auto` is ONNX Runtime for a PyTorch network
-    on CPU, PyTorch otherwise (on CUDA it already runs bf16 autocast and channels-last)."""
+    """The backend `name` means for this model: `auto` is a compiled graph (ONNX Runtime) for
+    a network on CPU, PyTorch on CUDA (where it already runs bf16 autocast and channels-last);
+    an exported ONNX file runs compiled everywhere."""
     if name not in BACKENDS:
         raise ConfigError(f"config value predict.backend={name!r} is not one of {list(BACKENDS)}")
-    if model.torch_module is None or getattr(model.torch_module, "fitted_once", False):
-        return "onnxruntime" if model.kind == "onnx" else "torch"
-    if name == "auto":
-        return "onnxruntime" if device.type == "cpu" else "torch"
-    return name
+    if name != "auto" and not installed(name):
+        raise ConfigError(
+            f"config value predict.backend={name}: {name} is not installed "
+            f"(pip install 'landcover[{name}]')"
+        )
+    fitted_once = model.torch_module is not None and getattr(
+        model.torch_module, "fitted_once", False
+    )
+    if fitted_once or (model.torch_module is None and model.kind != "onnx"):
+        return "torch"  # the GBM and other non-networks run as themselves
+    if name != "auto":
+        return name
+    if device.type != "cpu" and model.kind != "onnx":
+        return "torch"
+    return next(backend for backend in COMPILED if installed(backend))
 
 
 def with_backend(
-    model: LoadedModel, name: str, device: torch.device, precision: str = "auto"
+    model: LoadedModel,
+    name: str,
+    device: torch.device,
+    precision: str = "auto",
+    batch_size: int = 0,
 ) -> LoadedModel:
     """`model` running on the chosen backend and precision (itself when that is what it
     already runs on). `auto` precision: bf16 autocast for PyTorch on CUDA, float32 elsewhere;
-    anything lower than float32 on CPU only when asked for by name."""
+    anything lower than float32 on CPU only when asked for by name. `batch_size` is
+    `predict.batch_size` (0: the backend's own best, which the result's `preferred_batch`
+    says)."""
     chosen = resolve(name, model, device)
     if precision != "auto":
         check_precision(precision, chosen, device)
-    if chosen == "torch" or model.kind == "onnx":
+    if chosen == "torch":
         if precision == "auto" or model.torch_module is None:
             return model
         from landcover.predict.reference import _torch_forward
@@ -78,21 +111,36 @@ def with_backend(
         forward = _torch_forward(
             model.torch_module, device, device.type == "cuda", PRECISIONS[precision]
         )
-        return LoadedModel(
-            forward,
-            model.metadata,
-            model.reference,
-            model.kind,
-            model.source_run_id,
-            model.torch_module,
-        )
+        return _running(model, forward, model.kind)
+    if model.kind == "onnx":  # an exported file: run as it is
+        path = Path(model.reference)
+    else:
+        try:
+            path = compiled_onnx(model)
+        except Exception as err:  # export and check failures come in many types
+            _fall_back(model, "ONNX export", err)
+            return model
+    if chosen == "onnxruntime":
+        return onnx_model(model, path, batch_size)
     try:
-        path = compiled_onnx(model)
-    except Exception as err:  # export and check failures come in many types
-        first = (str(err).splitlines() or [type(err).__name__])[0]
-        log.warning("ONNX export of %s failed (%s): mapping with PyTorch", model.reference, first)
+        return openvino_model(model, path, precision, batch_size)
+    except Exception as err:  # OpenVINO's compile and check failures
+        if model.torch_module is None:
+            raise
+        _fall_back(model, "OpenVINO", err)
         return model
-    return onnx_model(model, path)
+
+
+def _fall_back(model: LoadedModel, step: str, err: Exception) -> None:
+    first = (str(err).splitlines() or [type(err).__name__])[0]
+    log.warning("%s of %s failed (%s): mapping with PyTorch", step, model.reference, first)
+
+
+def _running(
+    model: LoadedModel, forward: Callable, kind: str, preferred_batch: int = 1
+) -> LoadedModel:
+    """The same model (metadata, reference, lineage) behind another forward function."""
+    return dataclasses.replace(model, forward=forward, kind=kind, preferred_batch=preferred_batch)
 
 
 def check_precision(precision: str, backend: str, device: torch.device) -> None:
@@ -105,10 +153,27 @@ def check_precision(precision: str, backend: str, device: torch.device) -> None:
     if backend == "onnxruntime" and precision != "fp32":
         raise ConfigError(
             f"config value predict.precision={precision} is not supported by the onnxruntime "
-            "backend (fp32 only): use predict.backend=torch for reduced precision"
+            "backend (fp32 only): use predict.backend=openvino or torch for reduced precision"
         )
+    if backend == "openvino":
+        if precision != "fp32" and precision.upper() not in openvino_capabilities():
+            raise ConfigError(
+                f"config value predict.precision={precision}: this CPU offers OpenVINO "
+                f"{sorted(openvino_capabilities())} only"
+            )
+        return
     if precision == "fp16" and device.type != "cuda":
-        raise ConfigError("config value predict.precision=fp16 needs CUDA; on CPU use bf16")
+        raise ConfigError(
+            "config value predict.precision=fp16 needs CUDA (torch) or a CPU with FP16 "
+            "(openvino); on this CPU use bf16"
+        )
+
+
+def openvino_capabilities() -> set[str]:
+    """The numeric formats OpenVINO's CPU plugin computes in on this machine (FP32, BF16...)."""
+    import openvino as ov
+
+    return set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
 
 
 def compiled_onnx(model: LoadedModel) -> Path:
@@ -134,27 +199,94 @@ def compiled_onnx(model: LoadedModel) -> Path:
     return path
 
 
-def onnx_model(model: LoadedModel, path: Path) -> LoadedModel:
-    """The model as an ONNX Runtime session with as many threads as torch would use."""
+def parallel_tiles(batch_size: int) -> tuple[int, int]:
+    """(tiles run at once, threads each) for a compiled backend with `torch.get_num_threads()`
+    threads. One thread per tile is about 13 % faster end to end than every thread on one tile
+    at 2 threads (`experiments/bench_predict.py`): no barrier per operator, and a reader or
+    writer thread that takes a core stalls one tile instead of all of them. `batch_size` 0 means
+    as many tiles as threads; a smaller explicit batch gets more threads per tile."""
+    threads = max(1, torch.get_num_threads())
+    workers = threads if batch_size <= 0 else max(1, min(threads, batch_size))
+    return workers, max(1, threads // workers)
+
+
+def split_forward(run: Callable[[int, np.ndarray], np.ndarray], workers: int) -> Callable:
+    """A forward that runs a batch as up to `workers` chunks at once (`run(worker, chunk)`;
+    the runtimes release the GIL while they compute)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    pool = (
+        ThreadPoolExecutor(workers, thread_name_prefix="landcover-tiles") if workers > 1 else None
+    )
+
+    def forward(batch: torch.Tensor) -> torch.Tensor:
+        pixels = batch.cpu().numpy().astype(np.float32, copy=False)
+        chunks = np.array_split(pixels, min(workers, len(pixels)))
+        if pool is None or len(chunks) == 1:
+            return torch.from_numpy(run(0, pixels))
+        return torch.from_numpy(np.concatenate(list(pool.map(run, range(len(chunks)), chunks))))
+
+    return forward
+
+
+def onnx_model(model: LoadedModel, path: Path, batch_size: int = 0) -> LoadedModel:
+    """The model as one ONNX Runtime session that runs several tiles at once (their share of
+    torch's threads each)."""
     import onnxruntime as ort
 
+    workers, threads = parallel_tiles(batch_size)
     options = ort.SessionOptions()
-    options.intra_op_num_threads = torch.get_num_threads()
+    options.intra_op_num_threads = threads
     # no busy-waiting between runs: the reader and writer threads need those cores
     options.add_session_config_entry("session.intra_op.allow_spinning", "0")
     session = ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     input_name = session.get_inputs()[0].name
 
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        pixels = batch.cpu().numpy().astype(np.float32, copy=False)
-        (logits,) = session.run(None, {input_name: pixels})
-        return torch.from_numpy(logits)
+    def run(worker: int, pixels: np.ndarray) -> np.ndarray:
+        return session.run(None, {input_name: pixels})[0]  # Run is thread-safe
 
-    return LoadedModel(
-        forward,
-        model.metadata,
-        model.reference,
-        "onnxruntime",
-        model.source_run_id,
-        model.torch_module,
+    return _running(model, split_forward(run, workers), "onnxruntime", workers)
+
+
+def openvino_model(
+    model: LoadedModel, path: Path, precision: str = "auto", batch_size: int = 0
+) -> LoadedModel:
+    """The ONNX file compiled by OpenVINO for the CPU, at float32 unless `precision` names a
+    reduced one (OpenVINO's own default there would be bf16), with one stream per tile run at
+    once; checked against PyTorch at float32."""
+    import openvino as ov
+
+    workers, _ = parallel_tiles(batch_size)
+    core = ov.Core()
+    inference_precision = OPENVINO_PRECISIONS["fp32" if precision == "auto" else precision]
+    compiled = core.compile_model(
+        core.read_model(str(path)),
+        "CPU",
+        {
+            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "INFERENCE_PRECISION_HINT": inference_precision,
+            "PERFORMANCE_HINT": "THROUGHPUT" if workers > 1 else "LATENCY",
+            "NUM_STREAMS": workers,
+            # the reader and writer threads share these cores: no thread pinned to one
+            "ENABLE_CPU_PINNING": False,
+        },
     )
+    requests = [compiled.create_infer_request() for _ in range(workers)]
+
+    def run(worker: int, pixels: np.ndarray) -> np.ndarray:
+        return requests[worker].infer({0: pixels})[0].copy()  # the request reuses its buffer
+
+    forward = split_forward(run, workers)
+    if model.torch_module is not None and inference_precision == "f32":
+        _check_against_torch(model.torch_module, forward, int(model.metadata["bands"]))
+    return _running(model, forward, "openvino", workers)
+
+
+def _check_against_torch(module: torch.nn.Module, forward: Callable, bands: int) -> None:
+    batch, height, width = PROBE
+    pixels = torch.rand(batch, bands, height, width, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        expected = module.cpu().eval()(pixels * 255)
+    difference = float((forward(pixels * 255) - expected).abs().max())
+    if difference > TOLERANCE:
+        raise ValueError(f"|OpenVINO - PyTorch| = {difference:.2e} above {TOLERANCE:g}")

@@ -28,6 +28,7 @@ from landcover.data.schema import IGNORE_INDEX
 from landcover.errors import ConfigValueError, SceneError
 from landcover.predict.reference import LoadedModel
 from landcover.predict.tiling import StripAccumulator, TileLayout
+from landcover.predict.tta import Transform, averaged_probabilities, check_mode
 from landcover.predict.writer import AreaTable, ClassMapWriter
 
 log = logging.getLogger(__name__)
@@ -77,6 +78,16 @@ def plan_layout(
     return TileLayout(width=width, height=height, tile=tile, context=context), blend
 
 
+def tiles_per_batch(model: LoadedModel, settings: PredictSettings) -> int:
+    """`predict.batch_size`, where 0 means the backend's own best (1 tile for eager PyTorch,
+    one per thread for a compiled graph)."""
+    if settings.batch_size < 0:
+        raise ConfigValueError(
+            f"config value predict.batch_size={settings.batch_size} must be >= 0 (0: auto)"
+        )
+    return settings.batch_size or model.preferred_batch
+
+
 def read_strip(src, layout: TileLayout, top: int) -> np.ndarray:
     """Input rows [top - context, top - context + tile) over the full width plus context,
     mirrored beyond the raster's edges."""
@@ -122,17 +133,22 @@ def read_valid_mask(src, row: int, rows: int) -> np.ndarray | None:
 
 
 def _tile_probabilities(
-    model: LoadedModel, strip: np.ndarray, layout: TileLayout, batch_size: int, bar
+    model: LoadedModel,
+    strip: np.ndarray,
+    layout: TileLayout,
+    batch_size: int,
+    bar,
+    transforms: list[Transform],
 ) -> Iterator[tuple[int, np.ndarray]]:
     """(column, class probabilities) of each tile of a strip, batch by batch, so that no more
-    than one batch of probabilities exists at a time."""
+    than one batch of probabilities exists at a time (averaged over `transforms`)."""
     cols = layout.col_lefts()
     for start in range(0, len(cols), batch_size):
         chunk = cols[start : start + batch_size]
         batch = torch.from_numpy(
             np.stack([strip[:, :, col : col + layout.tile] for col in chunk])
         ).float()
-        probabilities = torch.softmax(model.forward(batch), dim=1).cpu().numpy()
+        probabilities = averaged_probabilities(model.forward, batch, transforms).cpu().numpy()
         bar.update(len(chunk))
         yield from zip(chunk, probabilities, strict=True)
 
@@ -199,6 +215,8 @@ def predict_raster(
             "transform": src.transform,
         }
         accumulator = StripAccumulator(layout, schema.num_classes, blend)
+        batch_size = tiles_per_batch(model, settings)
+        transforms = check_mode(settings.tta, layout.tile, layout.tile)
         tops = list(layout.row_tops())
         bar = tqdm(
             total=len(tops) * layout.cols,
@@ -225,7 +243,7 @@ def predict_raster(
                 if index + 1 < len(tops):
                     next_strip = reader.submit(read_strip, src, layout, tops[index + 1])
                 for col, probabilities in _tile_probabilities(
-                    model, strip, layout, settings.batch_size, bar
+                    model, strip, layout, batch_size, bar, transforms
                 ):
                     accumulator.add(probabilities, top, col)
                 finished = accumulator.flush(

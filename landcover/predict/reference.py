@@ -39,6 +39,8 @@ class LoadedModel:
     kind: str
     source_run_id: str | None = None
     torch_module: torch.nn.Module | None = None
+    preferred_batch: int = 1  # tiles per forward call when predict.batch_size is 0 (auto)
+    model_id: str | None = None  # the MLflow 3 logged model, which evaluations link metrics to
 
     @property
     def schema(self) -> ClassSchema:
@@ -158,7 +160,13 @@ def _from_mlflow(
             f"model {uri!r} was not logged by landcover (no class schema in its metadata)"
         )
     return LoadedModel(
-        _torch_forward(module, device, channels_last), metadata, uri, "mlflow", info.run_id, module
+        _torch_forward(module, device, channels_last),
+        metadata,
+        uri,
+        "mlflow",
+        info.run_id,
+        module,
+        model_id=getattr(info, "model_id", None),
     )
 
 

@@ -188,6 +188,7 @@ class StagedRaster:
             blocksize=BLOCK,
             overview_resampling="NEAREST",
             bigtiff="IF_SAFER",
+            num_threads="ALL_CPUS",  # deflate in parallel: this copy is serial work at the end
         )
         return cog
 

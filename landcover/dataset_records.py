@@ -1,0 +1,89 @@
+"""What a run read, as MLflow datasets: the run page lists them under "Datasets", and metrics
+logged with one (`dataset=`) say which data they were computed on.
+
+Scenes are large rasters, so a dataset record holds no pixels: a name, the data fingerprint
+as digest, the root folder (or the list of inputs) as source, and a profile a person reads
+(scenes, pixels, labelled pixels, the share of each class).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import mlflow
+from mlflow.data.dataset_source_registry import resolve_dataset_source
+from mlflow.data.meta_dataset import MetaDataset
+
+from landcover.data.scenes import Scene, dataset_fingerprint, is_remote
+from landcover.data.schema import ClassSchema
+
+
+class ProfiledDataset(MetaDataset):
+    """MLflow's metadata-only dataset with a profile (MetaDataset records none)."""
+
+    def __init__(self, source: Any, name: str, digest: str, profile: dict[str, Any]) -> None:
+        self._profile = profile
+        super().__init__(source=source, name=name, digest=digest)
+
+    @property
+    def profile(self) -> dict[str, Any]:
+        """Counts and class shares, shown on the run page beside the dataset."""
+        return self._profile
+
+    def to_dict(self) -> dict[str, str]:
+        """MetaDataset's record plus the profile as JSON (what MLflow stores)."""
+        return {**super().to_dict(), "profile": json.dumps(self._profile)}
+
+
+def scenes_profile(scenes: Sequence[Scene], schema: ClassSchema) -> dict[str, Any]:
+    """Scenes, pixels, labelled pixels and each class's share of the labelled pixels."""
+    profile: dict[str, Any] = {
+        "scenes": len(scenes),
+        "pixels": sum(scene.pixels for scene in scenes),
+    }
+    counted = [scene.class_pixels for scene in scenes if scene.class_pixels is not None]
+    if counted:
+        totals = [sum(column) for column in zip(*counted, strict=True)]
+        labelled = sum(totals)
+        profile["labelled_pixels"] = labelled
+        profile["class_share"] = {
+            name: round(count / labelled, 5) if labelled else 0.0
+            for name, count in zip(schema.names, totals, strict=True)
+        }
+    return profile
+
+
+def scenes_dataset(
+    name: str, root: str, scenes: Sequence[Scene], schema: ClassSchema
+) -> ProfiledDataset:
+    """One split's scenes as a dataset: digest = their fingerprint, source = the data root."""
+    return ProfiledDataset(
+        source_of(str(root)),
+        name=name,
+        digest=dataset_fingerprint(scenes),
+        profile=scenes_profile(scenes, schema),
+    )
+
+
+def inputs_dataset(name: str, spec: str, inputs: Sequence[str], pixels: int) -> ProfiledDataset:
+    """The rasters a mapping job read (no labels): digest = a hash of their hrefs."""
+    digest = hashlib.sha256("\n".join(sorted(inputs)).encode()).hexdigest()[:16]
+    local = Path(spec)
+    where = spec if is_remote(spec) or local.exists() else str(local.parent)  # a glob: its folder
+    profile = {"inputs": len(inputs), "pixels": pixels, "spec": spec[:500]}
+    return ProfiledDataset(source_of(where), name=name, digest=digest, profile=profile)
+
+
+def source_of(where: str) -> Any:
+    """MLflow's source for a local folder or file (made absolute) or a URL."""
+    return resolve_dataset_source(where if is_remote(where) else str(Path(where).resolve()))
+
+
+def log_datasets(datasets: dict[str, ProfiledDataset]) -> None:
+    """Log each dataset as an input of the active run, its context the key (train, val...)."""
+    for context, dataset in datasets.items():
+        mlflow.log_input(dataset, context=context)
