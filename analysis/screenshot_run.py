@@ -6,6 +6,7 @@ at the page, writes a PNG and stops the server. For the README; it needs Chromiu
 
     .venv/bin/python analysis/screenshot_run.py --run-id <run id> --out docs/run.png
     .venv/bin/python analysis/screenshot_run.py --model landcover --out docs/model.png
+    .venv/bin/python analysis/screenshot_run.py --logged-model m-... --out docs/logged.png
 """
 
 from __future__ import annotations
@@ -36,9 +37,14 @@ CHROMIUM_FLAGS = (
 )
 
 
-def page_path(client: MlflowClient, run_id: str | None, model: str | None) -> str:
+def page_path(
+    client: MlflowClient, run_id: str | None, model: str | None, logged_model: str | None = None
+) -> str:
     if model:
         return f"/#/models/{model}"
+    if logged_model:
+        found = client.get_logged_model(logged_model)
+        return f"/#/experiments/{found.experiment_id}/models/{logged_model}"
     run = client.get_run(run_id)
     return f"/#/experiments/{run.info.experiment_id}/runs/{run_id}"
 
@@ -49,6 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--run-id")
     target.add_argument("--model", help="a registered model name")
+    target.add_argument("--logged-model", help="an MLflow 3 logged model id (m-...)")
     parser.add_argument("--out", type=Path, default=Path("mlflow_page.png"))
     parser.add_argument("--size", default="1600,1000", help="window width,height")
     parser.add_argument("--render-ms", type=int, default=20000)
@@ -57,7 +64,7 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.chromium).exists():
         sys.exit(f"error: {args.chromium} not found (apt-get install chromium)")
 
-    path = page_path(MlflowClient(args.tracking_uri), args.run_id, args.model)
+    path = page_path(MlflowClient(args.tracking_uri), args.run_id, args.model, args.logged_model)
     port = free_port()
     server = mlflow_server_command(args.tracking_uri, port)
     with tempfile.TemporaryDirectory() as profile:

@@ -130,6 +130,9 @@ def main() -> None:
     )
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     args = parser.parse_args()
+    from landcover.data.scenes import quiet_georeferencing_warnings
+
+    quiet_georeferencing_warnings()  # the real sample patches have no CRS, on purpose
     if args.data_root is None:
         shared = Path(__file__).resolve().parents[2] / "shared" / "data" / "chesapeake-sample"
         if not shared.is_dir():
@@ -150,7 +153,7 @@ def main() -> None:
             metrics, seconds = evaluate(args.model, spec, folder / spec.replace(":", "_"), args)
             maps[spec] = class_maps(folder / spec.replace(":", "_"))
             agreement = float((maps[spec] == maps[specs[0]]).mean())
-            oa, miou = metrics["overall_accuracy"], metrics["mIoU"]
+            oa, miou = metrics["eval/overall_accuracy"], metrics["eval/mIoU"]
             print(
                 f"{spec:16s} val OA {oa:.4f}  mIoU {miou:.4f}  {seconds:5.1f} s  "
                 f"{100 * agreement:.3f} % of pixels as {specs[0]}"
@@ -166,7 +169,7 @@ def main() -> None:
             )
         for mode in args.tta:
             metrics, seconds = evaluate(args.model, "auto", folder / f"tta_{mode}", args, mode)
-            oa, miou = metrics["overall_accuracy"], metrics["mIoU"]
+            oa, miou = metrics["eval/overall_accuracy"], metrics["eval/mIoU"]
             print(f"auto, tta={mode:6s} val OA {oa:.4f}  mIoU {miou:.4f}  {seconds:5.1f} s")
             results.update({f"oa_tta_{mode}": oa, f"miou_tta_{mode}": miou})
         if args.synthetic_model:

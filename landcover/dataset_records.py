@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -79,8 +80,11 @@ def inputs_dataset(name: str, spec: str, inputs: Sequence[str], pixels: int) -> 
 
 
 def source_of(where: str) -> Any:
-    """MLflow's source for a local folder or file (made absolute) or a URL."""
-    return resolve_dataset_source(where if is_remote(where) else str(Path(where).resolve()))
+    """MLflow's source for a local folder or file (made absolute) or a URL. MLflow's resolver
+    warns that a local path fits two of its source types (both the local one): not news."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The specified dataset source")
+        return resolve_dataset_source(where if is_remote(where) else str(Path(where).resolve()))
 
 
 def log_datasets(datasets: dict[str, ProfiledDataset]) -> None:

@@ -26,7 +26,7 @@ def training_description(
     parameters: int,
     monitor: str,
     best_epoch: int | None,
-    epochs: int,
+    epochs: int,  # the last epoch's index
     best: Mapping[str, float],
     per_class_iou: Mapping[str, float] | None = None,
 ) -> str:
@@ -45,7 +45,7 @@ def training_description(
     else:
         value = best.get(monitor)
         shown = f", {monitor} {rounded(value)}" if value is not None else ""
-        lines.append(f"| best epoch | {best_epoch} of {epochs}{shown} |")
+        lines.append(f"| best epoch | {best_epoch} (of epochs 0-{epochs}){shown} |")
     for key in HEADLINE:
         if key in best and key != monitor:
             lines.append(f"| {key} | {rounded(best[key])} |")

@@ -382,10 +382,16 @@ class Tracker:
             finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
             mlflow.log_metrics(finite, step=step)
 
-    def describe(self, text: str) -> None:
-        """The run's description (`mlflow.note.content`): what a person reads first."""
-        if self.enabled:
-            mlflow.set_tag("mlflow.note.content", text)
+    def describe(self, text: str, model_uri: str | None = None) -> None:
+        """The run's description (`mlflow.note.content`): what a person reads first; the
+        logged model's page shows the same."""
+        if not self.enabled:
+            return
+        mlflow.set_tag("mlflow.note.content", text)
+        if model_uri:
+            mlflow.tracking.MlflowClient().set_logged_model_tags(
+                model_uri.removeprefix("models:/"), {"mlflow.note.content": text}
+            )
 
     def log_text(self, text: str, artifact_file: str) -> None:
         """A text artifact of the open run."""

@@ -274,7 +274,7 @@ def train(
             result.model_uri = tracker.log_model(
                 cpu_copy(trainer.model), metadata=metadata, step=int(result.best_epoch or 0)
             )
-        tracker.describe(describe_run(cfg, data, trainer, at_best, static))
+        tracker.describe(describe_run(cfg, data, trainer, at_best, static), result.model_uri)
         best = f"{result.best_value:.4f}" if result.best_value is not None else "none"
         log.info("done: best %s = %s at epoch %s", cfg.trainer.monitor, best, result.best_epoch)
     if tracker.enabled and tracker.run_id and cfg.trial is None:

@@ -149,6 +149,8 @@ def test_logged_model_holds_the_best_epochs_metrics(trained):
         assert linked[key].step == result.best_epoch and linked[key].run_id == result.run_id
     (output,) = run.outputs.model_outputs
     assert output.model_id == model_id and output.step == result.best_epoch
+    described = client.get_logged_model(model_id).tags["mlflow.note.content"]
+    assert described == run.data.tags["mlflow.note.content"]
     assert [p.step for p in client.get_metric_history(result.run_id, "val/mIoU")] == [0, 1]
 
 
