@@ -14,6 +14,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
+from matplotlib.patches import Patch  # noqa: E402
 
 from landcover.data.schema import IGNORE_INDEX, ClassSchema  # noqa: E402
 
@@ -177,7 +178,11 @@ def per_class_scores_figure(
     ax.set_xticks(positions, names, rotation=30, ha="right")
     ax.set_ylim(0, 1.05)
     ax.set_title(title)
-    ax.legend(fontsize=8)
+    keys = [  # neutral swatches: the bars' own colours are the classes'
+        Patch(facecolor="white", edgecolor="black", hatch=hatch, label=label)
+        for label, hatch in zip(scores, ("", "//"), strict=False)
+    ]
+    ax.legend(handles=keys, fontsize=8)
     fig.tight_layout()
     return fig
 

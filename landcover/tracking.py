@@ -264,7 +264,6 @@ class Tracker:
         self.system_metrics = system_metrics and system_monitors_available()
         self.system_metrics_interval = system_metrics_interval
         self.run_id: str | None = None
-        self.datasets: dict[str, Any] = {}  # context (train, val) -> the MLflow dataset
 
     @contextlib.contextmanager
     def start(
@@ -364,12 +363,14 @@ class Tracker:
         """The train and val scenes as the run's input datasets (the run page's Datasets)."""
         from landcover.dataset_records import log_datasets, scenes_dataset
 
-        self.datasets = {
-            split: scenes_dataset(f"{name}/{split}", root, scenes, data.schema)
-            for split, scenes in (("train", data.train_scenes), ("val", data.val_scenes))
-        }
-        if self.enabled:
-            log_datasets(self.datasets)
+        if not self.enabled:
+            return
+        log_datasets(
+            {
+                split: scenes_dataset(f"{name}/{split}", root, scenes, data.schema)
+                for split, scenes in (("train", data.train_scenes), ("val", data.val_scenes))
+            }
+        )
 
     def log_params(self, params: Mapping[str, str]) -> None:
         """Parameters of the open run."""
