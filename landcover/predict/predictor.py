@@ -195,6 +195,9 @@ def predict_raster(
             GDAL_CACHEMAX=settings.gdal_cache_mb,
             GDAL_DISABLE_READDIR_ON_OPEN="EMPTY_DIR",
             CPL_VSIL_CURL_ALLOWED_EXTENSIONS=".tif,.tiff",
+            # a busy server's refused or dropped range request is asked again, not fatal
+            GDAL_HTTP_MAX_RETRY=3,
+            GDAL_HTTP_RETRY_DELAY=0.5,
         ),
         open_raster(source) as src,
         open_raster(source) as mask_src,

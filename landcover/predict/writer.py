@@ -188,7 +188,6 @@ class StagedRaster:
             blocksize=BLOCK,
             overview_resampling="NEAREST",
             bigtiff="IF_SAFER",
-            num_threads="ALL_CPUS",  # deflate in parallel: this copy is serial work at the end
         )
         return cog
 
