@@ -19,7 +19,7 @@ import mlflow
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
-from landcover.data.scenes import Scene, dataset_fingerprint, is_remote
+from landcover.data.scenes import Scene, class_pixel_totals, dataset_fingerprint, is_remote
 from landcover.data.schema import ClassSchema
 
 
@@ -46,9 +46,8 @@ def scenes_profile(scenes: Sequence[Scene], schema: ClassSchema) -> dict[str, An
         "scenes": len(scenes),
         "pixels": sum(scene.pixels for scene in scenes),
     }
-    counted = [scene.class_pixels for scene in scenes if scene.class_pixels is not None]
-    if counted:
-        totals = [sum(column) for column in zip(*counted, strict=True)]
+    totals = class_pixel_totals(scenes)
+    if totals is not None:
         labelled = sum(totals)
         profile["labelled_pixels"] = labelled
         profile["class_share"] = {

@@ -28,6 +28,7 @@ from landcover.checkpoint import CheckpointManager, load_checkpoint
 from landcover.commands import run_hydra_app, stop_on_signal
 from landcover.config import plain_dict, validate_config
 from landcover.data.loaders import TrainingData, build_training_data
+from landcover.data.scenes import class_pixel_totals
 from landcover.engine import EpochCallback, FitResult, FitSettings, Trainer
 from landcover.errors import ConfigError, LandcoverError
 from landcover.models import SegmentationModel, build_model
@@ -141,12 +142,6 @@ def start_from(
     return report, tags
 
 
-def train_class_pixels(data: TrainingData) -> list[int] | None:
-    """Labelled pixels per class over the train scenes (what `loss.class_weights=auto` reads)."""
-    counted = [s.class_pixels for s in data.train_scenes if s.class_pixels is not None]
-    return [sum(column) for column in zip(*counted, strict=True)] if counted else None
-
-
 def default_run_name(cfg: DictConfig) -> str | None:
     """A multirun child is named by the overrides it was launched with."""
     parent = multirun.job_parent() if cfg.trial is None else None
@@ -171,7 +166,7 @@ def build_trainer(
     optimizer = None if model.fitted_once else build_optimizer(cfg.optimizer, groups)
     trainer = Trainer(
         model=model,
-        loss_fn=build_loss(cfg.loss, data.schema, train_class_pixels(data)),
+        loss_fn=build_loss(cfg.loss, data.schema, class_pixel_totals(data.train_scenes)),
         optimizer=optimizer,
         scheduler=build_scheduler(cfg.scheduler, optimizer) if optimizer else None,
         data=data,

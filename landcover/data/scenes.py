@@ -261,6 +261,13 @@ def _file_digest(path: Path) -> bytes:
     return digest.digest()
 
 
+def class_pixel_totals(scenes: Sequence[Scene]) -> list[int] | None:
+    """Labelled pixels per class index over `scenes` (None where labels were not scanned):
+    what automatic class weights and a dataset's profile are computed from."""
+    counted = [scene.class_pixels for scene in scenes if scene.class_pixels is not None]
+    return [sum(column) for column in zip(*counted, strict=True)] if counted else None
+
+
 def dataset_fingerprint(scenes: Sequence[Scene]) -> str:
     """A short hash of the scenes (file names and contents) for tracking and promotion."""
     digest = hashlib.sha256()

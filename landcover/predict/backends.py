@@ -156,10 +156,11 @@ def check_precision(precision: str, backend: str, device: torch.device) -> None:
             "backend (fp32 only): use predict.backend=openvino or torch for reduced precision"
         )
     if backend == "openvino":
-        if precision != "fp32" and precision.upper() not in openvino_capabilities():
+        offered = openvino_capabilities() if precision != "fp32" else set()
+        if precision != "fp32" and precision.upper() not in offered:
             raise ConfigError(
                 f"config value predict.precision={precision}: this CPU offers OpenVINO "
-                f"{sorted(openvino_capabilities())} only"
+                f"{sorted(offered)} only"
             )
         return
     if precision == "fp16" and device.type != "cuda":
