@@ -35,11 +35,10 @@ from landcover.dataset_records import scenes_dataset
 from landcover.errors import ConfigError
 from landcover.figures import class_map_rgb, confusion_matrix_figure, evaluation_panels_figure
 from landcover.metrics import ConfusionMatrix, scores_from_matrix
-from landcover.predict.backends import with_backend
+from landcover.predict.loading import load_for_prediction
 from landcover.predict.predictor import PredictSettings, predict_raster
-from landcover.predict.reference import LoadedModel, load_model_reference
+from landcover.predict.reference import LoadedModel
 from landcover.predict.writer import OutputSet, class_indices_of_codes, pixel_area
-from landcover.runtime import select_device
 
 log = logging.getLogger("landcover.evaluate")
 
@@ -307,12 +306,13 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     threshold = float(cfg.evaluate.confidence_threshold)
     if not 0 < threshold <= 1:
         raise ConfigError(f"evaluate.confidence_threshold={threshold} must be within (0, 1]")
-    model = with_backend(
-        load_model_reference(str(cfg.model), tracking_uri=cfg.tracking.uri, device=cfg.device),
-        str(cfg.predict.backend),
-        select_device(cfg.device),
-        str(cfg.predict.precision),
-        int(cfg.predict.batch_size),
+    model = load_for_prediction(
+        str(cfg.model),
+        backend=str(cfg.predict.backend),
+        precision=str(cfg.predict.precision),
+        batch_size=int(cfg.predict.batch_size),
+        tracking_uri=cfg.tracking.uri,
+        device=cfg.device,
     )
     ensure_synthetic(data_cfg)
     schema = model.schema

@@ -25,18 +25,19 @@ import zlib
 from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import matplotlib.pyplot as plt
 import mlflow
 import numpy as np
-import torch
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
-from landcover import serving
 from landcover.errors import RunPrunedError
 from landcover.system_metrics import system_monitors_available
+
+if TYPE_CHECKING:  # a mapping job records its run without ever loading PyTorch
+    import torch
 
 log = logging.getLogger("landcover.tracking")
 
@@ -92,6 +93,8 @@ def git_state(directory: Path | None = None) -> dict[str, str]:
 
 def environment_tags(device: torch.device) -> dict[str, str]:
     """Machine and library versions, so a result can be reproduced on like hardware."""
+    import torch
+
     tags = {
         "host": platform.node(),
         "device": str(device),
@@ -440,6 +443,8 @@ def log_landcover_model(
 ) -> str:
     """The model in landcover's flavour (safetensors + JSON, pyfunc face) in the active run or
     `run_id`, holding the run's metrics of `step` (MLflow links them); returns its URI."""
+    from landcover import serving  # the flavor module needs PyTorch: imported where used
+
     info = Model.log(
         artifact_path=None,
         name="model",

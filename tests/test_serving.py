@@ -47,8 +47,8 @@ def expected_codes(uri: str, run_id: str, pixels: np.ndarray) -> np.ndarray:
     from landcover.predict.reference import load_model_reference
 
     model = load_model_reference(run_id, tracking_uri=uri, device="cpu")
-    logits = model.forward(torch.from_numpy(pixels))
-    return class_codes(model.schema)[logits.argmax(1).numpy()]
+    logits = model.forward(pixels)
+    return class_codes(model.schema)[logits.argmax(1)]
 
 
 def test_pyfunc_face_returns_class_codes(champion):

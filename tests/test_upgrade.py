@@ -21,7 +21,7 @@ def pixels() -> torch.Tensor:
 
 def test_pre_refactor_checkpoint_predicts_the_same_logits() -> None:
     model = load_model_reference(str(FIXTURE / "checkpoint.pt"), device="cpu")
-    logits = model.forward(pixels()).numpy()
+    logits = model.forward(pixels().numpy())
     np.testing.assert_allclose(logits, np.load(FIXTURE / "expected_logits.npy"), atol=1e-5)
 
 

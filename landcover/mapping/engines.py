@@ -49,25 +49,20 @@ class MapWorker:
     def __init__(
         self, model: str, tracking_uri: str, device: str, settings: dict, threads: int | None
     ) -> None:
-        import torch
-
         from landcover.config import PredictSettings
         from landcover.data.scenes import quiet_georeferencing_warnings
-        from landcover.predict.backends import with_backend
-        from landcover.predict.reference import load_model_reference
-        from landcover.runtime import select_device
+        from landcover.predict.loading import load_for_prediction
 
-        if threads:
-            torch.set_num_threads(threads)
         quiet_georeferencing_warnings()
         self.settings = PredictSettings(**settings)
-        loaded = load_model_reference(model, tracking_uri=tracking_uri, device=device)
-        self.model = with_backend(
-            loaded,
-            self.settings.backend,
-            select_device(device),
-            self.settings.precision,
-            self.settings.batch_size,
+        self.model = load_for_prediction(
+            model,
+            backend=self.settings.backend,
+            precision=self.settings.precision,
+            batch_size=self.settings.batch_size,
+            tracking_uri=tracking_uri,
+            device=device,
+            threads=threads,
         )
 
     def map(self, task: Task) -> Outcome:

@@ -123,11 +123,7 @@ def _map_with_retries(
 ) -> None:
     """Map tasks; each failure is tried again up to `retries` times; rows saved as they end."""
     engine = cfg.engine
-    device = str(cfg.device)
-    if engine.name == "local":  # Ray workers choose theirs where they run
-        from landcover.runtime import select_device
-
-        device = str(select_device(device))
+    device = str(cfg.device)  # each worker resolves `auto` where it runs
     worker_args: dict[str, Any] = {
         "model": str(cfg.model),
         "tracking_uri": str(cfg.tracking.uri),

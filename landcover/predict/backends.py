@@ -8,24 +8,35 @@ settings, the torch version) into a cache folder, checked against PyTorch before
 that same file and is checked against PyTorch again each time it compiles it (its CPU plugin
 picks its own kernels and, unless told otherwise, bf16 on CPUs that have it). A failed export
 or check falls back to PyTorch with one warning line: the map is made either way.
+
+The cache also remembers which model files each graph came from (`sources/<digest>.json`:
+the graph, the model's metadata and lineage). A job whose model was compiled before then maps
+without importing PyTorch at all (`load_for_prediction`): on a CPU-only machine that is
+about 1 GiB less resident memory (this machine's torch wheel is a CUDA build, and the
+architectures pull in timm, torchvision and triton).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import importlib.metadata
 import importlib.util
 import json
 import logging
 import os
+import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from landcover.errors import ConfigError
 from landcover.predict.reference import LoadedModel
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger(__name__)
 
@@ -33,7 +44,7 @@ BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 # auto's order of preference on CPU: at float32 both map a 4096 x 4096 scene in the same time
 # (bench_predict), and ONNX Runtime holds 190 MiB less; OpenVINO adds bf16 on CPUs with it
 COMPILED = ("onnxruntime", "openvino")
-PRECISIONS = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # torch dtype names
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 OPSET = 17
 TOLERANCE = 1e-3  # max |compiled - PyTorch| logit difference accepted, as landcover-export
@@ -49,6 +60,8 @@ def cache_dir() -> Path:
 def model_key(model: LoadedModel) -> str:
     """What makes two compiled graphs the same: the weights, the metadata that shapes the
     graph, the export settings and the torch version that traced it."""
+    import torch
+
     assert model.torch_module is not None
     digest = hashlib.blake2b(digest_size=16)
     for name, tensor in sorted(model.torch_module.state_dict().items()):
@@ -94,22 +107,29 @@ def with_backend(
     device: torch.device,
     precision: str = "auto",
     batch_size: int = 0,
+    threads: int | None = None,
 ) -> LoadedModel:
     """`model` running on the chosen backend and precision (itself when that is what it
     already runs on). `auto` precision: bf16 autocast for PyTorch on CUDA, float32 elsewhere;
     anything lower than float32 on CPU only when asked for by name. `batch_size` is
     `predict.batch_size` (0: the backend's own best, which the result's `preferred_batch`
-    says)."""
+    says); `threads` the CPU threads a compiled graph may use (None: torch's count)."""
     chosen = resolve(name, model, device)
     if precision != "auto":
         check_precision(precision, chosen, device)
     if chosen == "torch":
         if precision == "auto" or model.torch_module is None:
             return model
+        import torch
+
         from landcover.predict.reference import _torch_forward
 
+        dtype = PRECISIONS[precision]
         forward = _torch_forward(
-            model.torch_module, device, device.type == "cuda", PRECISIONS[precision]
+            model.torch_module,
+            device,
+            device.type == "cuda",
+            getattr(torch, dtype) if dtype else None,
         )
         return _running(model, forward, model.kind)
     if model.kind == "onnx":  # an exported file: run as it is
@@ -121,9 +141,9 @@ def with_backend(
             _fall_back(model, "ONNX export", err)
             return model
     if chosen == "onnxruntime":
-        return onnx_model(model, path, batch_size)
+        return onnx_model(model, path, batch_size, threads)
     try:
-        return openvino_model(model, path, precision, batch_size)
+        return openvino_model(model, path, precision, batch_size, threads)
     except Exception as err:  # OpenVINO's compile and check failures
         if model.torch_module is None:
             raise
@@ -186,29 +206,105 @@ def compiled_onnx(model: LoadedModel) -> Path:
     folder = cache_dir()
     folder.mkdir(parents=True, exist_ok=True)
     path = folder / f"{model_key(model)}.onnx"
-    if path.is_file():
-        return path
-    module = model.torch_module.cpu().eval()
-    with atomic_target(path) as tmp:  # the file appears only once exported and checked
-        export_onnx(module, dict(model.metadata), tmp, opset=OPSET)
-        difference = max_abs_difference(module, tmp)
-        if difference > TOLERANCE:
-            raise ValueError(f"|ONNX - PyTorch| = {difference:.2e} above {TOLERANCE:g}")
-    log.info(
-        "compiled %s to ONNX (max |ONNX - PyTorch| %.1e): %s", model.reference, difference, path
-    )
+    if not path.is_file():
+        module = model.torch_module.cpu().eval()
+        with atomic_target(path) as tmp:  # the file appears only once exported and checked
+            export_onnx(module, dict(model.metadata), tmp, opset=OPSET)
+            difference = max_abs_difference(module, tmp)
+            if difference > TOLERANCE:
+                raise ValueError(f"|ONNX - PyTorch| = {difference:.2e} above {TOLERANCE:g}")
+        log.info(
+            "compiled %s to ONNX (max |ONNX - PyTorch| %.1e): %s",
+            model.reference,
+            difference,
+            path,
+        )
+    if model.source_digest:
+        remember_source(model, path)
     return path
 
 
-def parallel_tiles(batch_size: int) -> tuple[int, int]:
-    """(tiles run at once, threads each) for a compiled backend with `torch.get_num_threads()`
+def source_record(digest: str) -> Path:
+    """Where the cache says which graph the model files with this digest compiled to."""
+    return cache_dir() / "sources" / f"{digest}-opset{OPSET}-torch{torch_version()}.json"
+
+
+def torch_version() -> str:
+    """The installed torch's version, read without importing it (a graph traced by another
+    torch is traced again)."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def remember_source(model: LoadedModel, graph: Path) -> None:
+    """Record that `model`'s files compile to `graph`, with what a job needs to map with it."""
+    from landcover.atomic import write_text
+
+    assert model.source_digest is not None
+    record = {
+        "graph": graph.name,
+        "metadata": model.metadata,
+        "source_run_id": model.source_run_id,
+        "model_id": model.model_id,
+    }
+    target = source_record(model.source_digest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text(target, json.dumps(record, sort_keys=True, default=str))
+
+
+def compiled_for_source(digest: str, reference: str) -> tuple[LoadedModel, Path] | None:
+    """The model with these files as its cached graph (no forward yet), or None when it was
+    never compiled here (or its record or graph is gone or unreadable)."""
+    record_path = source_record(digest)
+    try:
+        record = json.loads(record_path.read_text())
+        graph = cache_dir() / str(record["graph"])
+        metadata = dict(record["metadata"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not graph.is_file() or "schema" not in metadata or "/" in str(record["graph"]):
+        return None
+    model = LoadedModel(
+        forward=_not_compiled,
+        metadata=metadata,
+        reference=reference,
+        kind="compiled",
+        source_run_id=record.get("source_run_id"),
+        model_id=record.get("model_id"),
+        source_digest=digest,
+    )
+    return model, graph
+
+
+def _not_compiled(pixels: np.ndarray) -> np.ndarray:
+    raise RuntimeError("a cached graph's model runs only once its backend is chosen")
+
+
+def available_threads(threads: int | None = None) -> int:
+    """CPU threads a compiled graph may use: `threads` if given, else torch's count where
+    torch is loaded, else OMP_NUM_THREADS, else the cores this process may run on (torch's
+    own default)."""
+    if threads:
+        return threads
+    if "torch" in sys.modules:
+        return sys.modules["torch"].get_num_threads()
+    try:
+        return max(1, int(os.environ.get("OMP_NUM_THREADS", "")))
+    except ValueError:
+        return max(1, len(os.sched_getaffinity(0)))
+
+
+def parallel_tiles(batch_size: int, threads: int | None = None) -> tuple[int, int]:
+    """(tiles run at once, threads each) for a compiled backend with `available_threads`
     threads. One thread per tile is about 13 % faster end to end than every thread on one tile
     at 2 threads (`experiments/bench_predict.py`): no barrier per operator, and a reader or
     writer thread that takes a core stalls one tile instead of all of them. `batch_size` 0 means
     as many tiles as threads; a smaller explicit batch gets more threads per tile."""
-    threads = max(1, torch.get_num_threads())
-    workers = threads if batch_size <= 0 else max(1, min(threads, batch_size))
-    return workers, max(1, threads // workers)
+    total = available_threads(threads)
+    workers = total if batch_size <= 0 else max(1, min(total, batch_size))
+    return workers, max(1, total // workers)
 
 
 def split_forward(run: Callable[[int, np.ndarray], np.ndarray], workers: int) -> Callable:
@@ -220,22 +316,24 @@ def split_forward(run: Callable[[int, np.ndarray], np.ndarray], workers: int) ->
         ThreadPoolExecutor(workers, thread_name_prefix="landcover-tiles") if workers > 1 else None
     )
 
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        pixels = batch.cpu().numpy().astype(np.float32, copy=False)
+    def forward(batch: np.ndarray) -> np.ndarray:
+        pixels = np.ascontiguousarray(batch, dtype=np.float32)
         chunks = np.array_split(pixels, min(workers, len(pixels)))
         if pool is None or len(chunks) == 1:
-            return torch.from_numpy(run(0, pixels))
-        return torch.from_numpy(np.concatenate(list(pool.map(run, range(len(chunks)), chunks))))
+            return run(0, pixels)
+        return np.concatenate(list(pool.map(run, range(len(chunks)), chunks)))
 
     return forward
 
 
-def onnx_model(model: LoadedModel, path: Path, batch_size: int = 0) -> LoadedModel:
+def onnx_model(
+    model: LoadedModel, path: Path, batch_size: int = 0, threads: int | None = None
+) -> LoadedModel:
     """The model as one ONNX Runtime session that runs several tiles at once (their share of
-    torch's threads each)."""
+    the threads each)."""
     import onnxruntime as ort
 
-    workers, threads = parallel_tiles(batch_size)
+    workers, threads = parallel_tiles(batch_size, threads)
     options = ort.SessionOptions()
     options.intra_op_num_threads = threads
     # no busy-waiting between runs: the reader and writer threads need those cores
@@ -250,21 +348,25 @@ def onnx_model(model: LoadedModel, path: Path, batch_size: int = 0) -> LoadedMod
 
 
 def openvino_model(
-    model: LoadedModel, path: Path, precision: str = "auto", batch_size: int = 0
+    model: LoadedModel,
+    path: Path,
+    precision: str = "auto",
+    batch_size: int = 0,
+    threads: int | None = None,
 ) -> LoadedModel:
     """The ONNX file compiled by OpenVINO for the CPU, at float32 unless `precision` names a
     reduced one (OpenVINO's own default there would be bf16), with one stream per tile run at
     once; checked against PyTorch at float32."""
     import openvino as ov
 
-    workers, _ = parallel_tiles(batch_size)
+    workers, _ = parallel_tiles(batch_size, threads)
     core = ov.Core()
     inference_precision = OPENVINO_PRECISIONS["fp32" if precision == "auto" else precision]
     compiled = core.compile_model(
         core.read_model(str(path)),
         "CPU",
         {
-            "INFERENCE_NUM_THREADS": torch.get_num_threads(),
+            "INFERENCE_NUM_THREADS": available_threads(threads),
             "INFERENCE_PRECISION_HINT": inference_precision,
             "PERFORMANCE_HINT": "THROUGHPUT" if workers > 1 else "LATENCY",
             "NUM_STREAMS": workers,
@@ -284,10 +386,12 @@ def openvino_model(
 
 
 def _check_against_torch(module: torch.nn.Module, forward: Callable, bands: int) -> None:
+    import torch
+
     batch, height, width = PROBE
     pixels = torch.rand(batch, bands, height, width, generator=torch.Generator().manual_seed(0))
     with torch.inference_mode():
-        expected = module.cpu().eval()(pixels * 255)
-    difference = float((forward(pixels * 255) - expected).abs().max())
+        expected = module.cpu().eval()(pixels * 255).numpy()
+    difference = float(np.abs(forward(pixels.numpy() * 255) - expected).max())
     if difference > TOLERANCE:
         raise ValueError(f"|OpenVINO - PyTorch| = {difference:.2e} above {TOLERANCE:g}")

@@ -16,7 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import rasterio
-import torch
 from rasterio.enums import MaskFlags
 from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
@@ -145,10 +144,10 @@ def _tile_probabilities(
     cols = layout.col_lefts()
     for start in range(0, len(cols), batch_size):
         chunk = cols[start : start + batch_size]
-        batch = torch.from_numpy(
-            np.stack([strip[:, :, col : col + layout.tile] for col in chunk])
-        ).float()
-        probabilities = averaged_probabilities(model.forward, batch, transforms).cpu().numpy()
+        batch = np.stack([strip[:, :, col : col + layout.tile] for col in chunk]).astype(
+            np.float32
+        )
+        probabilities = averaged_probabilities(model.forward, batch, transforms)
         bar.update(len(chunk))
         yield from zip(chunk, probabilities, strict=True)
 

@@ -8,19 +8,20 @@ training time, so prediction needs no settings repeated and can refuse a wrong i
 
 from __future__ import annotations
 
+import hashlib
 import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import torch
 
-from landcover.checkpoint import read_checkpoint
 from landcover.data.schema import ClassSchema
 from landcover.errors import LandcoverError
-from landcover.models.files import UnsafeModelError, convert_hint
+
+if TYPE_CHECKING:  # torch is imported only where a model runs on it (see predict.lean)
+    import torch
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
 
@@ -31,9 +32,11 @@ class ModelReferenceError(LandcoverError):
 
 @dataclass
 class LoadedModel:
-    """A model ready for tiled prediction: raw float32 pixels in, logits out."""
+    """A model ready for tiled prediction: raw float32 pixels (N, bands, H, W) in, class
+    logits (N, classes, H, W) out, both numpy arrays whatever runs the network, so the tiled
+    predictor needs no deep-learning framework of its own."""
 
-    forward: Callable[[torch.Tensor], torch.Tensor]
+    forward: Callable[[np.ndarray], np.ndarray]
     metadata: dict[str, Any]
     reference: str
     kind: str
@@ -41,6 +44,8 @@ class LoadedModel:
     torch_module: torch.nn.Module | None = None
     preferred_batch: int = 1  # tiles per forward call when predict.batch_size is 0 (auto)
     model_id: str | None = None  # the MLflow 3 logged model, which evaluations link metrics to
+    # digest of the files the model was loaded from: finds its compiled graph without torch
+    source_digest: str | None = None
 
     @property
     def schema(self) -> ClassSchema:
@@ -68,9 +73,11 @@ def _torch_forward(
     device: torch.device,
     channels_last: bool,
     autocast: torch.dtype | None | str = "default",
-) -> Callable[[torch.Tensor], torch.Tensor]:
+) -> Callable[[np.ndarray], np.ndarray]:
     """Eager forward on `device`; `autocast` is the reduced precision to compute in (None:
     float32; "default": bf16 on CUDA, float32 on CPU)."""
+    import torch
+
     if autocast == "default":
         autocast = torch.bfloat16 if device.type == "cuda" else None
     dtype = autocast if isinstance(autocast, torch.dtype) else None
@@ -79,17 +86,33 @@ def _torch_forward(
     module = module.to(memory_format=memory_format)
 
     @torch.inference_mode()
-    def forward(batch: torch.Tensor) -> torch.Tensor:
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        batch = torch.from_numpy(np.ascontiguousarray(pixels, dtype=np.float32))
         batch = batch.to(device, non_blocking=True).contiguous(memory_format=memory_format)
         with torch.autocast(device.type, dtype=dtype or torch.float32, enabled=dtype is not None):
-            return module(batch).float()
+            return module(batch).float().cpu().numpy()
 
     return forward
+
+
+def files_digest(*paths: Path) -> str:
+    """blake2b over the files' bytes (a folder: every file in it, by relative path): the same
+    model file gives the same digest wherever it was copied or downloaded to."""
+    digest = hashlib.blake2b(digest_size=16)
+    for root in paths:
+        files = sorted(p for p in root.rglob("*") if p.is_file()) if root.is_dir() else [root]
+        for file in files:
+            digest.update(str(file.relative_to(root) if root.is_dir() else "").encode())
+            with open(file, "rb") as stream:
+                for block in iter(lambda: stream.read(1 << 20), b""):
+                    digest.update(block)
+    return digest.hexdigest()
 
 
 def _from_checkpoint(path: Path, device: torch.device, channels_last: bool) -> LoadedModel:
     from omegaconf import OmegaConf
 
+    from landcover.checkpoint import read_checkpoint
     from landcover.models import build_model
 
     state = read_checkpoint(path, ModelReferenceError)
@@ -117,6 +140,7 @@ def _from_checkpoint(path: Path, device: torch.device, channels_last: bool) -> L
         "checkpoint",
         state.get("run_id"),
         model,
+        source_digest=files_digest(path),
     )
 
 
@@ -126,34 +150,56 @@ def _from_onnx(path: Path) -> LoadedModel:
     session, metadata = load_onnx(path)
     input_name = session.get_inputs()[0].name
 
-    def forward(batch: torch.Tensor) -> torch.Tensor:
-        (logits,) = session.run(None, {input_name: batch.cpu().numpy().astype(np.float32)})
-        return torch.from_numpy(logits)
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        (logits,) = session.run(None, {input_name: pixels.astype(np.float32, copy=False)})
+        return logits
 
     return LoadedModel(forward, metadata, str(path), "onnx", metadata.get("source_run_id"))
 
 
-def _from_mlflow(
-    uri: str, tracking_uri: str | None, device: torch.device, channels_last: bool
-) -> LoadedModel:
+def _download(uri: str, tracking_uri: str | None, folder: str) -> tuple[Path, Any]:
+    """The logged model's files in `folder` and its MLflow model info."""
     import mlflow
     from mlflow.exceptions import MlflowException
-
-    from landcover.serving import load_model
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
     try:
         info = mlflow.models.get_model_info(uri)
-        module = load_model(uri)
-    except UnsafeModelError as err:
-        raise ModelReferenceError(convert_hint(uri)) from err
+        return Path(mlflow.artifacts.download_artifacts(uri, dst_path=folder)), info
     except (MlflowException, OSError) as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ModelReferenceError(
             f"model reference {uri!r} cannot be loaded from {mlflow.get_tracking_uri()}: "
             f"{first_line}"
         ) from err
+
+
+def mlflow_digest(uri: str, tracking_uri: str | None) -> str:
+    """The digest `_from_mlflow` gives the model's files, computed without loading them."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory() as tmp:
+        return files_digest(_download(uri, tracking_uri, tmp)[0])
+
+
+def _from_mlflow(
+    uri: str, tracking_uri: str | None, device: torch.device, channels_last: bool
+) -> LoadedModel:
+    import tempfile
+
+    from landcover.models.files import UnsafeModelError, convert_hint
+    from landcover.serving import load_module
+
+    with tempfile.TemporaryDirectory() as tmp:
+        folder, info = _download(uri, tracking_uri, tmp)
+        digest = files_digest(folder)
+        try:
+            module = load_module(folder)
+        except UnsafeModelError as err:
+            raise ModelReferenceError(convert_hint(uri)) from err
+        except OSError as err:
+            raise ModelReferenceError(f"model reference {uri!r} cannot be loaded: {err}") from err
     metadata = dict(info.metadata or {})
     if "schema" not in metadata:
         raise ModelReferenceError(
@@ -167,7 +213,15 @@ def _from_mlflow(
         info.run_id,
         module,
         model_id=getattr(info, "model_id", None),
+        source_digest=digest,
     )
+
+
+def model_uri(reference: str) -> str | None:
+    """The MLflow URI a reference names (a bare run id is its run's model), None for a file."""
+    if RUN_ID.match(reference) and not Path(reference).is_file():
+        return f"runs:/{reference}/model"
+    return reference if reference.startswith(("runs:/", "models:/")) else None
 
 
 def load_model_reference(
@@ -190,10 +244,9 @@ def load_model_reference(
         return _from_onnx(path)
     if path.is_file():
         return _from_checkpoint(path, torch_device, channels_last)
-    if RUN_ID.match(reference):
-        reference = f"runs:/{reference}/model"
-    if reference.startswith(("runs:/", "models:/")):
-        return _from_mlflow(reference, tracking_uri, torch_device, channels_last)
+    uri = model_uri(reference)
+    if uri is not None:
+        return _from_mlflow(uri, tracking_uri, torch_device, channels_last)
     raise ModelReferenceError(
         f"model reference {reference!r} does not exist: it is not a file, an MLflow run id, "
         "a runs:/ URI or a models:/ URI"
@@ -207,6 +260,8 @@ def from_module(
     device: str = "cpu",
 ) -> LoadedModel:
     """Wrap a model already in memory (tests, benchmarks, a training process)."""
+    import torch
+
     return LoadedModel(
         _torch_forward(module, torch.device(device), False),
         metadata,

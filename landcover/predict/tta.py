@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-import torch
+import numpy as np
 
 Transform = tuple[int, bool]  # (quarter turns, mirrored left-right first)
 
@@ -23,19 +23,27 @@ MODES: dict[str, list[Transform]] = {
 }
 
 
-def apply(batch: torch.Tensor, transform: Transform) -> torch.Tensor:
-    """(N, C, H, W) mirrored left-right (if asked), then turned by quarter turns."""
+def apply(batch: np.ndarray, transform: Transform) -> np.ndarray:
+    """(N, C, H, W) mirrored left-right (if asked), then turned by quarter turns (a view)."""
     turns, mirrored = transform
     if mirrored:
-        batch = torch.flip(batch, dims=(-1,))
-    return torch.rot90(batch, turns, dims=(-2, -1))
+        batch = batch[..., ::-1]
+    return np.rot90(batch, turns, axes=(-2, -1))
 
 
-def undo(batch: torch.Tensor, transform: Transform) -> torch.Tensor:
+def undo(batch: np.ndarray, transform: Transform) -> np.ndarray:
     """The inverse of `apply`: turned back, then mirrored back."""
     turns, mirrored = transform
-    batch = torch.rot90(batch, -turns, dims=(-2, -1))
-    return torch.flip(batch, dims=(-1,)) if mirrored else batch
+    batch = np.rot90(batch, -turns, axes=(-2, -1))
+    return batch[..., ::-1] if mirrored else batch
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    """Class probabilities along axis 1, computed in place of the logits."""
+    logits -= logits.max(axis=1, keepdims=True)
+    np.exp(logits, out=logits)
+    logits /= logits.sum(axis=1, keepdims=True)
+    return logits
 
 
 def check_mode(mode: str, tile_height: int, tile_width: int) -> list[Transform]:
@@ -51,16 +59,22 @@ def check_mode(mode: str, tile_height: int, tile_width: int) -> list[Transform]:
 
 
 def averaged_probabilities(
-    forward: Callable[[torch.Tensor], torch.Tensor],
-    batch: torch.Tensor,
+    forward: Callable[[np.ndarray], np.ndarray],
+    batch: np.ndarray,
     transforms: list[Transform],
-) -> torch.Tensor:
+) -> np.ndarray:
     """Mean over `transforms` of the class probabilities of the transformed batch, each
     mapped back onto the untransformed tile."""
-    total = None
+    total: np.ndarray | None = None
     for transform in transforms:
-        probabilities = torch.softmax(forward(apply(batch, transform).contiguous()), dim=1)
-        probabilities = undo(probabilities, transform)
-        total = probabilities if total is None else total + probabilities
+        # every forward returns a fresh array: the softmax may overwrite it
+        logits = np.asarray(forward(np.ascontiguousarray(apply(batch, transform))), np.float32)
+        probabilities = undo(softmax(logits), transform)
+        if total is None:
+            total = np.ascontiguousarray(probabilities)
+        else:
+            total += probabilities
     assert total is not None
-    return total / len(transforms)
+    if len(transforms) > 1:
+        total /= len(transforms)
+    return total
