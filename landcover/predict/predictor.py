@@ -1,7 +1,8 @@
 """Tiled prediction of rasters of any size, strip by strip.
 
-Reading the next strip and writing the finished one run in background threads while the model
-works on the current strip, so end-to-end speed stays close to the forward pass alone. Memory
+Reading the next strip, running the model on the next batch of tiles and writing the finished
+rows each have a thread, while this one blends the last batch into the strip, so the model never
+waits for the bookkeeping and end-to-end speed stays close to the forward pass alone. Memory
 is bounded by one strip (tile height x raster width), never by the raster's area.
 """
 
@@ -9,8 +10,9 @@ from __future__ import annotations
 
 import logging
 import time
+from collections import deque
 from collections.abc import Callable, Iterator
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -27,7 +29,7 @@ from landcover.data.schema import IGNORE_INDEX
 from landcover.errors import ConfigValueError, SceneError
 from landcover.predict.reference import LoadedModel
 from landcover.predict.tiling import StripAccumulator, TileLayout
-from landcover.predict.tta import Transform, averaged_probabilities, check_mode
+from landcover.predict.tta import averaged_probabilities, check_mode
 from landcover.predict.writer import AreaTable, ClassMapWriter
 
 log = logging.getLogger(__name__)
@@ -131,25 +133,40 @@ def read_valid_mask(src, row: int, rows: int) -> np.ndarray | None:
     return None
 
 
-def _tile_probabilities(
-    model: LoadedModel,
-    strip: np.ndarray,
-    layout: TileLayout,
-    batch_size: int,
-    bar,
-    transforms: list[Transform],
-) -> Iterator[tuple[int, np.ndarray]]:
-    """(column, class probabilities) of each tile of a strip, batch by batch, so that no more
-    than one batch of probabilities exists at a time (averaged over `transforms`)."""
+@dataclass(frozen=True)
+class TileBatch:
+    """Tiles of one strip that go through the model together."""
+
+    top: int  # the strip's first core row
+    cols: list[int]  # each tile's first core column
+    pixels: np.ndarray  # (tiles, bands, tile, tile) float32
+    ends_strip: bool  # the strip's last batch: its finished rows can be handed out after it
+    next_top: int | None  # the next strip's first core row (None after the last strip)
+
+
+def tile_batches(
+    src, layout: TileLayout, batch_size: int, reader: ThreadPoolExecutor
+) -> Iterator[TileBatch]:
+    """Every tile of the raster, strip by strip, `batch_size` at a time; the next strip is
+    read by `reader` while this one's tiles are predicted."""
+    tops = list(layout.row_tops())
     cols = layout.col_lefts()
-    for start in range(0, len(cols), batch_size):
-        chunk = cols[start : start + batch_size]
-        batch = np.stack([strip[:, :, col : col + layout.tile] for col in chunk]).astype(
-            np.float32
-        )
-        probabilities = averaged_probabilities(model.forward, batch, transforms)
-        bar.update(len(chunk))
-        yield from zip(chunk, probabilities, strict=True)
+    next_strip = reader.submit(read_strip, src, layout, tops[0])
+    for index, top in enumerate(tops):
+        strip = next_strip.result()
+        next_top = tops[index + 1] if index + 1 < len(tops) else None
+        if next_top is not None:
+            next_strip = reader.submit(read_strip, src, layout, next_top)
+        for start in range(0, len(cols), batch_size):
+            chunk = cols[start : start + batch_size]
+            pixels = np.stack([strip[:, :, col : col + layout.tile] for col in chunk])
+            yield TileBatch(
+                top,
+                chunk,
+                pixels.astype(np.float32),
+                start + batch_size >= len(cols),
+                next_top,
+            )
 
 
 def pixel_size_warning(
@@ -219,9 +236,9 @@ def predict_raster(
         accumulator = StripAccumulator(layout, schema.num_classes, blend)
         batch_size = tiles_per_batch(model, settings)
         transforms = check_mode(settings.tta, layout.tile, layout.tile)
-        tops = list(layout.row_tops())
+        keep = settings.probabilities or keep_probabilities
         bar = tqdm(
-            total=len(tops) * layout.cols,
+            total=layout.rows * layout.cols,
             desc=f"predict {source.rsplit('/', 1)[-1]}",
             unit="tile",
             disable=not settings.progress,
@@ -236,28 +253,45 @@ def predict_raster(
                 probabilities=settings.probabilities,
             ) as writer,
             ThreadPoolExecutor(1) as reader,
+            ThreadPoolExecutor(1) as forwarder,
             ThreadPoolExecutor(1) as finisher,
         ):
-            next_strip = reader.submit(read_strip, src, layout, tops[0])
-            pending = None
-            for index, top in enumerate(tops):
-                strip = next_strip.result()
-                if index + 1 < len(tops):
-                    next_strip = reader.submit(read_strip, src, layout, tops[index + 1])
-                for col, probabilities in _tile_probabilities(
-                    model, strip, layout, batch_size, bar, transforms
-                ):
-                    accumulator.add(probabilities, top, col)
-                finished = accumulator.flush(
-                    tops[index + 1] if index + 1 < len(tops) else None,
-                    keep_probabilities=settings.probabilities or keep_probabilities,
-                )
-                if pending is not None:
-                    pending.result()
+            written: list[Future] = []  # the last strip's rows being written
+
+            def blend(batch: TileBatch, probabilities: Future) -> None:
+                """Blend a batch into the strip; after a strip's last batch, hand its finished
+                rows to the finisher (one strip being written at a time)."""
+                for col, tile in zip(batch.cols, probabilities.result(), strict=True):
+                    accumulator.add(tile, batch.top, col)
+                bar.update(len(batch.cols))
+                if not batch.ends_strip:
+                    return
+                finished = accumulator.flush(batch.next_top, keep_probabilities=keep)
+                while written:
+                    written.pop().result()
                 if finished[1].shape[0]:
-                    pending = finisher.submit(_finish_rows, mask_src, writer, *finished, on_rows)
-            if pending is not None:
-                pending.result()
+                    written.append(
+                        finisher.submit(_finish_rows, mask_src, writer, *finished, on_rows)
+                    )
+
+            # the model works on the next batch while this thread blends the last one and
+            # hands out finished rows: the model never waits for the bookkeeping
+            in_flight: deque[tuple[TileBatch, Future]] = deque()
+            for batch in tile_batches(src, layout, batch_size, reader):
+                in_flight.append(
+                    (
+                        batch,
+                        forwarder.submit(
+                            averaged_probabilities, model.forward, batch.pixels, transforms
+                        ),
+                    )
+                )
+                if len(in_flight) > 1:
+                    blend(*in_flight.popleft())
+            while in_flight:
+                blend(*in_flight.popleft())
+            while written:
+                written.pop().result()
             bar.close()
         table = writer.area_table()
     return PredictionResult(

@@ -90,6 +90,8 @@ class StripAccumulator:
         width = layout.cols * layout.core + 2 * layout.context
         self.sums = np.zeros((num_classes, height, width), dtype=np.float32)
         self.total_weight = np.zeros((height, width), dtype=np.float32)
+        # one tile's weighted probabilities, reused: no allocation per tile
+        self.scratch = np.empty((num_classes, layout.tile, layout.tile), dtype=np.float32)
 
     def add(self, probabilities: np.ndarray, row: int, col: int) -> None:
         """Probabilities (classes, tile, tile) of the tile whose core starts at (row, col)."""
@@ -98,7 +100,8 @@ class StripAccumulator:
             r = row - layout.context - self.top
             c = col  # buffer column 0 is raster column -context
             assert self.weights is not None  # blending has weights
-            self.sums[:, r : r + layout.tile, c : c + layout.tile] += probabilities * self.weights
+            weighted = np.multiply(probabilities, self.weights, out=self.scratch)
+            self.sums[:, r : r + layout.tile, c : c + layout.tile] += weighted
             self.total_weight[r : r + layout.tile, c : c + layout.tile] += self.weights
         else:
             core = (
