@@ -7,8 +7,13 @@ read through the 4-class scheme (water, tree canopy, low vegetation, barren + im
 models with 5 tutorial labels and models with 4 classes are scored on the same pixels. A
 prediction of a class outside the scheme (the tutorial's "no data") counts as an error.
 
-    .venv/bin/python analysis/baselines.py --seed <run> --gbm <run> --modern <run|models:/...> \\
+    .venv/bin/python analysis/baselines.py [--seed <run>] [--gbm <run>] [--modern <run>] \\
+        [--model NAME=REF ...] [--split val|train] [--tta flips|d4|none] \\
         [--cntk ../shared/models/seed-cntk/250epochs.model] [--imagery naip-old] [--out baselines]
+
+`--split train` scores every contender on the train patches: with models trained on the val
+patches (`data=chesapeake_sample_swapped`) that is the swapped-split check. The `tta_*` columns
+score the same models with test-time augmentation (`--tta`, default flips).
 
 writes <out>.md, <out>.csv and <out>.png (image | labels | each model, for a few patches) and
 logs them with the metrics to MLflow (experiment `baselines`).
@@ -30,37 +35,31 @@ import matplotlib.pyplot as plt  # noqa: E402
 import mlflow  # noqa: E402
 import numpy as np  # noqa: E402
 import rasterio  # noqa: E402
-from hydra import compose, initialize_config_dir  # noqa: E402
 
 import landcover.config  # noqa: E402, F401  (registers the config schemas with Hydra)
 from landcover.data.scenes import find_pairs, quiet_georeferencing_warnings  # noqa: E402
 from landcover.data.schema import IGNORE_INDEX, ClassSchema  # noqa: E402
 from landcover.figures import class_map_rgb, image_to_rgb  # noqa: E402
-from landcover.interop.cntk_import import import_cntk_seed  # noqa: E402
-from landcover.interop.import_cntk import load_schema, tutorial_metadata, tutorial_model  # noqa: E402
+from landcover.interop.import_cntk import load_schema  # noqa: E402
 from landcover.metrics import scores_from_matrix  # noqa: E402
-from landcover.paths import COMMANDS_CONFIG_DIR  # noqa: E402
 from landcover.predict.predictor import PredictSettings, predict_raster  # noqa: E402
-from landcover.predict.reference import LoadedModel, from_module, load_model_reference  # noqa: E402
+from landcover.predict.reference import LoadedModel, load_model_reference  # noqa: E402
 
 
-def cntk_contender(path: Path) -> LoadedModel:
-    with initialize_config_dir(config_dir=COMMANDS_CONFIG_DIR, version_base="1.3"):
-        cfg = compose("import_cntk", [f"file={path}"])
-    imported = import_cntk_seed(path)
-    model = tutorial_model(imported.net, cfg)
-    metadata = tutorial_metadata(cfg, load_schema(str(cfg.schema)), path, "-")
-    return from_module(model, metadata, str(path))
-
-
-def settings_for(model: LoadedModel) -> PredictSettings:
+def settings_for(model: LoadedModel, tta: str = "none") -> PredictSettings:
     """The predictor's defaults; centre-output nets get the tutorial's 256 px tiles (the
     predictor then uses their margin as context, whatever the overlap)."""
-    return PredictSettings.defaults(tile_size=256 if model.output_margin else 512, progress=False)
+    return PredictSettings.defaults(
+        tile_size=256 if model.output_margin else 512, progress=False, tta=tta
+    )
 
 
 def score(
-    model: LoadedModel, pairs: list[tuple[Path, Path]], scheme: ClassSchema, workdir: Path
+    model: LoadedModel,
+    pairs: list[tuple[Path, Path]],
+    scheme: ClassSchema,
+    workdir: Path,
+    tta: str = "none",
 ) -> tuple[np.ndarray, list[np.ndarray]]:
     """Confusion matrix in `scheme` (+ one column for predictions outside it) and the maps."""
     lookup = scheme.lookup_table()
@@ -68,7 +67,8 @@ def score(
     matrix = np.zeros((n + 1, n + 1), dtype=np.int64)
     maps = []
     for image, label in pairs:
-        result = predict_raster(model, image, workdir / f"{image.stem}.tif", settings_for(model))
+        output = workdir / f"{image.stem}_{tta}.tif"
+        result = predict_raster(model, image, output, settings_for(model, tta))
         with rasterio.open(result.outputs["classes"]) as src:
             predicted = lookup[src.read(1)]
         with rasterio.open(label) as src:
@@ -78,6 +78,21 @@ def score(
         predicted = np.where(predicted == IGNORE_INDEX, n, predicted)
         np.add.at(matrix, (target[labelled], predicted[labelled]), 1)
     return matrix, maps
+
+
+def scores_of(matrix: np.ndarray, scheme: ClassSchema) -> dict[str, float]:
+    """OA, IoU per class, mIoU (over the classes present) and the share predicted outside the
+    scheme, from a confusion matrix with one extra "outside" column."""
+    scores = scores_from_matrix(matrix, list(range(scheme.num_classes)))
+    metrics = scores.as_metrics(
+        [*scheme.names, "outside"], list(range(scheme.num_classes)), prefix=""
+    )
+    return {
+        "overall_accuracy": metrics["overall_accuracy"],
+        **{f"iou_{c}": metrics.get(f"iou_{c}", float("nan")) for c in scheme.names},
+        "mIoU": metrics["mIoU"],
+        "outside_scheme": matrix[:, -1].sum() / max(matrix.sum(), 1),
+    }
 
 
 def figure(pairs, names, all_maps, scheme: ClassSchema, count: int) -> plt.Figure:
@@ -109,9 +124,19 @@ def main(argv: list[str] | None = None) -> int:
     shared = Path(os.environ.get("LANDCOVER_SHARED_DIR", "../shared"))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--cntk", type=Path, default=shared / "models/seed-cntk/250epochs.model")
-    parser.add_argument("--seed", required=True, help="re-trained seed network (run / models:/)")
-    parser.add_argument("--gbm", required=True, help="model=pixel_gbm run")
-    parser.add_argument("--modern", required=True, help="best modern network")
+    parser.add_argument("--seed", help="re-trained seed network (run / models:/)")
+    parser.add_argument("--gbm", help="model=pixel_gbm run")
+    parser.add_argument("--modern", help="best modern network")
+    parser.add_argument(
+        "--model",
+        action="append",
+        default=[],
+        metavar="NAME=REF",
+        help="one more contender (any model reference), e.g. 'chesapeake_best=<run id>'",
+    )
+    parser.add_argument(
+        "--tta", default="flips", help="test-time augmentation of the extra columns (none: off)"
+    )
     parser.add_argument("--data", type=Path, default=shared / "data/chesapeake-sample")
     parser.add_argument("--split", default="val")
     parser.add_argument("--imagery", default="naip-old")
@@ -132,11 +157,18 @@ def main(argv: list[str] | None = None) -> int:
     if not pairs:
         sys.exit(f"error: no {args.imagery} patches under {args.data / args.split}")
     scheme = load_schema("chesapeake_4class")
+    references = {"CNTK 2018 (250 epochs, imported)": str(args.cntk)}
+    named = {"seed re-trained here": args.seed, "pixel gradient boosting": args.gbm}
+    named["modern network"] = args.modern
+    references.update({name: ref for name, ref in named.items() if ref})
+    for spec in args.model:
+        name, _, ref = spec.partition("=")
+        if not ref:
+            sys.exit(f"error: --model {spec!r} is not NAME=REF")
+        references[name] = ref
     contenders = {
-        "CNTK 2018 (250 epochs, imported)": cntk_contender(args.cntk),
-        "seed re-trained here": load_model_reference(args.seed, tracking_uri=args.tracking_uri),
-        "pixel gradient boosting": load_model_reference(args.gbm, tracking_uri=args.tracking_uri),
-        "modern network": load_model_reference(args.modern, tracking_uri=args.tracking_uri),
+        name: load_model_reference(ref, tracking_uri=args.tracking_uri)
+        for name, ref in references.items()
     }
     rows, all_maps = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,22 +177,17 @@ def main(argv: list[str] | None = None) -> int:
             workdir.mkdir()
             matrix, maps = score(model, pairs, scheme, workdir)
             all_maps.append(maps)
-            scores = scores_from_matrix(matrix, list(range(scheme.num_classes)))
-            metrics = scores.as_metrics(
-                [*scheme.names, "outside"], list(range(scheme.num_classes)), prefix=""
-            )
-            rows.append(
-                {
-                    "model": name,
-                    "reference": model.reference,
-                    "arch": model.metadata.get("arch", "?"),
-                    "overall_accuracy": metrics["overall_accuracy"],
-                    **{f"iou_{c}": metrics.get(f"iou_{c}", float("nan")) for c in scheme.names},
-                    "mIoU": metrics["mIoU"],
-                    "outside_scheme": matrix[:, -1].sum() / max(matrix.sum(), 1),
-                }
-            )
+            row = {"model": name, "reference": model.reference}
+            row["arch"] = model.metadata.get("arch", "?")
+            row.update(scores_of(matrix, scheme))
+            if args.tta != "none":
+                augmented = scores_of(score(model, pairs, scheme, workdir, args.tta)[0], scheme)
+                row["tta_overall_accuracy"] = augmented["overall_accuracy"]
+                row["tta_mIoU"] = augmented["mIoU"]
+            rows.append(row)
     columns = ["overall_accuracy", *[f"iou_{c}" for c in scheme.names], "mIoU", "outside_scheme"]
+    if args.tta != "none":
+        columns += ["tta_overall_accuracy", "tta_mIoU"]
     lines = [
         "| model | " + " | ".join(columns) + " |",
         "| --- | " + " | ".join("---" for _ in columns) + " |",

@@ -262,3 +262,22 @@ def test_import_cli_takes_the_file_as_its_argument_and_names_a_bad_one(tmp_path)
     )
     assert out.returncode != 0
     assert "notes.model" in out.stderr and "Traceback" not in out.stderr
+
+
+def test_the_cntk_file_itself_is_a_model_reference(cntk_dir):
+    from landcover.predict.reference import load_model_reference
+
+    path = cntk_dir / "250epochs.model"
+    loaded = load_model_reference(str(path), device="cpu")
+    assert loaded.kind == "cntk" and loaded.output_margin == 64 and loaded.source_digest
+    assert [c.name for c in loaded.schema.classes][1:] == [
+        "water",
+        "trees",
+        "herbaceous",
+        "barren_impervious",
+    ]
+    net = import_cntk_seed(path).net.eval()
+    pixels = np.random.default_rng(0).uniform(0, 255, (1, 4, 160, 160)).astype(np.float32)
+    with torch.inference_mode():
+        direct = net(torch.from_numpy(pixels / 256)).numpy()
+    np.testing.assert_allclose(loaded.forward(pixels), direct, atol=1e-4)

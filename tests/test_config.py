@@ -52,6 +52,16 @@ def test_seed_tutorial_is_the_tutorial_recipe():
     assert list(cfg.data.rare_sampling.classes) == ["water", "barren_impervious"]
 
 
+def test_the_swapped_split_trains_on_val_and_scores_on_train():
+    cfg = validate_config(
+        compose_train("experiment=chesapeake_best", "data=chesapeake_sample_swapped")
+    )
+    assert cfg.data.splits.train.pattern.endswith("/val/*_naip-old.tif")
+    assert cfg.data.splits.val.pattern.endswith("/train/*_naip-old.tif")
+    assert cfg.model.arch == "seed" and cfg.data.patch_size == 256  # the recipe still applies
+    assert str(cfg.init.model).endswith("models/seed-cntk/250epochs.model")
+
+
 def test_typo_in_key_is_named():
     with pytest.raises(Exception, match="max_epoch"):
         compose_train().trainer.max_epoch = 3  # the composed config is typed: no new keys

@@ -95,6 +95,20 @@ def evaluate_import(cfg: DictConfig, model, schema: ClassSchema) -> tuple[dict, 
     return metrics, dataset_fingerprint(all_scenes)
 
 
+def load_cntk_file(path: Path) -> tuple[SegmentationModel, dict]:
+    """A 2018 tutorial CNTK model file as the network and metadata `landcover-import-cntk`
+    logs, in memory, with the command's own defaults (5 labels, inputs / 256): any command that
+    takes a model reference takes the file itself (`init.model=.../250epochs.model` starts a
+    training run from it without an import run first)."""
+    from landcover.paths import COMMANDS_CONFIG_DIR
+
+    cfg = OmegaConf.load(Path(COMMANDS_CONFIG_DIR) / "import_cntk.yaml")
+    imported = import_cntk_seed(path)
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()
+    metadata = tutorial_metadata(cfg, load_schema(str(cfg.schema)), path, digest)
+    return tutorial_model(imported.net, cfg), metadata
+
+
 def run_import(cfg: DictConfig) -> str:
     """`landcover-import-cntk`: rebuild the 2018 model, optionally score it, and log it as a
     landcover model."""

@@ -1,7 +1,8 @@
 """One resolver for every command that takes a model.
 
 A reference may be an MLflow run id, a `runs:/` or `models:/` URI (`models:/name/3`,
-`models:/name@champion`), a training checkpoint (`.pt`), or an ONNX file. Whatever it is, the
+`models:/name@champion`), a training checkpoint (`.pt`), an ONNX file, or a 2018 tutorial
+CNTK file (`.model`). Whatever it is, the
 result carries the class schema, band count and output margin logged with the model at
 training time, so prediction needs no settings repeated and can refuse a wrong input early.
 """
@@ -157,6 +158,22 @@ def _from_onnx(path: Path) -> LoadedModel:
     return LoadedModel(forward, metadata, str(path), "onnx", metadata.get("source_run_id"))
 
 
+def _from_cntk(path: Path, device: torch.device, channels_last: bool) -> LoadedModel:
+    """A 2018 tutorial CNTK file, decoded by landcover's bounded reader (no CNTK, no code run)."""
+    from landcover.interop.import_cntk import load_cntk_file
+
+    module, metadata = load_cntk_file(path)
+    return LoadedModel(
+        _torch_forward(module, device, channels_last),
+        metadata,
+        str(path),
+        "cntk",
+        None,
+        module,
+        source_digest=files_digest(path),
+    )
+
+
 def _download(uri: str, tracking_uri: str | None, folder: str) -> tuple[Path, Any]:
     """The logged model's files in `folder` and its MLflow model info."""
     import mlflow
@@ -242,6 +259,8 @@ def load_model_reference(
         if not path.is_file():
             raise ModelReferenceError(f"{reference}: ONNX file does not exist")
         return _from_onnx(path)
+    if path.is_file() and path.suffix == ".model":
+        return _from_cntk(path, torch_device, channels_last)
     if path.is_file():
         return _from_checkpoint(path, torch_device, channels_last)
     uri = model_uri(reference)
