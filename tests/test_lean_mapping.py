@@ -28,7 +28,8 @@ from landcover.predict.loading import load_for_prediction
 from landcover.predict.predictor import predict_raster
 model = load_for_prediction(sys.argv[1], device="cpu")
 predict_raster(model, sys.argv[2], sys.argv[3], PredictSettings.defaults(**{settings}))
-print(model.kind, model.torch_module is None, "torch" in sys.modules, "segmentation_models_pytorch" in sys.modules)
+loaded = [name in sys.modules for name in ("torch", "segmentation_models_pytorch")]
+print(model.kind, model.torch_module is None, *loaded)
 """
 
 

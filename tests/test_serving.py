@@ -9,7 +9,6 @@ import urllib.parse
 import mlflow
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
 from landcover.local_server import mlflow_server_command

@@ -103,6 +103,7 @@ def load_cntk_file(path: Path) -> tuple[SegmentationModel, dict]:
     from landcover.paths import COMMANDS_CONFIG_DIR
 
     cfg = OmegaConf.load(Path(COMMANDS_CONFIG_DIR) / "import_cntk.yaml")
+    assert isinstance(cfg, DictConfig)  # the command's config file is a mapping
     imported = import_cntk_seed(path)
     digest = hashlib.sha256(path.read_bytes()).hexdigest()
     metadata = tutorial_metadata(cfg, load_schema(str(cfg.schema)), path, digest)

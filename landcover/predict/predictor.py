@@ -258,7 +258,7 @@ def predict_raster(
         ):
             written: list[Future] = []  # the last strip's rows being written
 
-            def blend(batch: TileBatch, probabilities: Future) -> None:
+            def merge_batch(batch: TileBatch, probabilities: Future) -> None:
                 """Blend a batch into the strip; after a strip's last batch, hand its finished
                 rows to the finisher (one strip being written at a time)."""
                 for col, tile in zip(batch.cols, probabilities.result(), strict=True):
@@ -287,9 +287,9 @@ def predict_raster(
                     )
                 )
                 if len(in_flight) > 1:
-                    blend(*in_flight.popleft())
+                    merge_batch(*in_flight.popleft())
             while in_flight:
-                blend(*in_flight.popleft())
+                merge_batch(*in_flight.popleft())
             while written:
                 written.pop().result()
             bar.close()
