@@ -52,25 +52,31 @@ def test_a_compiled_model_maps_again_without_importing_torch(cache, scene, tmp_p
     (record,) = (cache / "sources").glob("*.json")
     assert json.loads(record.read_text())["metadata"]["schema"] == first.metadata["schema"]
 
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            MAP_IN_A_FRESH_PROCESS.format(settings=SETTINGS),
-            str(MODEL),
-            str(scene),
-            str(tmp_path / "again.tif"),
-        ],
-        capture_output=True,
-        text=True,
-        env={"LANDCOVER_CACHE_DIR": str(cache.parent), "PATH": "/usr/bin:/bin"},
-    )
-    assert out.returncode == 0, out.stderr
-    # run by ONNX Runtime from the cached graph, no network built, no torch, no architectures
-    assert out.stdout.split() == ["onnxruntime", "True", "False", "False"]
-    with rasterio.open(tmp_path / "first.tif") as a, rasterio.open(tmp_path / "again.tif") as b:
-        np.testing.assert_array_equal(a.read(), b.read())
-        assert a.crs == b.crs and a.transform == b.transform
+    (graph,) = cache.glob("*.onnx")
+    # the checkpoint (its cached graph found by the file's digest), then the ONNX file itself
+    for name, reference in (("again", MODEL), ("exported", graph)):
+        out = subprocess.run(
+            [
+                sys.executable,
+                "-c",
+                MAP_IN_A_FRESH_PROCESS.format(settings=SETTINGS),
+                str(reference),
+                str(scene),
+                str(tmp_path / f"{name}.tif"),
+            ],
+            capture_output=True,
+            text=True,
+            env={"LANDCOVER_CACHE_DIR": str(cache.parent), "PATH": "/usr/bin:/bin"},
+        )
+        assert out.returncode == 0, out.stderr
+        # run by ONNX Runtime, no network built, no torch, no architectures
+        assert out.stdout.split() == ["onnxruntime", "True", "False", "False"]
+        with (
+            rasterio.open(tmp_path / "first.tif") as a,
+            rasterio.open(tmp_path / f"{name}.tif") as b,
+        ):
+            np.testing.assert_array_equal(a.read(), b.read())
+            assert a.crs == b.crs and a.transform == b.transform
 
 
 def lean(model) -> bool:

@@ -17,13 +17,10 @@ import torch
 from torch import nn
 
 from landcover.atomic import atomic_target
-from landcover.errors import LandcoverError
+from landcover.interop.onnx_file import METADATA_KEY, load_onnx
 
 if TYPE_CHECKING:  # importing smp costs seconds; an ONNX model never needs it
     from landcover.models import SegmentationModel
-
-METADATA_KEY = "landcover"
-
 
 class _Exportable(nn.Module):
     def __init__(self, model: SegmentationModel) -> None:
@@ -70,20 +67,6 @@ def export_onnx(
         entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
         onnx.save(proto, str(tmp))
     return path
-
-
-def load_onnx(path: Path):
-    """An onnxruntime session and the landcover metadata stored in the file."""
-    import onnxruntime as ort
-
-    try:
-        session = ort.InferenceSession(str(path), providers=ort.get_available_providers())
-    except Exception as err:  # onnxruntime raises its own exception types
-        raise LandcoverError(f"{path}: not a loadable ONNX model ({err})") from err
-    props = session.get_modelmeta().custom_metadata_map
-    if METADATA_KEY not in props:
-        raise LandcoverError(f"{path}: ONNX model was not exported by landcover (no metadata)")
-    return session, json.loads(props[METADATA_KEY])
 
 
 def max_abs_difference(

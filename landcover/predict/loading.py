@@ -79,8 +79,8 @@ def _from_cached_graph(
     device: str,
     threads: int | None,
 ) -> LoadedModel | None:
-    """The model as its cached ONNX graph on ONNX Runtime, or None where that is not what the
-    settings ask for or no graph of these model files is cached."""
+    """The model as its cached ONNX graph (or as the ONNX file it is) on ONNX Runtime, or None
+    where that is not what the settings ask for or no graph of these model files is cached."""
     if backend not in ("auto", "onnxruntime") or precision not in ("auto", "fp32"):
         return None
     if device not in ("auto", "cpu") or (device == "auto" and gpu_possible()):
@@ -88,6 +88,8 @@ def _from_cached_graph(
     chosen = backend if backend != "auto" else next(b for b in COMPILED if installed(b))
     if chosen != "onnxruntime" or not installed(chosen):
         return None  # OpenVINO is checked against PyTorch each time it compiles
+    if reference.endswith(".onnx"):  # an exported file is its own graph
+        return onnx_model(load_model_reference(reference), Path(reference), batch_size, threads)
     digest = source_digest(reference, tracking_uri)
     hit = compiled_for_source(digest, reference) if digest else None
     if hit is None:

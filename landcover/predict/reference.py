@@ -146,7 +146,7 @@ def _from_checkpoint(path: Path, device: torch.device, channels_last: bool) -> L
 
 
 def _from_onnx(path: Path) -> LoadedModel:
-    from landcover.interop.onnx import load_onnx
+    from landcover.interop.onnx_file import load_onnx
 
     session, metadata = load_onnx(path)
     input_name = session.get_inputs()[0].name
@@ -249,16 +249,16 @@ def load_model_reference(
     channels_last: bool = True,
 ) -> LoadedModel:
     """Resolve and load; every failure is a ModelReferenceError naming the reference."""
+    reference = str(reference)
+    path = Path(reference)
+    if reference.endswith(".onnx"):  # run by ONNX Runtime: no torch needed
+        if not path.is_file():
+            raise ModelReferenceError(f"{reference}: ONNX file does not exist")
+        return _from_onnx(path)
     from landcover.runtime import select_device
 
     torch_device = select_device(device)
     channels_last = channels_last and torch_device.type == "cuda"
-    reference = str(reference)
-    path = Path(reference)
-    if reference.endswith(".onnx"):
-        if not path.is_file():
-            raise ModelReferenceError(f"{reference}: ONNX file does not exist")
-        return _from_onnx(path)
     if path.is_file() and path.suffix == ".model":
         return _from_cntk(path, torch_device, channels_last)
     if path.is_file():
