@@ -280,4 +280,5 @@ def test_the_cntk_file_itself_is_a_model_reference(cntk_dir):
     pixels = np.random.default_rng(0).uniform(0, 255, (1, 4, 160, 160)).astype(np.float32)
     with torch.inference_mode():
         direct = net(torch.from_numpy(pixels / 256)).numpy()
-    np.testing.assert_allclose(loaded.forward(pixels), direct, atol=1e-4)
+    # the model keeps the centre its 64 px margin leaves; the bare network returns it all
+    np.testing.assert_allclose(loaded.forward(pixels), direct[..., 64:-64, 64:-64], atol=1e-4)
