@@ -22,6 +22,7 @@ from landcover.interop.onnx_file import METADATA_KEY, load_onnx
 if TYPE_CHECKING:  # importing smp costs seconds; an ONNX model never needs it
     from landcover.models import SegmentationModel
 
+
 class _Exportable(nn.Module):
     def __init__(self, model: SegmentationModel) -> None:
         super().__init__()
