@@ -107,10 +107,13 @@ def test_what_the_cache_cannot_vouch_for_loads_through_torch(cache, tmp_path):
     assert backends.compiled_for_source(source_digest(str(MODEL), None), "x") is None
 
 
-def test_an_mlflow_model_has_one_digest_and_maps_from_its_cached_graph(cache, tmp_path):
+def test_an_mlflow_model_has_one_digest_and_maps_from_its_cached_graph(
+    cache, tmp_path, monkeypatch
+):
     import mlflow
 
     from landcover import tracking
+    from landcover.predict import reference as references
     from landcover.predict.reference import load_model_reference
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
@@ -123,8 +126,13 @@ def test_an_mlflow_model_has_one_digest_and_maps_from_its_cached_graph(cache, tm
     loaded = load_model_reference(run_id, tracking_uri=uri, device="cpu")
     assert loaded.source_digest == source_digest(run_id, uri)
     assert loaded.source_digest != eager.source_digest  # another file, another record
+    downloads: list[str] = []
+    download = references._download
+    monkeypatch.setattr(references, "_download", lambda *a: downloads.append(a[0]) or download(*a))
     compiled = load_for_prediction(run_id, tracking_uri=uri, device="cpu")
     assert not lean(compiled) and compiled.source_run_id == run_id
+    assert downloads == [f"runs:/{run_id}/model"]  # a miss fetches the model once, not twice
+    assert compiled.source_digest == loaded.source_digest
     again = load_for_prediction(run_id, tracking_uri=uri, device="cpu")
     assert lean(again) and again.source_run_id == run_id
     assert again.model_id == loaded.model_id and again.reference == run_id

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+import tempfile
 from pathlib import Path
 
 from landcover.predict.backends import (
@@ -25,10 +26,8 @@ from landcover.predict.backends import (
 )
 from landcover.predict.reference import (
     LoadedModel,
-    files_digest,
+    fetch_model_files,
     load_model_reference,
-    mlflow_digest,
-    model_uri,
 )
 
 log = logging.getLogger(__name__)
@@ -53,59 +52,49 @@ def load_for_prediction(
     threads: int | None = None,
 ) -> LoadedModel:
     """The model `reference` names, running on `predict.backend` at `predict.precision`;
-    `threads` caps the CPU threads (None: the runtime's default)."""
+    `threads` caps the CPU threads (None: the runtime's default).
+
+    The model's files are read once: a logged model downloaded to look up its cached graph is
+    the one loaded on a miss (a model that never compiles, like the per-pixel GBM, misses on
+    every job)."""
     reference = str(reference)
-    lean = _from_cached_graph(
-        reference, backend, precision, batch_size, tracking_uri, device, threads
-    )
-    if lean is not None:
-        return lean
-    import torch
+    lean = lean_possible(backend, precision, device)
+    if lean and reference.endswith(".onnx"):  # an exported file is its own graph
+        return onnx_model(load_model_reference(reference), Path(reference), batch_size, threads)
+    with tempfile.TemporaryDirectory(prefix="landcover-model-") as folder:
+        fetched = fetch_model_files(reference, tracking_uri, folder) if lean else None
+        hit = compiled_for_source(fetched.digest, reference) if fetched else None
+        if hit is not None:
+            model, graph = hit
+            log.info("%s: mapping with its cached ONNX graph %s (no PyTorch)", reference, graph)
+            return onnx_model(model, graph, batch_size, threads)
+        import torch
 
-    from landcover.runtime import select_device
+        from landcover.runtime import select_device
 
-    if threads:
-        torch.set_num_threads(threads)
-    loaded = load_model_reference(reference, tracking_uri=tracking_uri, device=device)
+        if threads:
+            torch.set_num_threads(threads)
+        loaded = load_model_reference(
+            reference, tracking_uri=tracking_uri, device=device, fetched=fetched
+        )
     return with_backend(loaded, backend, select_device(device), precision, batch_size, threads)
 
 
-def _from_cached_graph(
-    reference: str,
-    backend: str,
-    precision: str,
-    batch_size: int,
-    tracking_uri: str | None,
-    device: str,
-    threads: int | None,
-) -> LoadedModel | None:
-    """The model as its cached ONNX graph (or as the ONNX file it is) on ONNX Runtime, or None
-    where that is not what the settings ask for or no graph of these model files is cached."""
+def lean_possible(backend: str, precision: str, device: str) -> bool:
+    """Whether these settings map with ONNX Runtime at float32 on the CPU, where a cached graph
+    runs without PyTorch."""
     if backend not in ("auto", "onnxruntime") or precision not in ("auto", "fp32"):
-        return None
+        return False
     if device not in ("auto", "cpu") or (device == "auto" and gpu_possible()):
-        return None
+        return False
     chosen = backend if backend != "auto" else next(b for b in COMPILED if installed(b))
-    if chosen != "onnxruntime" or not installed(chosen):
-        return None  # OpenVINO is checked against PyTorch each time it compiles
-    if reference.endswith(".onnx"):  # an exported file is its own graph
-        return onnx_model(load_model_reference(reference), Path(reference), batch_size, threads)
-    digest = source_digest(reference, tracking_uri)
-    hit = compiled_for_source(digest, reference) if digest else None
-    if hit is None:
-        return None
-    model, graph = hit
-    log.info("%s: mapping with its cached ONNX graph %s (PyTorch not loaded)", reference, graph)
-    return onnx_model(model, graph, batch_size, threads)
+    # OpenVINO is checked against PyTorch each time it compiles
+    return chosen == "onnxruntime" and installed(chosen)
 
 
 def source_digest(reference: str, tracking_uri: str | None) -> str | None:
     """The digest of the files `reference` names (as `load_model_reference` computes it), or
     None for an ONNX file or anything that names no model files."""
-    path = Path(reference)
-    if reference.endswith(".onnx"):
-        return None
-    if path.is_file():
-        return files_digest(path)
-    uri = model_uri(reference)
-    return mlflow_digest(uri, tracking_uri) if uri else None
+    with tempfile.TemporaryDirectory(prefix="landcover-model-") as folder:
+        fetched = fetch_model_files(reference, tracking_uri, folder)
+    return fetched.digest if fetched else None

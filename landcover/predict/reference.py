@@ -110,7 +110,9 @@ def files_digest(*paths: Path) -> str:
     return digest.hexdigest()
 
 
-def _from_checkpoint(path: Path, device: torch.device, channels_last: bool) -> LoadedModel:
+def _from_checkpoint(
+    path: Path, device: torch.device, channels_last: bool, digest: str | None = None
+) -> LoadedModel:
     from omegaconf import OmegaConf
 
     from landcover.checkpoint import read_checkpoint
@@ -141,7 +143,7 @@ def _from_checkpoint(path: Path, device: torch.device, channels_last: bool) -> L
         "checkpoint",
         state.get("run_id"),
         model,
-        source_digest=files_digest(path),
+        source_digest=digest or files_digest(path),
     )
 
 
@@ -158,7 +160,9 @@ def _from_onnx(path: Path) -> LoadedModel:
     return LoadedModel(forward, metadata, str(path), "onnx", metadata.get("source_run_id"))
 
 
-def _from_cntk(path: Path, device: torch.device, channels_last: bool) -> LoadedModel:
+def _from_cntk(
+    path: Path, device: torch.device, channels_last: bool, digest: str | None = None
+) -> LoadedModel:
     """A 2018 tutorial CNTK file, decoded by landcover's bounded reader (no CNTK, no code run)."""
     from landcover.interop.import_cntk import load_cntk_file
 
@@ -170,12 +174,22 @@ def _from_cntk(path: Path, device: torch.device, channels_last: bool) -> LoadedM
         "cntk",
         None,
         module,
-        source_digest=files_digest(path),
+        source_digest=digest or files_digest(path),
     )
 
 
-def _download(uri: str, tracking_uri: str | None, folder: str) -> tuple[Path, Any]:
-    """The logged model's files in `folder` and its MLflow model info."""
+@dataclass(frozen=True)
+class ModelFiles:
+    """The files a reference names, fetched once: a command that looks up the cached graph of a
+    model and then (on a miss) loads it reads them a single time."""
+
+    path: Path
+    digest: str
+    info: Any = None  # the MLflow model info of a logged model
+
+
+def _download(uri: str, tracking_uri: str | None, folder: str | Path) -> ModelFiles:
+    """The logged model's files in `folder`, with their digest and MLflow model info."""
     import mlflow
     from mlflow.exceptions import MlflowException
 
@@ -183,25 +197,37 @@ def _download(uri: str, tracking_uri: str | None, folder: str) -> tuple[Path, An
         mlflow.set_tracking_uri(tracking_uri)
     try:
         info = mlflow.models.get_model_info(uri)
-        return Path(mlflow.artifacts.download_artifacts(uri, dst_path=folder)), info
+        path = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(folder)))
     except (MlflowException, OSError) as err:
         first_line = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise ModelReferenceError(
             f"model reference {uri!r} cannot be loaded from {mlflow.get_tracking_uri()}: "
             f"{first_line}"
         ) from err
+    return ModelFiles(path, files_digest(path), info)
 
 
-def mlflow_digest(uri: str, tracking_uri: str | None) -> str:
-    """The digest `_from_mlflow` gives the model's files, computed without loading them."""
-    import tempfile
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return files_digest(_download(uri, tracking_uri, tmp)[0])
+def fetch_model_files(
+    reference: str, tracking_uri: str | None, folder: str | Path
+) -> ModelFiles | None:
+    """The model files `reference` names with their digest (a logged model is downloaded into
+    `folder`, a file is read where it is); None for an ONNX file or a reference naming no file
+    (loading it then says what is wrong)."""
+    path = Path(reference)
+    if reference.endswith(".onnx"):
+        return None
+    if path.is_file():
+        return ModelFiles(path, files_digest(path))
+    uri = model_uri(reference)
+    return _download(uri, tracking_uri, folder) if uri else None
 
 
 def _from_mlflow(
-    uri: str, tracking_uri: str | None, device: torch.device, channels_last: bool
+    uri: str,
+    tracking_uri: str | None,
+    device: torch.device,
+    channels_last: bool,
+    fetched: ModelFiles | None = None,
 ) -> LoadedModel:
     import tempfile
 
@@ -209,14 +235,14 @@ def _from_mlflow(
     from landcover.serving import load_module
 
     with tempfile.TemporaryDirectory() as tmp:
-        folder, info = _download(uri, tracking_uri, tmp)
-        digest = files_digest(folder)
+        files = fetched or _download(uri, tracking_uri, tmp)
         try:
-            module = load_module(folder)
+            module = load_module(files.path)
         except UnsafeModelError as err:
             raise ModelReferenceError(convert_hint(uri)) from err
         except OSError as err:
             raise ModelReferenceError(f"model reference {uri!r} cannot be loaded: {err}") from err
+    info = files.info
     metadata = dict(info.metadata or {})
     if "schema" not in metadata:
         raise ModelReferenceError(
@@ -230,7 +256,7 @@ def _from_mlflow(
         info.run_id,
         module,
         model_id=getattr(info, "model_id", None),
-        source_digest=digest,
+        source_digest=files.digest,
     )
 
 
@@ -247,8 +273,11 @@ def load_model_reference(
     tracking_uri: str | None = None,
     device: str = "auto",
     channels_last: bool = True,
+    fetched: ModelFiles | None = None,
 ) -> LoadedModel:
-    """Resolve and load; every failure is a ModelReferenceError naming the reference."""
+    """Resolve and load; every failure is a ModelReferenceError naming the reference.
+
+    `fetched`: what `fetch_model_files` already read for this reference (not read again)."""
     reference = str(reference)
     path = Path(reference)
     if reference.endswith(".onnx"):  # run by ONNX Runtime: no torch needed
@@ -259,13 +288,14 @@ def load_model_reference(
 
     torch_device = select_device(device)
     channels_last = channels_last and torch_device.type == "cuda"
+    digest = fetched.digest if fetched else None
     if path.is_file() and path.suffix == ".model":
-        return _from_cntk(path, torch_device, channels_last)
+        return _from_cntk(path, torch_device, channels_last, digest)
     if path.is_file():
-        return _from_checkpoint(path, torch_device, channels_last)
+        return _from_checkpoint(path, torch_device, channels_last, digest)
     uri = model_uri(reference)
     if uri is not None:
-        return _from_mlflow(uri, tracking_uri, torch_device, channels_last)
+        return _from_mlflow(uri, tracking_uri, torch_device, channels_last, fetched)
     raise ModelReferenceError(
         f"model reference {reference!r} does not exist: it is not a file, an MLflow run id, "
         "a runs:/ URI or a models:/ URI"
