@@ -18,7 +18,7 @@ model), and every later job on ONNX Runtime maps from the cached graph without i
 PyTorch, which is what its peak RSS shows. Backends that are not installed are skipped.
 
     .venv/bin/python experiments/bench_predict.py [--sizes 4096 16384] [--tile 512 --overlap 64]
-        [--backends torch onnxruntime openvino auto openvino:bf16]
+        [--backends torch onnxruntime openvino auto openvino:bf16] [--device cuda]
 """
 
 from __future__ import annotations
@@ -115,7 +115,7 @@ def write_scene(path: Path, size: int, block: int = 2048) -> None:
                 dst.write(tile[:, :h, :w], window=Window(col, row, w, h))
 
 
-def loaded_model(checkpoint: Path, spec: str, batch_size: int = 0):
+def loaded_model(checkpoint: Path, spec: str, batch_size: int = 0, device: str = "cpu"):
     """The checkpoint's network on `spec` = backend[:precision], as `landcover-predict` loads
     it (from the cached graph after the first time)."""
     backend, _, precision = spec.partition(":")
@@ -124,7 +124,7 @@ def loaded_model(checkpoint: Path, spec: str, batch_size: int = 0):
         backend=backend,
         precision=precision or "auto",
         batch_size=batch_size,
-        device="cpu",
+        device=device,
     )
 
 
@@ -139,11 +139,17 @@ def peak_rss_mib() -> float:
 
 
 def map_scene(
-    checkpoint: Path, path: str, output: str, settings: PredictSettings, backend: str, queue
+    checkpoint: Path,
+    path: str,
+    output: str,
+    settings: PredictSettings,
+    backend: str,
+    device: str,
+    queue,
 ) -> None:
     import sys
 
-    model = loaded_model(checkpoint, backend, settings.batch_size)
+    model = loaded_model(checkpoint, backend, settings.batch_size, device)
     result = predict_raster(model, path, output, settings)
     peak_mib = peak_rss_mib()
     queue.put(
@@ -157,10 +163,15 @@ def map_scene(
 
 
 def forward_only_rate(
-    checkpoint: Path, settings: PredictSettings, size: int, sample_tiles: int | None, backend: str
+    checkpoint: Path,
+    settings: PredictSettings,
+    size: int,
+    sample_tiles: int | None,
+    backend: str,
+    device: str = "cpu",
 ) -> float:
     """Scene Mpx/s the forward pass alone would give over this scene's tiles."""
-    loaded = loaded_model(checkpoint, backend, settings.batch_size)
+    loaded = loaded_model(checkpoint, backend, settings.batch_size, device)
     layout, _ = plan_layout(loaded, settings, size, size)
     tiles = layout.rows * layout.cols
     batch_size = settings.batch_size or loaded.preferred_batch
@@ -215,6 +226,9 @@ def main() -> None:
     parser.add_argument(
         "--backends", nargs="+", default=["torch", "onnxruntime", "openvino", "auto"]
     )
+    parser.add_argument(
+        "--device", default="cpu", help="cpu, cuda, or auto (a GPU where torch finds one)"
+    )
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     args = parser.parse_args()
     import torch
@@ -236,7 +250,7 @@ def main() -> None:
         checkpoint = write_checkpoint(Path(tmp) / "unet_resnet18.pt")
         for backend in args.backends:  # the one-off export, apart from the timings
             started = time.perf_counter()
-            loaded = loaded_model(checkpoint, backend, args.batch_size)
+            loaded = loaded_model(checkpoint, backend, args.batch_size, args.device)
             print(
                 f"{backend}: model ready as {loaded.kind} in "
                 f"{time.perf_counter() - started:.1f} s, "
@@ -251,7 +265,15 @@ def main() -> None:
                 queue = context.Queue()
                 worker = context.Process(
                     target=map_scene,
-                    args=(checkpoint, str(scene), str(output), settings, backend, queue),
+                    args=(
+                        checkpoint,
+                        str(scene),
+                        str(output),
+                        settings,
+                        backend,
+                        args.device,
+                        queue,
+                    ),
                 )
                 worker.start()
                 stats = queue.get()
@@ -261,7 +283,12 @@ def main() -> None:
                 agreement = float((maps[backend] == maps[args.backends[0]]).mean())
                 e2e = stats["pixels"] / stats["seconds"] / 1e6
                 forward = forward_only_rate(
-                    checkpoint, settings, size, args.forward_sample_tiles or None, backend
+                    checkpoint,
+                    settings,
+                    size,
+                    args.forward_sample_tiles or None,
+                    backend,
+                    args.device,
                 )
                 achieved = forward * 1e6 * gflop / 256**2  # GFLOP/s at the forward-only rate
                 print(
@@ -295,11 +322,12 @@ def main() -> None:
             scene.unlink()
     import mlflow  # only here: the mapping processes must not pay for it in memory
 
+    from landcover.runtime import select_device
     from landcover.tracking import environment_tags
 
     mlflow.set_tracking_uri(args.tracking_uri)
     mlflow.set_experiment("benchmarks")
-    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = select_device(args.device)
     with mlflow.start_run(run_name="bench_predict", tags=environment_tags(device)):
         mlflow.log_params(
             {
