@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import fcntl
 import os
+import re
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -16,6 +20,25 @@ from landcover.data.synthetic import SyntheticSpec, generate
 from landcover.paths import COMMANDS_CONFIG_DIR, CONFIG_DIR
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+RAY_TEST = re.compile(r"(^|[_\[])ray([_\]]|$)")
+
+
+@pytest.fixture(autouse=True)
+def one_local_ray_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
+    """`make test` runs files on several pytest-xdist workers (`--dist loadfile`, so a file's
+    module fixtures are built once); tests that start a local Ray take turns across them (two
+    local Ray clusters on one machine compete for ports and cores), under a file lock."""
+    if not RAY_TEST.search(request.node.name):
+        yield
+        return
+    with open(Path(tempfile.gettempdir()) / "landcover-tests-local-ray.lock", "a") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def shared_dir() -> Path | None:
