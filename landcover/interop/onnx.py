@@ -9,6 +9,7 @@ tiled predictor always sends such tiles.
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -75,13 +76,28 @@ def max_abs_difference(
 ) -> float:
     """Largest |ONNX - PyTorch| logit difference over random inputs of several shapes."""
     session, metadata = load_onnx(path)
+
+    def forward(pixels: np.ndarray) -> np.ndarray:
+        return session.run(None, {"pixels": pixels})[0]
+
+    return forward_difference(model, forward, int(metadata["bands"]), sizes, seed)
+
+
+def forward_difference(
+    model: torch.nn.Module,
+    forward: Callable[[np.ndarray], np.ndarray],
+    bands: int,
+    sizes=((1, 256, 256), (2, 320, 192)),
+    seed: int = 0,
+) -> float:
+    """Largest |forward - PyTorch| logit difference over random pixels (0-255) of several
+    (batch, height, width) shapes: how any compiled copy of `model` is checked before use."""
     generator = torch.Generator().manual_seed(seed)
     worst = 0.0
     model = model.cpu().eval()
     for batch, height, width in sizes:
-        pixels = torch.rand(batch, int(metadata["bands"]), height, width, generator=generator) * 255
+        pixels = torch.rand(batch, bands, height, width, generator=generator) * 255
         with torch.inference_mode():
             expected = model(pixels).numpy()
-        (actual,) = session.run(None, {"pixels": pixels.numpy()})
-        worst = max(worst, float(np.abs(actual - expected).max()))
+        worst = max(worst, float(np.abs(forward(pixels.numpy()) - expected).max()))
     return worst

@@ -386,12 +386,8 @@ def openvino_model(
 
 
 def _check_against_torch(module: torch.nn.Module, forward: Callable, bands: int) -> None:
-    import torch
+    from landcover.interop.onnx import forward_difference
 
-    batch, height, width = PROBE
-    pixels = torch.rand(batch, bands, height, width, generator=torch.Generator().manual_seed(0))
-    with torch.inference_mode():
-        expected = module.cpu().eval()(pixels * 255).numpy()
-    difference = float(np.abs(forward(pixels.numpy() * 255) - expected).max())
+    difference = forward_difference(module, forward, bands, sizes=(PROBE,))
     if difference > TOLERANCE:
         raise ValueError(f"|OpenVINO - PyTorch| = {difference:.2e} above {TOLERANCE:g}")
