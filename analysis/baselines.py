@@ -46,6 +46,23 @@ from landcover.predict.predictor import PredictSettings, predict_raster  # noqa:
 from landcover.predict.reference import LoadedModel, load_model_reference  # noqa: E402
 
 
+def patch_pairs(data: Path, split: str, imagery: str) -> list[tuple[Path, Path]]:
+    """(image, labels) of the real patches of one split in one imagery; exits naming the
+    folder where there are none."""
+    pairs = [
+        (Path(image), Path(label))
+        for image, label in find_pairs(
+            pattern=str(data / split / f"*_{imagery}.tif"),
+            manifest=None,
+            image_suffix=f"_{imagery}.tif",
+            label_suffix="_lc.tif",
+        )
+    ]
+    if not pairs:
+        sys.exit(f"error: no {imagery} patches under {data / split}")
+    return pairs
+
+
 def settings_for(model: LoadedModel, tta: str = "none") -> PredictSettings:
     """The predictor's defaults; centre-output nets get the tutorial's 256 px tiles (the
     predictor then uses their margin as context, whatever the overlap)."""
@@ -145,17 +162,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=Path("baselines"))
     args = parser.parse_args(argv)
 
-    pairs = [
-        (Path(i), Path(label))
-        for i, label in find_pairs(
-            pattern=str(args.data / args.split / f"*_{args.imagery}.tif"),
-            manifest=None,
-            image_suffix=f"_{args.imagery}.tif",
-            label_suffix="_lc.tif",
-        )
-    ]
-    if not pairs:
-        sys.exit(f"error: no {args.imagery} patches under {args.data / args.split}")
+    pairs = patch_pairs(args.data, args.split, args.imagery)
     scheme = load_schema("chesapeake_4class")
     references = {"CNTK 2018 (250 epochs, imported)": str(args.cntk)}
     named = {"seed re-trained here": args.seed, "pixel gradient boosting": args.gbm}

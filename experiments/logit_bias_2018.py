@@ -24,8 +24,8 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.baselines import score, scores_of  # noqa: E402
-from landcover.data.scenes import find_pairs, quiet_georeferencing_warnings  # noqa: E402
+from analysis.baselines import patch_pairs, score, scores_of  # noqa: E402
+from landcover.data.scenes import quiet_georeferencing_warnings  # noqa: E402
 from landcover.interop.import_cntk import load_schema  # noqa: E402
 from landcover.predict.reference import LoadedModel, load_model_reference  # noqa: E402
 
@@ -70,17 +70,7 @@ def main() -> int:
     print("| split | bias | " + " | ".join(columns) + " |")
     print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
     for split in ("train", "val"):
-        pairs = [
-            (Path(image), Path(label))
-            for image, label in find_pairs(
-                pattern=str(args.data / split / f"*_{args.imagery}.tif"),
-                manifest=None,
-                image_suffix=f"_{args.imagery}.tif",
-                label_suffix="_lc.tif",
-            )
-        ]
-        if not pairs:
-            sys.exit(f"error: no {args.imagery} patches under {args.data / split}")
+        pairs = patch_pairs(args.data, split, args.imagery)
         for bias in args.biases:
             with tempfile.TemporaryDirectory() as tmp:
                 matrix, _ = score(
