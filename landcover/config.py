@@ -130,6 +130,7 @@ class DataConfig:
     augment: AugmentConfig
     rare_sampling: RareSamplingConfig | None
     synthetic: SyntheticConfig | None
+    prior_suffix: str | None  # a prior layer beside each image (e.g. _nlcd.tif), like labels
 
 
 @dataclass
@@ -218,6 +219,7 @@ class TrainerConfig:
     checkpoint_dir: str
     keep_epoch_checkpoints: int
     resume_from: str | None
+    keep_start: bool
     num_panels: int
     progress: bool
     limit_train_batches: int | None
@@ -252,6 +254,18 @@ class InitConfig:
 
 
 @dataclass
+class PriorConfig:
+    """A low-resolution land cover layer fused into the model's maps (`prior:` of
+    conf/train.yaml, landcover.predict.prior): what share of each class a layer code means,
+    and the share the network assumes where the layer says nothing."""
+
+    name: str | None
+    layer: str | None  # what the layer is, e.g. NLCD 2011 class codes
+    reference: dict[str, float]  # {class: share}
+    codes: dict[int, dict[str, float]]  # {layer code: {class: share}}
+
+
+@dataclass
 class TrackingConfig:
     """Where and how runs are recorded in MLflow (`conf/tracking/`)."""
 
@@ -281,6 +295,8 @@ class PredictSettings:
     backend: str  # auto | torch | onnxruntime (landcover.predict.backends)
     precision: str  # auto | fp32 | bf16 | fp16
     tta: str  # none | flips | d4 (landcover.predict.tta)
+    use_prior: bool  # fuse the model's prior layer (landcover.predict.prior) where it has one
+    prior_layer: str | None  # that layer's raster; {stem} and {dir} name the input's
 
     @classmethod
     def defaults(cls, **changes: Any) -> PredictSettings:
@@ -442,6 +458,7 @@ class TrainConfig:
     scheduler: Any
     loss: LossConfig
     init: InitConfig
+    prior: PriorConfig
     tracking: TrackingConfig
 
 
@@ -650,7 +667,19 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     check_target_arguments(typed.optimizer, "optimizer", {"params"})
     check_target_arguments(typed.scheduler, "scheduler", {"optimizer"})
     _check_ranges(typed)
+    _check_prior(typed)
     return typed
+
+
+def _check_prior(cfg: DictConfig) -> None:
+    """A prior table must name the data's classes with shares in range, before any training."""
+    from landcover.data.schema import ClassSchema
+    from landcover.predict.prior import PriorLayer
+
+    if cfg.prior.codes:
+        PriorLayer.from_metadata(
+            plain_dict(cfg.prior), ClassSchema.from_config(plain_dict(cfg.data.schema))
+        )
 
 
 register_schemas()  # importing this module is enough for Hydra to find them

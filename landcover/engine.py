@@ -105,6 +105,7 @@ class FitSettings:
     progress: bool
     limit_train_batches: int | None
     limit_val_batches: int | None
+    keep_start: bool = False  # the starting weights are a candidate (best epoch -1)
 
     @classmethod
     def from_config(cls, trainer: Any, *, fitted_once: bool = False) -> FitSettings:
@@ -121,6 +122,7 @@ class FitSettings:
             progress=trainer.progress,
             limit_train_batches=trainer.limit_train_batches,
             limit_val_batches=trainer.limit_val_batches,
+            keep_start=bool(trainer.keep_start),
         )
 
 
@@ -328,11 +330,31 @@ class Trainer:
         return metrics, counts
 
     # -- loop ----------------------------------------------------------------------------------
+    def score_start(self) -> None:
+        """The starting weights (a model fine-tuned from) scored like an epoch, as epoch -1:
+        fine-tuning on a few patches can move a well-trained network away from the val area,
+        and then the start, not the least bad epoch, is the model to keep."""
+        metrics, counts = self.validate(-1)
+        if self.settings.monitor not in metrics:
+            raise KeyError(f"trainer.monitor={self.settings.monitor!r} is not a logged metric")
+        self.state.best_value, self.state.best_epoch = metrics[self.settings.monitor], -1
+        self.state.best_matrix = counts.tolist()
+        self.state.history.append({"epoch": -1, **metrics})
+        self.tracker.log_metrics({f"start/{k}": v for k, v in metrics.items()}, step=0)
+        self.checkpoints.save(self._checkpoint(), -1, True)
+        log.info(
+            "starting weights: %s %.4f (kept unless an epoch beats it)",
+            self.settings.monitor,
+            self.state.best_value,
+        )
+
     def fit(self) -> FitResult:
         """Epochs until `max_epochs` or early stopping; each is recorded and checkpointed before the
         next starts."""
         settings = self.settings
         metrics: dict[str, float] = {}
+        if settings.keep_start and self.state.epoch < 0 and self.state.best_value is None:
+            self.score_start()
         for epoch in range(self.state.epoch + 1, settings.max_epochs):
             started = time.perf_counter()
             metrics = self.train_epoch(epoch)

@@ -10,6 +10,7 @@ that anecdote into a tool for finding label errors.
 from __future__ import annotations
 
 import csv
+import dataclasses
 import io
 import logging
 from collections.abc import Mapping
@@ -29,7 +30,7 @@ from scipy import ndimage
 from landcover import tracking
 from landcover.config import plain_dict
 from landcover.data.loaders import ensure_synthetic, split_scenes
-from landcover.data.scenes import Scene, open_raster
+from landcover.data.scenes import Scene, label_path_for, open_raster
 from landcover.data.schema import IGNORE_INDEX, ClassSchema
 from landcover.dataset_records import scenes_dataset
 from landcover.errors import ConfigError
@@ -37,6 +38,7 @@ from landcover.figures import class_map_rgb, confusion_matrix_figure, evaluation
 from landcover.metrics import ConfusionMatrix, scores_from_matrix
 from landcover.predict.loading import load_for_prediction
 from landcover.predict.predictor import PredictSettings, predict_raster
+from landcover.predict.prior import literal_template
 from landcover.predict.reference import LoadedModel
 from landcover.predict.writer import OutputSet, class_indices_of_codes, pixel_area
 
@@ -300,6 +302,15 @@ def scene_panels(evaluations: list[SceneEvaluation], schema: ClassSchema, limit:
     return evaluation_panels_figure(rows, schema)
 
 
+def with_scene_prior(settings: PredictSettings, scene: Scene, data_cfg: Any) -> PredictSettings:
+    """The settings for one scene: its prior layer found like its labels (`data.prior_suffix`
+    in place of `data.image_suffix`) unless `predict.prior_layer` names one."""
+    if settings.prior_layer or not data_cfg.prior_suffix:
+        return settings
+    layer = label_path_for(scene.image_path, data_cfg.image_suffix, data_cfg.prior_suffix)
+    return dataclasses.replace(settings, prior_layer=literal_template(layer))
+
+
 def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     """`landcover-evaluate` on its validated config (typed by `EvaluateCommandConfig`)."""
     data_cfg = cfg.data
@@ -322,7 +333,12 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     settings = PredictSettings(**plain_dict(cfg.predict))
     evaluations = [
         evaluate_scene(
-            model, scene, output_dir, settings, threshold, int(cfg.evaluate.min_region_pixels)
+            model,
+            scene,
+            output_dir,
+            with_scene_prior(settings, scene, data_cfg),
+            threshold,
+            int(cfg.evaluate.min_region_pixels),
         )
         for scene in scenes
     ]

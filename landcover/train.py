@@ -69,6 +69,8 @@ def model_metadata(cfg: DictConfig, data: TrainingData, model: SegmentationModel
         "patch_size": cfg.data.patch_size,
         "pixel_size": training_pixel_size(data),
         "dataset_fingerprint": data.fingerprint,
+        # a layer fused into the maps at prediction (landcover.predict.prior); none: {}
+        "prior": plain_dict(cfg.prior) if cfg.prior.codes else {},
     }
 
 
@@ -267,7 +269,7 @@ def train(
         if cfg.tracking.log_model:
             metadata = trainer.checkpoint_extra["metadata"]
             result.model_uri = tracker.log_model(
-                cpu_copy(trainer.model), metadata=metadata, step=int(result.best_epoch or 0)
+                cpu_copy(trainer.model), metadata=metadata, step=max(int(result.best_epoch or 0), 0)
             )
         tracker.describe(describe_run(cfg, data, trainer, at_best, static), result.model_uri)
         best = f"{result.best_value:.4f}" if result.best_value is not None else "none"

@@ -12,6 +12,8 @@ Version history:
      `loss.lovasz` (cross entropy alone before), `loss.auto_weight_clip`, `loss.focal_gamma`;
      `init` (start from another model; none before); `tracking.system_metrics` and its
      interval (off before).
+  4. (issue 16) `prior` (a low-resolution layer fused into the map; none before),
+     `data.prior_suffix` (null), `trainer.keep_start` (false).
 """
 
 from __future__ import annotations
@@ -19,7 +21,7 @@ from __future__ import annotations
 from collections.abc import Callable, Mapping
 from typing import Any
 
-CONFIG_VERSION = 3
+CONFIG_VERSION = 4
 
 OPTIMIZERS_V1 = {  # name -> (class, the v1 keys that class takes)
     "adam": ("torch.optim.Adam", ("lr", "weight_decay", "eps")),
@@ -85,13 +87,23 @@ def _train_v2_to_v3(cfg: dict[str, Any]) -> dict[str, Any]:
     return cfg
 
 
+def _train_v3_to_v4(cfg: dict[str, Any]) -> dict[str, Any]:
+    cfg.setdefault("prior", {"name": None, "layer": None, "reference": {}, "codes": {}})
+    for section, key, value in (("data", "prior_suffix", None), ("trainer", "keep_start", False)):
+        if section in cfg:
+            cfg[section] = {**dict(cfg[section]), key: dict(cfg[section]).get(key, value)}
+    return cfg
+
+
 MODEL_STEPS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: _model_v1_to_v2,
     2: lambda model: model,  # the model group did not change
+    3: lambda model: model,
 }
 TRAIN_STEPS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
     1: _train_v1_to_v2,
     2: _train_v2_to_v3,
+    3: _train_v3_to_v4,
 }
 
 

@@ -151,3 +151,46 @@ def test_comparison_table_reads_mlflow_alone(model_run, tmp_path):
     assert (tmp_path / "cmp.csv").read_text().count("\n") >= 2
     assert (tmp_path / "cmp_epochs.png").stat().st_size > 0
     assert (tmp_path / "cmp_architecture.png").stat().st_size > 0
+
+
+def test_a_model_with_a_prior_layer_reads_it_in_evaluate_and_predict(tiny_synthetic, tmp_path):
+    """NLCD "high intensity" everywhere: the legend makes barren + impervious win wherever the
+    network hesitates, in landcover-evaluate (layer found by data.prior_suffix) and in
+    landcover-predict (predict.prior_layer template) alike, and neither maps without it."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train(
+        compose_train(
+            *tiny_overrides(
+                tiny_synthetic,
+                tmp_path,
+                "trainer.max_epochs=1",
+                "trainer.num_panels=0",
+                "prior=nlcd_legend",
+            )
+        )
+    )
+    scene = tiny_synthetic / "val" / "synth_000_naip.tif"
+    with rasterio.open(scene) as src:
+        profile = {**src.profile, "count": 1}
+    with rasterio.open(tiny_synthetic / "val" / "synth_000_nlcd.tif", "w", **profile) as dst:
+        dst.write(np.full((1, profile["height"], profile["width"]), 24, np.uint8))
+    with pytest.raises(Exception, match="predict.prior_layer"):
+        evaluate(result.run_id, tiny_synthetic, uri, tmp_path / "none")
+    plain = evaluate(
+        result.run_id, tiny_synthetic, uri, tmp_path / "plain", "predict.use_prior=false"
+    )
+    fused = evaluate(
+        result.run_id, tiny_synthetic, uri, tmp_path / "fused", "data.prior_suffix=_nlcd.tif"
+    )
+    assert fused["eval/overall_accuracy"] != plain["eval/overall_accuracy"]
+    (classes,) = predict(
+        result.run_id,
+        scene,
+        f"{tmp_path}/maps/",
+        uri,
+        "predict.prior_layer='{dir}/synth_000_nlcd.tif'",
+    )
+    (unfused,) = predict(result.run_id, scene, f"{tmp_path}/plain/", uri, "predict.use_prior=false")
+    with rasterio.open(classes) as a, rasterio.open(unfused) as b:
+        barren_code = 4
+        assert (a.read(1) == barren_code).mean() > (b.read(1) == barren_code).mean() + 0.05

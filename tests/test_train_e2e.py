@@ -322,3 +322,41 @@ def test_training_starts_from_another_model_with_its_encoder_frozen(
     assert encoder and all(torch.equal(after[k], before[k]) for k in encoder)  # held back
     decoder = [k for k in after if k.startswith("net.decoder.") and k.endswith("weight")]
     assert any(not torch.equal(after[k], before[k]) for k in decoder)  # trained
+
+
+def test_keep_start_keeps_the_starting_weights_when_fine_tuning_only_hurts(
+    trained, tiny_synthetic, tmp_path
+):
+    from landcover.checkpoint import read_checkpoint
+
+    result, tmp = trained
+    source = tmp / "checkpoints" / "best.pt"
+    cfg = compose_train(
+        *tiny_overrides(tiny_synthetic, tmp_path),
+        "trainer.max_epochs=1",
+        "trainer.keep_start=true",
+        f"init.model={source}",
+        "optimizer.lr=100.0",  # one epoch at this rate wrecks the network
+    )
+    started = train(cfg)
+    assert started.best_epoch == -1
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    run = client.get_run(started.run_id)
+    assert run.data.metrics["start/val/mIoU"] > run.data.metrics["val/mIoU"]
+    assert run.data.metrics["best/epoch"] == -1
+    before = read_checkpoint(source)["model"]
+    kept = read_checkpoint(tmp_path / "checkpoints" / "best.pt")["model"]
+    last = read_checkpoint(tmp_path / "checkpoints" / "last.pt")["model"]
+    weights = [k for k in kept if k.endswith("weight")]
+    assert all(torch.equal(kept[k], before[k]) for k in weights)
+    assert any(not torch.equal(last[k], before[k]) for k in weights)  # the epoch did run
+    from landcover.predict.reference import load_model_reference
+
+    pixels = torch.rand(1, 4, 64, 64) * 255
+    start = load_model_reference(str(source), device="cpu")
+    logged = load_model_reference(
+        started.model_uri, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", device="cpu"
+    )
+    np.testing.assert_allclose(
+        logged.forward(pixels.numpy()), start.forward(pixels.numpy()), atol=1e-5
+    )

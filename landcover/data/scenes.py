@@ -125,6 +125,31 @@ def _check_readable(src: rasterio.io.DatasetReader, path: str) -> None:
         raise SceneError(f"{path}: corrupt or truncated raster, reading failed ({err})") from err
 
 
+def check_same_grid(
+    image: rasterio.io.DatasetReader,
+    image_path: str,
+    other: rasterio.io.DatasetReader,
+    other_path: str,
+) -> None:
+    """Size, CRS and transform of `other` (labels, a prior layer) must be the image's: a layer
+    one pixel off would be read against the wrong pixels without any error."""
+    if (image.width, image.height) != (other.width, other.height):
+        raise SceneError(
+            f"grid mismatch: {image_path} is {image.width}x{image.height} but "
+            f"{other_path} is {other.width}x{other.height}"
+        )
+    if _crs_text(image) != _crs_text(other):
+        raise SceneError(
+            f"CRS mismatch: {image_path} has {_crs_text(image)} but "
+            f"{other_path} has {_crs_text(other)}"
+        )
+    if not image.transform.almost_equals(other.transform):
+        raise SceneError(
+            f"transform mismatch: {image_path} has {tuple(image.transform)[:6]} but "
+            f"{other_path} has {tuple(other.transform)[:6]}"
+        )
+
+
 def validate_scene(
     image_path: str,
     label_path: str,
@@ -147,21 +172,7 @@ def validate_scene(
             raise SceneError(f"{label_path}: label raster has {label.count} bands, expected 1")
         if label.dtypes[0] != "uint8":
             raise SceneError(f"{label_path}: label dtype is {label.dtypes[0]}, expected uint8")
-        if (image.width, image.height) != (label.width, label.height):
-            raise SceneError(
-                f"grid mismatch: {image_path} is {image.width}x{image.height} but "
-                f"{label_path} is {label.width}x{label.height}"
-            )
-        if _crs_text(image) != _crs_text(label):
-            raise SceneError(
-                f"CRS mismatch: {image_path} has {_crs_text(image)} but "
-                f"{label_path} has {_crs_text(label)}"
-            )
-        if not image.transform.almost_equals(label.transform):
-            raise SceneError(
-                f"transform mismatch: {image_path} has {tuple(image.transform)[:6]} but "
-                f"{label_path} has {tuple(label.transform)[:6]}"
-            )
+        check_same_grid(image, image_path, label, label_path)
         _check_image(image, image_path)
         labelled, class_pixels = None, None
         if check_label_codes:

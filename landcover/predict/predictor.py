@@ -13,6 +13,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
+from contextlib import ExitStack
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -24,11 +25,12 @@ from rasterio.windows import Window
 from tqdm.auto import tqdm
 
 from landcover.config import PredictSettings as PredictSettings  # the schema is the settings
-from landcover.data.scenes import open_raster
+from landcover.data.scenes import check_same_grid, open_raster
 from landcover.data.schema import IGNORE_INDEX
 from landcover.errors import ConfigValueError, SceneError
+from landcover.predict.prior import PriorLayer, prior_of
 from landcover.predict.reference import LoadedModel
-from landcover.predict.tiling import StripAccumulator, TileLayout
+from landcover.predict.tiling import Reweight, StripAccumulator, TileLayout
 from landcover.predict.tta import averaged_probabilities, check_mode
 from landcover.predict.writer import AreaTable, ClassMapWriter
 
@@ -189,6 +191,45 @@ def pixel_size_warning(
     )
 
 
+def prior_layer_path(template: str | None, source: str, model: LoadedModel, name: str) -> str:
+    """The prior layer's raster for `source`: `{stem}` and `{dir}` in the template name the
+    input's file name without extension and its folder."""
+    if not template:
+        raise ConfigValueError(
+            f"model {model.reference} fuses the prior layer {name!r} into its map: give that "
+            "layer's raster with predict.prior_layer=<path or template such as "
+            "'{dir}/{stem}_nlcd.tif'>, or map without it with predict.use_prior=false"
+        )
+    path = Path(source)
+    try:
+        return template.format(stem=path.stem, dir=str(path.parent))
+    except (KeyError, IndexError, ValueError) as err:
+        raise ConfigValueError(
+            f"config value predict.prior_layer={template!r}: only {{stem}} and {{dir}} may be "
+            f"named ({err})"
+        ) from err
+
+
+def prior_reweight(
+    prior: PriorLayer, layer_path: str, src, source: str, stack: ExitStack
+) -> Reweight:
+    """Reads the prior layer's rows as the accumulator hands them out and fuses them; the
+    layer must lie on the input's grid (checked here, before any tile runs)."""
+    layer = stack.enter_context(open_raster(layer_path))
+    if layer.count != 1 or layer.dtypes[0] != "uint8":
+        raise SceneError(
+            f"{layer_path}: a prior layer must be one uint8 band of class codes, not "
+            f"{layer.count} band(s) of {layer.dtypes[0]}"
+        )
+    check_same_grid(src, source, layer, layer_path)
+
+    def reweight(row: int, rows: int, col: int, merged: np.ndarray) -> None:
+        codes = read_window(layer, Window(col, row, merged.shape[2], rows))[0]
+        prior.reweight(merged, codes)
+
+    return reweight
+
+
 def predict_raster(
     model: LoadedModel,
     input_path: str | Path,
@@ -217,6 +258,7 @@ def predict_raster(
         ),
         open_raster(source) as src,
         open_raster(source) as mask_src,
+        ExitStack() as layers,
     ):
         if src.count != model.bands:
             raise SceneError(
@@ -227,6 +269,18 @@ def predict_raster(
         if warning:
             log.warning("%s", warning)
         layout, blend = plan_layout(model, settings, src.width, src.height)
+        prior = prior_of(model.metadata, schema) if settings.use_prior else None
+        reweight = (
+            prior_reweight(
+                prior,
+                prior_layer_path(settings.prior_layer, source, model, prior.name),
+                src,
+                source,
+                layers,
+            )
+            if prior is not None
+            else None
+        )
         profile = {
             "width": src.width,
             "height": src.height,
@@ -266,7 +320,9 @@ def predict_raster(
                 bar.update(len(batch.cols))
                 if not batch.ends_strip:
                     return
-                finished = accumulator.flush(batch.next_top, keep_probabilities=keep)
+                finished = accumulator.flush(
+                    batch.next_top, keep_probabilities=keep, reweight=reweight
+                )
                 while written:
                     written.pop().result()
                 if finished[1].shape[0]:

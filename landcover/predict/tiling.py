@@ -15,7 +15,7 @@ never with its area.
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -76,6 +76,10 @@ def blend_weights(tile: int, context: int) -> np.ndarray:
     return np.outer(ramp, ramp).astype(np.float32)
 
 
+# (first raster row, rows, first column, merged probabilities (classes, rows, cols)) -> None
+Reweight = Callable[[int, int, int, np.ndarray], None]
+
+
 class StripAccumulator:
     """Weighted sums of class probabilities for the rows that tiles of one strip can touch."""
 
@@ -119,14 +123,20 @@ class StripAccumulator:
             self.total_weight[r : r + layout.core, c : c + layout.core] = 1.0
 
     def flush(
-        self, next_row: int | None, *, keep_probabilities: bool = False, chunk: int = 2048
+        self,
+        next_row: int | None,
+        *,
+        keep_probabilities: bool = False,
+        chunk: int = 2048,
+        reweight: Reweight | None = None,
     ) -> tuple[int, np.ndarray, np.ndarray, np.ndarray | None]:
         """Hand out the finished rows (those the next strip cannot reach) and shift the buffer.
 
         Returns (first raster row, class indices (rows, width) uint8, confidence (rows, width)
         float32, and the merged probabilities (classes, rows, width) if asked for). Merging goes
         column chunk by chunk so no full-strip float copy is ever made; rows outside the raster
-        are dropped.
+        are dropped. `reweight(first row, rows, first col, merged)` may change the merged
+        probabilities of a chunk in place before the classes are picked (a prior layer).
         """
         layout = self.layout
         if next_row is None:
@@ -150,6 +160,8 @@ class StripAccumulator:
             merged = self.sums[:, keep_from:keep_to, c0 : c0 + width] / np.maximum(
                 self.total_weight[keep_from:keep_to, c0 : c0 + width], 1e-12
             )
+            if reweight is not None and rows:
+                reweight(start + keep_from, rows, col, merged)
             classes[:, col : col + width] = merged.argmax(axis=0)
             confidence[:, col : col + width] = merged.max(axis=0)
             if probabilities is not None:
