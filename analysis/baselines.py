@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import dataclasses
 import os
 import sys
 import tempfile
@@ -43,6 +44,7 @@ from landcover.figures import class_map_rgb, image_to_rgb  # noqa: E402
 from landcover.interop.import_cntk import load_schema  # noqa: E402
 from landcover.metrics import scores_from_matrix  # noqa: E402
 from landcover.predict.predictor import PredictSettings, predict_raster  # noqa: E402
+from landcover.predict.prior import literal_template, prior_table, with_prior  # noqa: E402
 from landcover.predict.reference import LoadedModel, load_model_reference  # noqa: E402
 
 
@@ -77,15 +79,21 @@ def score(
     scheme: ClassSchema,
     workdir: Path,
     tta: str = "none",
+    layer_suffix: str = "_nlcd.tif",
 ) -> tuple[np.ndarray, list[np.ndarray]]:
-    """Confusion matrix in `scheme` (+ one column for predictions outside it) and the maps."""
+    """Confusion matrix in `scheme` (+ one column for predictions outside it) and the maps; a
+    model with a prior layer reads it beside each image (`<patch><layer_suffix>`)."""
     lookup = scheme.lookup_table()
     n = scheme.num_classes
     matrix = np.zeros((n + 1, n + 1), dtype=np.int64)
     maps = []
     for image, label in pairs:
         output = workdir / f"{image.stem}_{tta}.tif"
-        result = predict_raster(model, image, output, settings_for(model, tta))
+        layer = str(image.parent / (image.stem.rsplit("_", 1)[0] + layer_suffix))
+        settings = dataclasses.replace(
+            settings_for(model, tta), prior_layer=literal_template(layer)
+        )
+        result = predict_raster(model, image, output, settings)
         with rasterio.open(result.outputs["classes"]) as src:
             predicted = lookup[src.read(1)]
         with rasterio.open(label) as src:
@@ -154,6 +162,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--tta", default="flips", help="test-time augmentation of the extra columns (none: off)"
     )
+    parser.add_argument(
+        "--prior",
+        help="also score every contender with this prior layer (conf/prior/, e.g. nlcd_legend)",
+    )
     parser.add_argument("--data", type=Path, default=shared / "data/chesapeake-sample")
     parser.add_argument("--split", default="val")
     parser.add_argument("--imagery", default="naip-old")
@@ -177,6 +189,10 @@ def main(argv: list[str] | None = None) -> int:
         name: load_model_reference(ref, tracking_uri=args.tracking_uri)
         for name, ref in references.items()
     }
+    if args.prior:
+        table = prior_table(args.prior)
+        for name, model in list(contenders.items()):
+            contenders[f"{name} + {args.prior} prior"] = with_prior(model, table)
     rows, all_maps = [], []
     with tempfile.TemporaryDirectory() as tmp:
         for index, (name, model) in enumerate(contenders.items()):

@@ -100,3 +100,33 @@ def test_prediction_on_the_real_georeferenced_tile_round_trips(shared, tmp_path)
         assert out.colormap(1)[1][:3] == (0, 0, 255)
         # NIR is the 4th band, not an alpha mask: every pixel is mapped
         assert (out.read(1) != 255).all()
+
+
+def test_the_nlcd_legend_lifts_the_2018_networks_rare_class_on_real_patches(shared, tmp_path):
+    """The legend prior on the published 2018 network, both quarter-quads: where NLCD says
+    developed (the val patches) barren + impervious is found far more often with OA intact;
+    where it hardly does (the train patches) the map stays as it was."""
+    from analysis.baselines import patch_pairs, score, scores_of
+    from landcover.interop.import_cntk import load_schema
+    from landcover.predict.prior import prior_table, with_prior
+    from landcover.predict.reference import load_model_reference
+
+    cntk = shared / "models" / "seed-cntk" / "250epochs.model"
+    if not cntk.is_file():
+        pytest.skip(f"{cntk} is absent")
+    network = load_model_reference(str(cntk), device="cpu")
+    fused = with_prior(network, prior_table("nlcd_legend"))
+    scheme = load_schema("chesapeake_4class")
+    scores = {}
+    for split in ("val", "train"):
+        pairs = patch_pairs(shared / "data" / "chesapeake-sample", split, "naip-old")
+        for name, model in (("plain", network), ("fused", fused)):
+            folder = tmp_path / f"{split}_{name}"
+            folder.mkdir()
+            scores[split, name] = scores_of(score(model, pairs, scheme, folder)[0], scheme)
+    val_plain, val_fused = scores["val", "plain"], scores["val", "fused"]
+    assert val_fused["iou_barren_impervious"] > 2 * val_plain["iou_barren_impervious"]
+    assert val_fused["iou_barren_impervious"] >= 0.15
+    assert val_fused["overall_accuracy"] >= val_plain["overall_accuracy"]
+    train_plain, train_fused = scores["train", "plain"], scores["train", "fused"]
+    assert abs(train_fused["overall_accuracy"] - train_plain["overall_accuracy"]) < 0.002

@@ -1,0 +1,64 @@
+"""Study: the NLCD legend prior (conf/prior/nlcd_legend.yaml) on the 2018 network, both
+quarter-quads, for several reference shares: does the gain depend on the one number in the
+table that is not NLCD's own?
+
+The imported 2018 CNTK model maps the real patches of each split through the framework's
+predictor, once without the prior and once per reference share of barren + impervious (the
+share the network is taken to assume where NLCD says nothing), scored like
+`analysis/baselines.py` (4 classes, whole patches). Nothing here is fitted to either split.
+
+    .venv/bin/python experiments/prior_layer.py [--references 0.02 0.05 0.1] [--tta none] \\
+        [--cntk ../shared/models/seed-cntk/250epochs.model] \\
+        [--data ../shared/data/chesapeake-sample]
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from analysis.baselines import patch_pairs, score, scores_of  # noqa: E402
+from landcover.data.scenes import quiet_georeferencing_warnings  # noqa: E402
+from landcover.interop.import_cntk import load_schema  # noqa: E402
+from landcover.predict.prior import prior_table, with_prior  # noqa: E402
+from landcover.predict.reference import load_model_reference  # noqa: E402
+
+
+def main() -> int:
+    quiet_georeferencing_warnings()
+    shared = Path(os.environ.get("LANDCOVER_SHARED_DIR", "../shared"))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--cntk", type=Path, default=shared / "models/seed-cntk/250epochs.model")
+    parser.add_argument("--data", type=Path, default=shared / "data/chesapeake-sample")
+    parser.add_argument("--references", type=float, nargs="+", default=[0.02, 0.05, 0.1])
+    parser.add_argument("--prior", default="nlcd_legend")
+    parser.add_argument("--tta", default="none")
+    parser.add_argument("--imagery", default="naip-old")
+    args = parser.parse_args()
+    network = load_model_reference(str(args.cntk), device="cpu")
+    table = prior_table(args.prior)
+    contenders = {"no prior": network}
+    for share in args.references:
+        changed = copy.deepcopy(table)
+        changed["reference"]["barren_impervious"] = share
+        contenders[f"{args.prior}, reference {share:g}"] = with_prior(network, changed)
+    scheme = load_schema("chesapeake_4class")
+    columns = ["overall_accuracy", *[f"iou_{c}" for c in scheme.names[1:]], "mIoU"]
+    print("| split | model | " + " | ".join(columns) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in columns) + " |")
+    for split in ("val", "train"):
+        pairs = patch_pairs(args.data, split, args.imagery)
+        for name, model in contenders.items():
+            with tempfile.TemporaryDirectory() as tmp:
+                row = scores_of(score(model, pairs, scheme, Path(tmp), args.tta)[0], scheme)
+            print(f"| {split} | {name} | " + " | ".join(f"{row[c]:.3f}" for c in columns) + " |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
