@@ -12,7 +12,9 @@ Request (JSON, `POST /invocations`): `{"inputs": [[[[...]]]]}`, raw digital numb
 (patches, bands, height, width), any height and width. Response: `{"predictions": [...]}`,
 class codes shaped (patches, height, width). Requests above `LANDCOVER_SERVE_MAX_PIXELS`
 pixels (default 4,194,304: sixteen 512 x 512 patches) or with non-finite values are refused
-with a 400-class error before any computation.
+with a 400-class error before any computation. A model with a prior layer (NLCD,
+`landcover.predict.prior`) takes the layer's codes as one more band after the image's (its
+signature says bands + 1): a client that has the image has the layer on the same grid.
 """
 
 from __future__ import annotations
@@ -31,7 +33,9 @@ from mlflow.exceptions import MlflowException
 from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from landcover.data.schema import ClassSchema
 from landcover.models import files
+from landcover.predict.prior import PriorLayer, prior_of
 
 FLAVOR = "landcover"
 PYFUNC = "python_function"
@@ -88,14 +92,19 @@ def save_model(
     mlflow_model.save(os.path.join(path, "MLmodel"))
 
 
-def load_module(path: str | Path) -> torch.nn.Module:
-    """The network of a downloaded model directory, rebuilt without unpickling."""
+def load_module_and_metadata(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """The network of a downloaded model directory, rebuilt without unpickling, and its
+    metadata."""
     directory = Path(path)
     mlmodel = Model.load(str(directory / "MLmodel")) if (directory / "MLmodel").is_file() else None
     if mlmodel is not None and FLAVOR not in mlmodel.flavors:
         raise files.UnsafeModelError(files.convert_hint(str(path)))
-    module, _ = files.load(directory)
-    return module
+    return files.load(directory)
+
+
+def load_module(path: str | Path) -> torch.nn.Module:
+    """The network of a downloaded model directory, rebuilt without unpickling."""
+    return load_module_and_metadata(path)[0]
 
 
 def load_model(model_uri: str) -> torch.nn.Module:
@@ -118,10 +127,17 @@ def max_pixels() -> int:
 class ClassMapModel:
     """pyfunc predict: (N, bands, H, W) raw pixels -> (N, H, W) uint8 class codes."""
 
-    def __init__(self, module: torch.nn.Module, class_codes: Sequence[int], output_margin: int):
+    def __init__(
+        self,
+        module: torch.nn.Module,
+        class_codes: Sequence[int],
+        output_margin: int,
+        prior: PriorLayer | None = None,
+    ):
         self.module = module.eval()
         self.codes = torch.tensor(list(class_codes), dtype=torch.uint8)
         self.margin = output_margin
+        self.prior = prior
 
     def predict(self, data: Any, params: Mapping[str, Any] | None = None) -> np.ndarray:
         """Class codes for a batch of raw pixels; bad or oversized requests are 400s."""
@@ -140,7 +156,15 @@ class ClassMapModel:
             )
         if not np.isfinite(array).all():
             raise _bad_request("request holds NaN or infinite pixel values")
-        pixels = torch.from_numpy(array)
+        layer = None
+        if self.prior is not None:
+            array, layer = array[:, :-1], array[:, -1]
+            if ((layer < 0) | (layer > 255) | (layer != np.round(layer))).any():
+                raise _bad_request(
+                    f"the last band carries the {self.prior.name} prior layer's codes: "
+                    "whole numbers 0-255"
+                )
+        pixels = torch.from_numpy(np.ascontiguousarray(array))
         if self.margin:
             # the network predicts only the centre of what it sees: mirror the edges so the
             # answer covers the whole patch (as whole-scene prediction does)
@@ -148,7 +172,13 @@ class ClassMapModel:
             pixels = F.pad(pixels, (self.margin,) * 4, mode=mode)
         with torch.inference_mode():
             logits = self.module(pixels)
-        return self.codes[logits.argmax(1)].numpy()
+        if self.prior is None or layer is None:
+            return self.codes[logits.argmax(1)].numpy()
+        probabilities = torch.softmax(logits.float(), dim=1).numpy()
+        codes = layer.astype(np.uint8)
+        for index in range(probabilities.shape[0]):
+            self.prior.reweight(probabilities[index], codes[index])
+        return self.codes.numpy()[probabilities.argmax(1)]
 
     def get_raw_model(self) -> torch.nn.Module:
         """The PyTorch module behind the pyfunc face."""
@@ -163,5 +193,9 @@ def _bad_request(message: str) -> MlflowException:
 def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> ClassMapModel:
     """MLflow's pyfunc entry point (`loader_module: landcover.serving` in MLmodel)."""
     config = dict(model_config or {})
-    module = load_module(Path(path).parent if Path(path).name == files.WEIGHTS_FILE else path)
-    return ClassMapModel(module, config["class_codes"], int(config.get("output_margin", 0)))
+    directory = Path(path).parent if Path(path).name == files.WEIGHTS_FILE else Path(path)
+    module, metadata = load_module_and_metadata(directory)
+    prior = prior_of(metadata, ClassSchema.from_config(metadata["schema"]))
+    return ClassMapModel(
+        module, config["class_codes"], int(config.get("output_margin", 0)), prior=prior
+    )

@@ -118,7 +118,8 @@ def pinned_requirements() -> list[str]:
 
 
 def model_signature(bands: int) -> ModelSignature:
-    """The pyfunc (serving) face: (-1, bands, -1, -1) raw pixels -> (-1, -1, -1) class codes.
+    """The pyfunc (serving) face: (-1, bands, -1, -1) raw pixels -> (-1, -1, -1) class codes
+    (a model with a prior layer: one band more, the layer's codes).
 
     Any batch, any height and width; the PyTorch face returns logits (see landcover.serving).
     """
@@ -453,7 +454,7 @@ def log_landcover_model(
         run_id=run_id,
         pytorch_model=model,
         model_metadata=dict(metadata),
-        signature=model_signature(int(metadata["bands"])),
+        signature=model_signature(int(metadata["bands"]) + (1 if metadata.get("prior") else 0)),
         pip_requirements=pinned_requirements(),
         metadata=dict(metadata),
         class_codes=[(c["codes"] or [i])[0] for i, c in enumerate(metadata["schema"]["classes"])],

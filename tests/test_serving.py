@@ -119,3 +119,37 @@ def test_tracking_server_shows_runs_artifacts_and_registry(champion):
         assert version["model_version"]["run_id"] == run_id
         status, page = http(f"{base}/")
         assert status == 200 and b"<html" in page.lower()
+
+
+def test_a_model_with_a_prior_layer_is_served_with_the_layer_as_one_more_band(
+    tiny_synthetic, tmp_path
+):
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = train(
+        compose_train(
+            *tiny_overrides(
+                tiny_synthetic,
+                tmp_path,
+                "trainer.max_epochs=1",
+                "trainer.num_panels=0",
+                "prior=nlcd_legend",
+            )
+        )
+    )
+    mlflow.set_tracking_uri(uri)
+    pyfunc = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
+    pixels = patches()
+    with pytest.raises(Exception, match="does not match expected shape"):
+        pyfunc.predict(pixels)  # the layer's band is missing
+
+    def with_layer(code: float) -> np.ndarray:
+        return np.concatenate([pixels, np.full((2, 1, 48, 56), code, np.float32)], axis=1)
+
+    barren = 4  # Chesapeake code of barren + impervious
+    developed = (pyfunc.predict(with_layer(24)) == barren).mean()
+    forest = (pyfunc.predict(with_layer(41)) == barren).mean()
+    assert developed > forest + 0.05  # NLCD "high intensity" makes barren + impervious win
+    forest_codes = pyfunc.predict(with_layer(41))
+    assert np.array_equal(forest_codes, expected_codes(uri, result.run_id, pixels))  # no say
+    with pytest.raises(Exception, match="whole numbers 0-255"):
+        pyfunc.predict(with_layer(22.5))
