@@ -13,7 +13,7 @@ from rasterio.transform import from_origin
 from landcover.config import validate_config
 from landcover.data.schema import ClassSchema
 from landcover.errors import ConfigError, ConfigValueError, SceneError
-from landcover.predict.predictor import PredictSettings, predict_raster
+from landcover.predict.predictor import PredictSettings, predict_raster, prior_layer_path
 from landcover.predict.prior import PriorLayer, literal_template, prior_table, with_prior
 from landcover.predict.reference import LoadedModel
 from tests.conftest import compose_train, write_raster
@@ -140,3 +140,19 @@ def test_the_nlcd_legend_composes_and_must_name_the_datas_classes():
     assert prior_table("nlcd_legend")["name"] == "nlcd_legend"
     with pytest.raises(ConfigValueError, match="no .*nowhere.yaml"):
         prior_table("nowhere")
+
+
+def test_the_layer_template_names_the_inputs_folder_and_stem_for_paths_and_urls():
+    model = constant_model([0.1, 0.6, 0.3])
+    template = "{dir}/{stem}_nlcd.tif"
+    assert (
+        prior_layer_path(template, "/data/a/m_1_naip.tif", model, "p")
+        == "/data/a/m_1_naip_nlcd.tif"
+    )
+    assert (
+        prior_layer_path(template, "https://host/cogs/m_1.tif", model, "p")
+        == "https://host/cogs/m_1_nlcd.tif"
+    )
+    assert prior_layer_path(template, "m_1.tif", model, "p") == "./m_1_nlcd.tif"
+    with pytest.raises(ConfigValueError, match=r"only \{stem\} and \{dir\}"):
+        prior_layer_path("{name}.tif", "/data/m_1.tif", model, "p")

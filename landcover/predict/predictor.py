@@ -200,9 +200,11 @@ def prior_layer_path(template: str | None, source: str, model: LoadedModel, name
             "layer's raster with predict.prior_layer=<path or template such as "
             "'{dir}/{stem}_nlcd.tif'>, or map without it with predict.use_prior=false"
         )
-    path = Path(source)
+    # string splits, not Path: a URL's "//" must survive (https://host/x.tif -> https://host)
+    folder, _, name = source.rpartition("/")
+    stem = name.rsplit(".", 1)[0] if "." in name else name
     try:
-        return template.format(stem=path.stem, dir=str(path.parent))
+        return template.format(stem=stem, dir=folder or ".")
     except (KeyError, IndexError, ValueError) as err:
         raise ConfigValueError(
             f"config value predict.prior_layer={template!r}: only {{stem}} and {{dir}} may be "
