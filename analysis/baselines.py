@@ -38,7 +38,11 @@ import numpy as np  # noqa: E402
 import rasterio  # noqa: E402
 
 import landcover.config  # noqa: E402, F401  (registers the config schemas with Hydra)
-from landcover.data.scenes import find_pairs, quiet_georeferencing_warnings  # noqa: E402
+from landcover.data.scenes import (  # noqa: E402
+    find_pairs,
+    label_path_for,
+    quiet_georeferencing_warnings,
+)
 from landcover.data.schema import IGNORE_INDEX, ClassSchema  # noqa: E402
 from landcover.figures import class_map_rgb, image_to_rgb  # noqa: E402
 from landcover.interop.import_cntk import load_schema  # noqa: E402
@@ -46,6 +50,8 @@ from landcover.metrics import scores_from_matrix  # noqa: E402
 from landcover.predict.predictor import PredictSettings, predict_raster  # noqa: E402
 from landcover.predict.prior import literal_template, prior_table, with_prior  # noqa: E402
 from landcover.predict.reference import LoadedModel, load_model_reference  # noqa: E402
+
+LABEL_SUFFIX = "_lc.tif"  # Chesapeake Conservancy labels beside every patch
 
 
 def patch_pairs(data: Path, split: str, imagery: str) -> list[tuple[Path, Path]]:
@@ -57,7 +63,7 @@ def patch_pairs(data: Path, split: str, imagery: str) -> list[tuple[Path, Path]]
             pattern=str(data / split / f"*_{imagery}.tif"),
             manifest=None,
             image_suffix=f"_{imagery}.tif",
-            label_suffix="_lc.tif",
+            label_suffix=LABEL_SUFFIX,
         )
     ]
     if not pairs:
@@ -89,7 +95,7 @@ def score(
     maps = []
     for image, label in pairs:
         output = workdir / f"{image.stem}_{tta}.tif"
-        layer = str(image.parent / (image.stem.rsplit("_", 1)[0] + layer_suffix))
+        layer = label_path_for(str(label), LABEL_SUFFIX, layer_suffix)
         settings = dataclasses.replace(
             settings_for(model, tta), prior_layer=literal_template(layer)
         )

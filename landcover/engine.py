@@ -330,14 +330,21 @@ class Trainer:
         return metrics, counts
 
     # -- loop ----------------------------------------------------------------------------------
+    def monitored(self, metrics: Mapping[str, float]) -> float:
+        """The value of `trainer.monitor` among an epoch's metrics."""
+        if self.settings.monitor not in metrics:
+            raise KeyError(
+                f"trainer.monitor={self.settings.monitor!r} is not a logged metric; "
+                f"choose one of {sorted(metrics)}"
+            )
+        return metrics[self.settings.monitor]
+
     def score_start(self) -> None:
         """The starting weights (a model fine-tuned from) scored like an epoch, as epoch -1:
         fine-tuning on a few patches can move a well-trained network away from the val area,
         and then the start, not the least bad epoch, is the model to keep."""
         metrics, counts = self.validate(-1)
-        if self.settings.monitor not in metrics:
-            raise KeyError(f"trainer.monitor={self.settings.monitor!r} is not a logged metric")
-        self.state.best_value, self.state.best_epoch = metrics[self.settings.monitor], -1
+        self.state.best_value, self.state.best_epoch = self.monitored(metrics), -1
         self.state.best_matrix = counts.tolist()
         self.state.history.append({"epoch": -1, **metrics})
         self.tracker.log_metrics({f"start/{k}": v for k, v in metrics.items()}, step=0)
@@ -361,12 +368,7 @@ class Trainer:
             val_metrics, counts = self.validate(epoch)
             metrics.update(val_metrics)
             metrics["epoch_seconds"] = time.perf_counter() - started
-            if settings.monitor not in metrics:
-                raise KeyError(
-                    f"trainer.monitor={settings.monitor!r} is not a logged metric; "
-                    f"choose one of {sorted(metrics)}"
-                )
-            value = metrics[settings.monitor]
+            value = self.monitored(metrics)
             improved = settings.stopping.improved(value, self.state.best_value)
             self.state.epoch = epoch
             if improved:

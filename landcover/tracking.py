@@ -445,6 +445,7 @@ def log_landcover_model(
     """The model in landcover's flavour (safetensors + JSON, pyfunc face) in the active run or
     `run_id`, holding the run's metrics of `step` (MLflow links them); returns its URI."""
     from landcover import serving  # the flavor module needs PyTorch: imported where used
+    from landcover.predict.prior import records_prior
 
     info = Model.log(
         artifact_path=None,
@@ -454,7 +455,7 @@ def log_landcover_model(
         run_id=run_id,
         pytorch_model=model,
         model_metadata=dict(metadata),
-        signature=model_signature(int(metadata["bands"]) + (1 if metadata.get("prior") else 0)),
+        signature=model_signature(int(metadata["bands"]) + int(records_prior(metadata))),
         pip_requirements=pinned_requirements(),
         metadata=dict(metadata),
         class_codes=[(c["codes"] or [i])[0] for i, c in enumerate(metadata["schema"]["classes"])],

@@ -106,12 +106,16 @@ def _check_class(name: str, where: str, class_name: str, names: list[str]) -> No
         )
 
 
+def records_prior(metadata: Mapping[str, Any]) -> bool:
+    """Whether a model's metadata records a prior layer (a table with at least one code)."""
+    return bool((metadata.get("prior") or {}).get("codes"))
+
+
 def prior_of(metadata: Mapping[str, Any], schema: ClassSchema) -> PriorLayer | None:
     """The model's prior layer, if its metadata records one."""
-    prior = metadata.get("prior")
-    if not prior or not prior.get("codes"):
+    if not records_prior(metadata):
         return None
-    return PriorLayer.from_metadata(prior, schema)
+    return PriorLayer.from_metadata(metadata["prior"], schema)
 
 
 def literal_template(path: str) -> str:
