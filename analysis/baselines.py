@@ -150,11 +150,20 @@ def figure(pairs, names, all_maps, scheme: ClassSchema, count: int) -> plt.Figur
     return fig
 
 
+def real_data_parser(description: str) -> argparse.ArgumentParser:
+    """The arguments every study of the real patches shares: the 2018 model, the patches and
+    their imagery, found in ../shared or $LANDCOVER_SHARED_DIR."""
+    shared = Path(os.environ.get("LANDCOVER_SHARED_DIR", "../shared"))
+    parser = argparse.ArgumentParser(description=description)
+    parser.add_argument("--cntk", type=Path, default=shared / "models/seed-cntk/250epochs.model")
+    parser.add_argument("--data", type=Path, default=shared / "data/chesapeake-sample")
+    parser.add_argument("--imagery", default="naip-old")
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
     quiet_georeferencing_warnings()
-    shared = Path(os.environ.get("LANDCOVER_SHARED_DIR", "../shared"))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cntk", type=Path, default=shared / "models/seed-cntk/250epochs.model")
+    parser = real_data_parser(__doc__.splitlines()[0])
     parser.add_argument("--seed", help="re-trained seed network (run / models:/)")
     parser.add_argument("--gbm", help="model=pixel_gbm run")
     parser.add_argument("--modern", help="best modern network")
@@ -172,9 +181,7 @@ def main(argv: list[str] | None = None) -> int:
         "--prior",
         help="also score every contender with this prior layer (conf/prior/, e.g. nlcd_legend)",
     )
-    parser.add_argument("--data", type=Path, default=shared / "data/chesapeake-sample")
     parser.add_argument("--split", default="val")
-    parser.add_argument("--imagery", default="naip-old")
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     parser.add_argument("--panels", type=int, default=4)
     parser.add_argument("--out", type=Path, default=Path("baselines"))

@@ -13,10 +13,8 @@ that helps only on the split it was chosen on is tuning to that split (issue 16'
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
-import os
 import sys
 import tempfile
 from pathlib import Path
@@ -24,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.baselines import patch_pairs, score, scores_of  # noqa: E402
+from analysis.baselines import patch_pairs, real_data_parser, score, scores_of  # noqa: E402
 from landcover.data.scenes import quiet_georeferencing_warnings  # noqa: E402
 from landcover.interop.import_cntk import load_schema  # noqa: E402
 from landcover.predict.reference import LoadedModel, load_model_reference  # noqa: E402
@@ -54,12 +52,8 @@ def cached(forward):
 
 def main() -> int:
     quiet_georeferencing_warnings()
-    shared = Path(os.environ.get("LANDCOVER_SHARED_DIR", "../shared"))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cntk", type=Path, default=shared / "models/seed-cntk/250epochs.model")
-    parser.add_argument("--data", type=Path, default=shared / "data/chesapeake-sample")
+    parser = real_data_parser(__doc__.splitlines()[0])
     parser.add_argument("--biases", type=float, nargs="+", default=[0, 0.5, 1, 1.5, 2, 3])
-    parser.add_argument("--imagery", default="naip-old")
     args = parser.parse_args()
     model = load_model_reference(str(args.cntk), device="cpu")
     names = [c["name"] for c in model.metadata["schema"]["classes"]]

@@ -14,15 +14,13 @@ share the network is taken to assume where NLCD says nothing), scored like
 
 from __future__ import annotations
 
-import argparse
 import copy
-import os
 import sys
 import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from analysis.baselines import patch_pairs, score, scores_of  # noqa: E402
+from analysis.baselines import patch_pairs, real_data_parser, score, scores_of  # noqa: E402
 from landcover.data.scenes import quiet_georeferencing_warnings  # noqa: E402
 from landcover.interop.import_cntk import load_schema  # noqa: E402
 from landcover.predict.prior import prior_table, with_prior  # noqa: E402
@@ -31,14 +29,10 @@ from landcover.predict.reference import load_model_reference  # noqa: E402
 
 def main() -> int:
     quiet_georeferencing_warnings()
-    shared = Path(os.environ.get("LANDCOVER_SHARED_DIR", "../shared"))
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--cntk", type=Path, default=shared / "models/seed-cntk/250epochs.model")
-    parser.add_argument("--data", type=Path, default=shared / "data/chesapeake-sample")
+    parser = real_data_parser(__doc__.splitlines()[0])
     parser.add_argument("--references", type=float, nargs="+", default=[0.02, 0.05, 0.1])
     parser.add_argument("--prior", default="nlcd_legend")
     parser.add_argument("--tta", default="none")
-    parser.add_argument("--imagery", default="naip-old")
     args = parser.parse_args()
     network = load_model_reference(str(args.cntk), device="cpu")
     table = prior_table(args.prior)

@@ -14,7 +14,7 @@ from landcover.interop.export import run_export
 from landcover.mapping.job import run_predictions
 from landcover.train import train
 from tests.conftest import compose_config, compose_train
-from tests.test_train_e2e import tiny_overrides
+from tests.test_train_e2e import tiny_overrides, train_with_nlcd_prior
 
 pytestmark = pytest.mark.slow
 
@@ -157,18 +157,7 @@ def test_a_model_with_a_prior_layer_reads_it_in_evaluate_and_predict(tiny_synthe
     """NLCD "high intensity" everywhere: the legend makes barren + impervious win wherever the
     network hesitates, in landcover-evaluate (layer found by data.prior_suffix) and in
     landcover-predict (predict.prior_layer template) alike, and neither maps without it."""
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = train(
-        compose_train(
-            *tiny_overrides(
-                tiny_synthetic,
-                tmp_path,
-                "trainer.max_epochs=1",
-                "trainer.num_panels=0",
-                "prior=nlcd_legend",
-            )
-        )
-    )
+    result, uri = train_with_nlcd_prior(tiny_synthetic, tmp_path)
     scene = tiny_synthetic / "val" / "synth_000_naip.tif"
     with rasterio.open(scene) as src:
         profile = {**src.profile, "count": 1}

@@ -17,7 +17,7 @@ from landcover.registry import find_best_run, promote
 from landcover.train import train
 from tests.conftest import compose_train
 from tests.servers import BIN, HOST, free_port, http, http_json, running
-from tests.test_train_e2e import tiny_overrides
+from tests.test_train_e2e import tiny_overrides, train_with_nlcd_prior
 
 pytestmark = pytest.mark.slow
 
@@ -124,18 +124,7 @@ def test_tracking_server_shows_runs_artifacts_and_registry(champion):
 def test_a_model_with_a_prior_layer_is_served_with_the_layer_as_one_more_band(
     tiny_synthetic, tmp_path
 ):
-    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    result = train(
-        compose_train(
-            *tiny_overrides(
-                tiny_synthetic,
-                tmp_path,
-                "trainer.max_epochs=1",
-                "trainer.num_panels=0",
-                "prior=nlcd_legend",
-            )
-        )
-    )
+    result, uri = train_with_nlcd_prior(tiny_synthetic, tmp_path)
     mlflow.set_tracking_uri(uri)
     pyfunc = mlflow.pyfunc.load_model(f"runs:/{result.run_id}/model")
     pixels = patches()

@@ -46,6 +46,13 @@ def tiny_overrides(root: Path, tmp: Path, *extra: str, model=TINY_UNET) -> list[
     ]
 
 
+def train_with_nlcd_prior(root: Path, tmp: Path):
+    """One quick epoch on the tiny scenes with `prior=nlcd_legend` recorded in the model;
+    returns the result and its tracking URI."""
+    overrides = tiny_overrides(root, tmp, "trainer.max_epochs=1", "trainer.num_panels=0")
+    return train(compose_train(*overrides, "prior=nlcd_legend")), f"sqlite:///{tmp / 'mlflow.db'}"
+
+
 @pytest.fixture(scope="module")
 def trained(tiny_synthetic, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("run")
