@@ -156,3 +156,18 @@ def test_the_layer_template_names_the_inputs_folder_and_stem_for_paths_and_urls(
     assert prior_layer_path(template, "m_1.tif", model, "p") == "./m_1_nlcd.tif"
     with pytest.raises(ConfigValueError, match=r"only \{stem\} and \{dir\}"):
         prior_layer_path("{name}.tif", "/data/m_1.tif", model, "p")
+
+
+def test_a_truncated_layer_fails_naming_it_and_leaves_no_map(tmp_path):
+    image = write_raster(tmp_path / "tile.tif", np.full((4, 256, 256), 100, np.uint8))
+    codes = np.random.default_rng(0).integers(0, 100, (256, 256), dtype=np.uint8)
+    layer = write_raster(tmp_path / "tile_nlcd.tif", codes)  # incompressible: truncation bites
+    layer.write_bytes(layer.read_bytes()[: layer.stat().st_size // 2])
+    model = with_prior(constant_model([0.1, 0.6, 0.3]), TABLE)
+    settings = PredictSettings.defaults(
+        tile_size=64, overlap=16, progress=False, prior_layer=literal_template(str(layer))
+    )
+    with pytest.raises(SceneError, match="tile_nlcd.tif"):
+        predict_raster(model, image, tmp_path / "map.tif", settings)
+    assert not (tmp_path / "map.tif").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["tile.tif", "tile_nlcd.tif"]

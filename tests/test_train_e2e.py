@@ -367,3 +367,27 @@ def test_keep_start_keeps_the_starting_weights_when_fine_tuning_only_hurts(
     np.testing.assert_allclose(
         logged.forward(pixels.numpy()), start.forward(pixels.numpy()), atol=1e-5
     )
+
+
+def test_a_run_killed_after_scoring_its_start_resumes_without_scoring_it_again(
+    trained, tiny_synthetic, tmp_path
+):
+    """The start is checkpointed as epoch -1: resuming from there runs epoch 0 in the same
+    MLflow run and keeps the start's score as the one to beat, scored once."""
+    result, tmp = trained
+    source = tmp / "checkpoints" / "best.pt"
+    common = (
+        *tiny_overrides(tiny_synthetic, tmp_path),
+        "trainer.max_epochs=1",
+        "trainer.keep_start=true",
+        "trainer.keep_epoch_checkpoints=3",
+        f"init.model={source}",
+    )
+    first = train(compose_train(*common))
+    at_start = tmp_path / "checkpoints" / "epoch_-01.pt"
+    assert at_start.is_file()
+    resumed = train(compose_train(*common, f"trainer.resume_from={at_start}"))
+    assert resumed.run_id == first.run_id
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    assert len(client.get_metric_history(first.run_id, "start/val/mIoU")) == 1
+    assert {m.step for m in client.get_metric_history(first.run_id, "val/mIoU")} == {0}
