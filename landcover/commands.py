@@ -19,7 +19,7 @@ import hydra
 from omegaconf import DictConfig
 
 from landcover import ranks
-from landcover.errors import LandcoverError, Stopped
+from landcover.errors import LandcoverError, Stopped, access_refused
 from landcover.paths import COMMANDS_CONFIG_DIR
 
 
@@ -50,6 +50,12 @@ def command_main(run: str | Callable[[DictConfig], object], config_name: str) ->
         except LandcoverError as err:
             log.error("%s", err)
             sys.exit(f"error: {err}")
+        except Exception as err:
+            refused = access_refused(err)
+            if refused is None:
+                raise
+            log.error("%s", refused)
+            sys.exit(f"error: {refused}")
 
     def main() -> None:
         run_hydra_app(app, help_for=(COMMANDS_CONFIG_DIR, config_name))

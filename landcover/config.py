@@ -318,6 +318,8 @@ class EngineConfig:
     threads: int | None
     address: str | None
     max_restarts: int
+    placement_timeout: float
+    carry_env: list[str]
 
 
 @dataclass

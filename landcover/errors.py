@@ -33,3 +33,32 @@ class DiskFullError(LandcoverError):
 
 class ConfigValueError(ConfigError, ValueError):
     """A bad setting found by the component that uses it (a ValueError to plain callers)."""
+
+
+ACCESS_CODES = ("PERMISSION_DENIED", "UNAUTHENTICATED")
+
+
+def access_refused(err: BaseException) -> str | None:
+    """One line for a tracking server's 401/403 (an MLflow exception), else None.
+
+    A member without a permission otherwise sees MLflow's traceback; the line says who was
+    refused and how a colleague grants it (`landcover-team`, README "Team set-up")."""
+    code = getattr(err, "error_code", None)
+    if code not in ACCESS_CODES:
+        return None
+    import os
+
+    user = os.environ.get("MLFLOW_TRACKING_USERNAME") or "an anonymous user"
+    message = str(getattr(err, "message", err)).strip().splitlines()
+    detail = message[0] if message else code
+    if code == "UNAUTHENTICATED":
+        return (
+            f"the tracking server refused {user} ({detail}): set MLFLOW_TRACKING_USERNAME and "
+            "MLFLOW_TRACKING_PASSWORD to a member's credentials"
+        )
+    return (
+        f"the tracking server refused {user} ({detail}): recording runs needs EDIT on the "
+        "experiment, promoting needs EDIT on the registered model; one who MANAGEs it or an "
+        f"admin grants it: landcover-team grant {user} --experiment NAME --permission EDIT "
+        "(or --model NAME)"
+    )

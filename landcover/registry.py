@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import math
+import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -206,7 +207,20 @@ def resolve_version(client: MlflowClient, uri: str) -> ModelVersion | None:
     except MlflowException as err:
         if err.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE"):
             return None
+        if err.error_code == "PERMISSION_DENIED" and not registered_model_visible(
+            client, match["name"]
+        ):
+            # MLflow's basic-auth server answers 403, not 404, for a model that does not
+            # exist yet (no permission row to check): the first promotion creates it
+            return None
         raise
+
+
+def registered_model_visible(client: MlflowClient, name: str) -> bool:
+    """Whether the registered model exists for this user (search lists only what one may
+    read, so a model that exists unreadably is told apart when creating it)."""
+    found = client.search_registered_models(filter_string=f"name = '{_quote(name)}'")
+    return any(model.name == name for model in found)
 
 
 def _better(value: float, than: float, direction: str) -> bool:
@@ -257,12 +271,21 @@ def _register(client: MlflowClient, name: str, candidate: Candidate) -> tuple[Mo
     existing = _existing_version(client, name, candidate.run_id)
     if existing is not None:
         return existing, False
-    try:
-        client.get_registered_model(name)
-    except MlflowException:
-        client.create_registered_model(
-            name, description="Land cover segmentation models promoted by landcover-promote."
-        )
+    if not registered_model_visible(client, name):
+        try:
+            client.create_registered_model(
+                name, description="Land cover segmentation models promoted by landcover-promote."
+            )
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                raise
+            if not registered_model_visible(client, name):  # not a race with a colleague
+                user = os.environ.get("MLFLOW_TRACKING_USERNAME", "this user")
+                raise PromotionError(
+                    f"registered model {name!r} exists but {user} may not read it: one who "
+                    f"MANAGEs it or an admin grants it: landcover-team grant {user} --model "
+                    f"{name} --permission EDIT"
+                ) from err
     source = f"models:/{candidate.model_id}" if candidate.model_id else None
     version = client.create_model_version(
         name,

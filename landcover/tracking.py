@@ -21,6 +21,8 @@ import re
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 import zlib
 from collections.abc import Iterator, Mapping
 from importlib.metadata import PackageNotFoundError, version
@@ -103,6 +105,11 @@ def environment_tags(device: torch.device) -> dict[str, str]:
     }
     if device.type == "cuda":
         tags["gpu"] = torch.cuda.get_device_name(device)
+    from landcover.cluster import current_node
+
+    node = current_node()  # nodes of one host differ only by their Ray node id
+    if node:
+        tags["landcover.node"] = node
     return tags
 
 
@@ -268,6 +275,7 @@ class Tracker:
         self.system_metrics = system_metrics and system_monitors_available()
         self.system_metrics_interval = system_metrics_interval
         self.run_id: str | None = None
+        self.logged: dict[int, dict[str, float]] = {}  # step -> metrics this process logged
 
     @contextlib.contextmanager
     def start(
@@ -386,6 +394,7 @@ class Tracker:
         if self.enabled:
             finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
             mlflow.log_metrics(finite, step=step)
+            self.logged.setdefault(step, {}).update(finite)
 
     def describe(self, text: str, model_uri: str | None = None) -> None:
         """The run's description (`mlflow.note.content`): what a person reads first; the
@@ -428,7 +437,7 @@ class Tracker:
         whose weights it holds) are linked to it with their datasets. Returns its models:/ URI."""
         if not self.enabled:
             return None
-        uri = log_landcover_model(model, metadata, step=step)
+        uri = log_landcover_model(model, metadata, step=step, step_metrics=self.logged.get(step))
         with tempfile.TemporaryDirectory() as tmp:
             card = Path(tmp) / "landcover_model.json"
             card.write_text(json.dumps(dict(metadata), indent=2))
@@ -441,13 +450,60 @@ def log_landcover_model(
     metadata: Mapping[str, Any],
     run_id: str | None = None,
     step: int = 0,
+    step_metrics: Mapping[str, float] | None = None,
 ) -> str:
     """The model in landcover's flavour (safetensors + JSON, pyfunc face) in the active run or
-    `run_id`, holding the run's metrics of `step` (MLflow links them); returns its URI."""
+    `run_id`, holding the run's metrics of `step` (MLflow links them); returns its URI.
+
+    `step_metrics`: what this process logged at `step`, when it knows; MLflow then links them
+    without fetching every metric's whole history (one request per metric: on a team server
+    with password checks, minutes of a sweep trial)."""
+    with _history_from_memory(step, step_metrics):
+        info = _log_model(model, metadata, run_id, step)
+    return info.model_uri
+
+
+_HISTORY_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _history_from_memory(step: int, metrics: Mapping[str, float] | None) -> Iterator[None]:
+    """While a model is logged, answer MLflow's per-metric history fetches from `metrics`.
+
+    `mlflow.models.Model.log` links a run's metrics of `step` to the new logged model by
+    fetching the full history of every metric of the run and keeping the points of that step;
+    we know those points already. Metrics this process did not log at `step` (a resumed run's
+    earlier epochs) are still fetched."""
+    if not metrics:
+        yield
+        return
+    from mlflow.entities import Metric
+    from mlflow.tracking import MlflowClient
+
+    original = MlflowClient.get_metric_history
+    stamp = int(time.time() * 1000)
+
+    def known(self: MlflowClient, run_id: str, key: str) -> list[Metric]:
+        if key in metrics:
+            return [Metric(key, float(metrics[key]), stamp, step, run_id=run_id)]
+        return original(self, run_id, key)
+
+    with _HISTORY_LOCK:
+        MlflowClient.get_metric_history = known  # type: ignore[method-assign]
+        try:
+            yield
+        finally:
+            MlflowClient.get_metric_history = original  # type: ignore[method-assign]
+
+
+def _log_model(
+    model: torch.nn.Module, metadata: Mapping[str, Any], run_id: str | None, step: int
+) -> Any:
+    """MLflow's `Model.log` with landcover's flavour and signature."""
     from landcover import serving  # the flavor module needs PyTorch: imported where used
     from landcover.predict.prior import records_prior
 
-    info = Model.log(
+    return Model.log(
         artifact_path=None,
         name="model",
         step=step,
@@ -461,4 +517,3 @@ def log_landcover_model(
         class_codes=[(c["codes"] or [i])[0] for i, c in enumerate(metadata["schema"]["classes"])],
         output_margin=int(metadata.get("output_margin", 0)),
     )
-    return info.model_uri

@@ -30,7 +30,7 @@ from landcover.config import plain_dict, validate_config
 from landcover.data.loaders import TrainingData, build_training_data
 from landcover.data.scenes import class_pixel_totals
 from landcover.engine import EpochCallback, FitResult, FitSettings, Trainer
-from landcover.errors import ConfigError, LandcoverError
+from landcover.errors import ConfigError, LandcoverError, access_refused
 from landcover.models import SegmentationModel, build_model
 from landcover.models.transfer import TransferReport, parameter_groups, transfer_weights
 from landcover.optim import build_loss, build_optimizer, build_scheduler
@@ -331,6 +331,12 @@ def run_job(cfg: DictConfig) -> float | None:
     except LandcoverError as err:
         log.error("%s", err)
         sys.exit(f"error: {err}")
+    except Exception as err:
+        refused = access_refused(err)
+        if refused is None:
+            raise
+        log.error("%s", refused)
+        sys.exit(f"error: {refused}")
     return result.best_value
 
 

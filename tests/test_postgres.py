@@ -174,3 +174,89 @@ def test_two_workers_share_a_study_stored_in_postgres(team):
     assert len({r.data.tags["mlflow.parentRunId"] for r in children}) == 1
     numbers = sorted(int(r.data.tags["sweep.trial_number"]) for r in children)
     assert numbers == list(range(6))  # none duplicated, none lost
+
+
+def landcover(command: str, *args: str, env: dict[str, str], cwd) -> subprocess.CompletedProcess:
+    import sys
+    from pathlib import Path
+
+    return subprocess.run(
+        [str(Path(sys.executable).parent / command), *args],
+        capture_output=True,
+        text=True,
+        timeout=600,
+        cwd=cwd,
+        env={**os.environ, **env},
+    )
+
+
+def member(name: str) -> dict[str, str]:
+    return {"MLFLOW_TRACKING_USERNAME": name, "MLFLOW_TRACKING_PASSWORD": f"{name}-password-1"}
+
+
+def test_a_team_promotes_grants_and_refuses_in_one_line(team, tiny_synthetic):
+    """Alice's first promotion works (basic-auth answers 403 for a model that does not exist
+    yet); Bob, once Alice grants him EDIT, records a run in her experiment; Carol, never
+    granted, gets one line naming the permission and how it is granted, no traceback."""
+    _, url, tmp = team
+    with patched_environ(
+        {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "admin-password-1"}
+    ):
+        from mlflow.server import get_app_client
+
+        admin = get_app_client("basic-auth", tracking_uri=url)
+        for name in ("bob", "carol"):
+            admin.create_user(name, f"{name}-password-1")
+    overrides = tiny_overrides(
+        tiny_synthetic,
+        tmp,
+        "trainer.max_epochs=1",
+        "trainer.num_panels=0",
+        "tracking.system_metrics=false",
+        f"tracking.uri={url}",
+        "tracking.experiment=team-e2e",
+    )
+    result = train(compose_train(*overrides))  # as alice
+    promoted = landcover(
+        "landcover-promote",
+        f"run={result.run_id}",
+        "registry.name=team-model",
+        f"tracking.uri={url}",
+        env=member("alice"),
+        cwd=tmp,
+    )
+    assert promoted.returncode == 0, promoted.stderr[-3000:]
+    champion = MlflowClient(url).get_model_version_by_alias("team-model", "champion")
+    assert champion.run_id == result.run_id
+
+    granted = landcover(
+        "landcover-team",
+        "grant",
+        "bob",
+        "--experiment",
+        "team-e2e",
+        "--model",
+        "team-model",
+        "--permission",
+        "EDIT",
+        "--tracking-uri",
+        url,
+        env=member("alice"),
+        cwd=tmp,
+    )
+    assert granted.returncode == 0, granted.stderr[-3000:]
+    assert "granted: bob EDIT on experiment 'team-e2e'" in granted.stdout
+
+    bob = landcover("landcover-train", *overrides, env=member("bob"), cwd=tmp)
+    assert bob.returncode == 0, bob.stderr[-3000:]
+    client = MlflowClient(url)
+    experiment = client.get_experiment_by_name("team-e2e")
+    users = {r.info.user_id: r.info.status for r in client.search_runs([experiment.experiment_id])}
+    assert users.get("bob") == "FINISHED", users
+
+    carol = landcover("landcover-train", *overrides, env=member("carol"), cwd=tmp)
+    assert carol.returncode == 1
+    assert "Traceback" not in carol.stderr, carol.stderr[-3000:]
+    last = carol.stderr.strip().splitlines()[-1]
+    assert last.startswith("error: the tracking server refused carol"), last
+    assert "landcover-team grant carol" in last

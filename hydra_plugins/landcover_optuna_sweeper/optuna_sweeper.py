@@ -40,6 +40,10 @@ class OptunaSweeperConf:
     pruner: dict[str, Any] = field(default_factory=lambda: {"name": "median"})
     params: dict[str, Any] = field(default_factory=dict)
     enqueue: list[dict[str, Any]] = field(default_factory=list)
+    # Ray launcher: names of further variables the trials need from this shell (MLFLOW_*,
+    # LANDCOVER_*, PG*, AWS_*, those the config reads by oc.env and the libpq password file
+    # always travel; see landcover.cluster)
+    carry_env: list[str] = field(default_factory=list)
 
 
 ConfigStore.instance().store(

@@ -20,7 +20,7 @@ from typing import Any
 
 import matplotlib.pyplot as plt
 import mlflow
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from landcover.atomic import write_text
 from landcover.config import plain_dict
@@ -91,7 +91,17 @@ def run_predictions(cfg: DictConfig) -> JobSummary:
                 tasks.append(Task(item.source, str(target)))
         if summary.skipped:
             log.info("%d of %d inputs already mapped: skipped", len(summary.skipped), len(inputs))
-        _map_with_retries(cfg, tasks, rows, manifest, summary)
+        try:
+            _map_with_retries(cfg, tasks, rows, manifest, summary)
+        except Exception as err:
+            # the job is recorded whatever stopped it: its run FAILED with the reason, and
+            # the manifest as far as it got
+            summary.seconds = time.perf_counter() - started
+            done = [rows[i.source] for i in inputs if rows[i.source].status == DONE]
+            if cfg.log_to_mlflow:
+                reason = (str(err).splitlines() or [type(err).__name__])[0]
+                _record_job(cfg, spec, summary, done, folder_mode, system, error=reason)
+            raise
         summary.seconds = time.perf_counter() - started
         done = [rows[i.source] for i in inputs if rows[i.source].status == DONE]
         if folder_mode:
@@ -123,14 +133,7 @@ def _map_with_retries(
 ) -> None:
     """Map tasks; each failure is tried again up to `retries` times; rows saved as they end."""
     engine = cfg.engine
-    device = str(cfg.device)  # each worker resolves `auto` where it runs
-    worker_args: dict[str, Any] = {
-        "model": str(cfg.model),
-        "tracking_uri": str(cfg.tracking.uri),
-        "device": device,
-        "settings": plain_dict(cfg.predict),
-        "threads": engine.threads,
-    }
+    worker_args = _worker_args(cfg)
     pending = list(tasks)
     for attempt in range(1 + int(cfg.retries)):
         if not pending:
@@ -155,8 +158,36 @@ def _map_with_retries(
     summary.failed = [r for r in rows.values() if r.status == FAILED]
 
 
+def _worker_args(cfg: DictConfig) -> dict[str, Any]:
+    """What every worker is built from, resolved here: a worker on another node has another
+    working directory and environment, so relative paths are made absolute and (on Ray) the
+    driver's environment travels with the arguments (see landcover.cluster)."""
+    from landcover.sweep.study import absolute_sqlite_url
+
+    model = str(cfg.model)
+    if Path(model).exists():
+        model = str(Path(model).resolve())
+    args: dict[str, Any] = {
+        "model": model,
+        "tracking_uri": absolute_sqlite_url(str(cfg.tracking.uri)),
+        "device": str(cfg.device),  # each worker resolves `auto` where it runs
+        "settings": plain_dict(cfg.predict),
+        "threads": cfg.engine.threads,
+    }
+    if cfg.engine.name == "ray":
+        from landcover.cluster import JobEnvironment
+
+        environment = JobEnvironment.of_driver(
+            OmegaConf.to_yaml(cfg, resolve=False), list(cfg.engine.carry_env)
+        )
+        log.info("carried to the Ray workers: %s", ", ".join(environment.names()) or "nothing")
+        args["environment"] = environment
+    return args
+
+
 def _record_outcome(row: Row, outcome: Outcome) -> Row:
     row.attempts += 1
+    row.node = outcome.node
     if outcome.error:
         row.status, row.error = FAILED, outcome.error
         log.error("%s: failed (%s)", outcome.task.source, outcome.error)
@@ -196,6 +227,7 @@ def _record_job(
     done: list[Row],
     folder: bool,
     system: SystemSamples,
+    error: str | None = None,
 ) -> str:
     """One MLflow run for the whole job (and a child per input only when asked), with the
     rasters it read as a dataset and the system metrics sampled while it worked."""
@@ -216,6 +248,11 @@ def _record_job(
                     else {}
                 ),
                 "output": str(summary.folder if folder else cfg.output),
+                **(
+                    {"landcover.nodes": ",".join(sorted({r.node for r in summary.mapped}))}
+                    if any(r.node for r in summary.mapped)
+                    else {}
+                ),
             }
         )
         mlflow.log_params(
@@ -224,6 +261,7 @@ def _record_job(
                 "input": json.dumps(spec)[:500],
                 "engine": str(cfg.engine.name),
                 "engine.workers": int(cfg.engine.workers),
+                "engine.address": str(cfg.engine.address),
                 "retries": int(cfg.retries),
                 **{f"predict.{k}": v for k, v in plain_dict(cfg.predict).items()},
             }
@@ -260,4 +298,7 @@ def _record_job(
                     mlflow.set_tags({"landcover.kind": "prediction", "input": row.input})
                     mlflow.log_metrics({"megapixels": row.pixels / 1e6, "seconds": row.seconds})
                     mlflow.log_artifact(str(Path(row.output).with_suffix(".areas.json")), "area")
+        if error is not None:
+            mlflow.set_tag("landcover.error", error[:5000])
+            mlflow.end_run("FAILED")
         return run.info.run_id

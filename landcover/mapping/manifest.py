@@ -39,6 +39,7 @@ class Row:
     crs: str = ""
     error: str = ""
     warning: str = ""
+    node: str = ""  # the Ray node that mapped it (empty on the local engine)
 
 
 class Manifest:
@@ -90,6 +91,7 @@ def _read(path: Path) -> list[Row]:
                 crs=record["crs"],
                 error=record["error"],
                 warning=record["warning"],
+                node=record.get("node") or "",  # manifests of earlier versions have none
             )
             for record in records
         ]

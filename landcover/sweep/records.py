@@ -50,6 +50,25 @@ def create_parent(
     return run.info.run_id
 
 
+def end_parent(uri: str, parent_run_id: str, status: str, reason: str) -> None:
+    """End a sweep's parent run with the reason it stopped (tag and description)."""
+    client = MlflowClient(uri)
+    client.set_tag(parent_run_id, "landcover.error", reason[:5000])
+    client.set_tag(parent_run_id, "mlflow.note.content", f"Sweep stopped ({status}): {reason}")
+    client.set_terminated(parent_run_id, status)
+
+
+def reopen_parent(uri: str, parent_run_id: str, n_trials: int) -> None:
+    """A resumed sweep runs its parent again, with the budget it now has."""
+    client = MlflowClient(uri)
+    run = client.get_run(parent_run_id)
+    if run.info.status != "RUNNING":
+        client.update_run(parent_run_id, status="RUNNING")
+    if run.data.params.get("n_trials") != str(n_trials):
+        # params are write-once: the current budget is a tag (and the first one stays a param)
+        client.set_tag(parent_run_id, "sweep.n_trials", str(n_trials))
+
+
 def trial_runs(uri: str, parent_run_id: str, trial_number: int) -> list:
     """The MLflow runs of a study's trials, by trial number."""
     client = MlflowClient(uri)

@@ -30,6 +30,7 @@ from landcover.errors import ConfigError
 
 OVER_BUDGET = "over_budget"
 REPLACES = "replaces"  # user attr of a replacement trial: the number of the dead one
+FAIL_REASON = "fail_reason"  # user attr of a failed trial: the last line of its error
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "grid")
 PRUNERS = ("none", "median", "hyperband", "threshold")
 
@@ -210,3 +211,16 @@ def running_elsewhere(study: optuna.Study, mine: set[int]) -> list[int]:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if t.number not in mine
     ]
+
+
+def last_line(message: str) -> str:
+    """The line of an error that says what happened (the last non-empty one: tracebacks and
+    Ray's wrappers end with the exception itself)."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    return (lines[-1] if lines else "")[:500]
+
+
+def fail_reason(trial: FrozenTrial) -> str:
+    """Why a trial failed, as far as anyone recorded it."""
+    attrs = trial.user_attrs
+    return str(attrs.get(FAIL_REASON) or last_line(attrs.get("error", "")) or "no reason recorded")

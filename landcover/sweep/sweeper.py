@@ -22,19 +22,20 @@ import threading
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
 import optuna
 from hydra.core.plugins import Plugins
 from hydra.core.utils import JobStatus
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig, ListConfig
+from omegaconf import DictConfig, ListConfig, OmegaConf
 from optuna.study import StudyDirection
 from optuna.trial import TrialState
 
 from landcover import locks
 from landcover.config import plain_dict
-from landcover.errors import ConfigError
+from landcover.errors import ConfigError, LandcoverError
 from landcover.sweep import records, space
 from landcover.sweep import study as studies
 from landcover.sweep.trial import METRICS_ATTR, PARENT_ATTR, PRUNER_ATTR, heartbeat
@@ -82,6 +83,7 @@ class OptunaSweep:
         pruner: dict,
         params: dict,
         enqueue: list,
+        carry_env: list | None = None,
     ) -> None:
         directions, metrics = as_list(direction), as_list(metric)
         if any(d not in ("maximize", "minimize") for d in directions):
@@ -119,12 +121,24 @@ class OptunaSweep:
         self.in_flight: set[int] = set()
         self.stop = threading.Event()
         self.stop_reason: str | None = None
+        self.carry_env = [str(name) for name in carry_env or []]
+        self.launch_failures = 0  # launcher errors in a row (a cluster that is gone)
 
     def setup(
         self, *, hydra_context: HydraContext, task_function: TaskFunction, config: DictConfig
     ) -> None:
         """Keep Hydra's context and build the launcher the trials run on."""
         self.config = config
+        if _is_ray(config):
+            # trials on a cluster started apart run with the worker's environment and
+            # working directory: the driver's travel with each job (landcover.cluster)
+            from landcover.cluster import CarryingTask, JobEnvironment
+
+            environment = JobEnvironment.of_driver(
+                OmegaConf.to_yaml(config, resolve=False), self.carry_env
+            )
+            log.info("carried to the Ray workers: %s", ", ".join(environment.names()) or "nothing")
+            task_function = CarryingTask(task_function, environment)
         self.launcher = Plugins.instance().instantiate_launcher(
             hydra_context=hydra_context, task_function=task_function, config=config
         )
@@ -192,14 +206,32 @@ class OptunaSweep:
         return parent
 
     def sweep(self, arguments: list[str]) -> None:
-        """Run the study: `n_jobs` slots each ask, launch and tell until the budget is used."""
+        """Run the study: `n_jobs` slots each ask, launch and tell until the budget is used.
+
+        Whatever stops it (a cluster it cannot reach, a store it cannot open, every trial
+        failing, Ctrl-C), the parent run ends FAILED or KILLED with the reason: never RUNNING.
+        """
+        self.parent: str | None = None
+        self.uri = studies.absolute_sqlite_url(str(self.config.tracking.uri))
+        try:
+            self._sweep(arguments)
+        except BaseException as err:
+            if self.parent is not None:
+                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
+                with contextlib.suppress(Exception):  # the store itself may be what failed
+                    records.end_parent(self.uri, self.parent, status, reason)
+            raise
+
+    def _sweep(self, arguments: list[str]) -> None:
         fixed_model = next(
             (a.split("=", 1)[1] for a in arguments if a.startswith("model=")),
             self.config.hydra.runtime.choices.get("model"),
         )
         name = self.study_name or f"sweep-{self.config.tracking.experiment}"
-        uri = studies.absolute_sqlite_url(str(self.config.tracking.uri))
+        uri = self.uri
         experiment = str(self.config.tracking.experiment)
+        attached = _start_engine(self.launcher, self._shared_paths())
         with studies.study_lock(self.storage_url):
             # two workers creating the tables of a new database at once would collide
             self.storage = studies.make_storage(self.storage_url, self.heartbeat, self.stale)
@@ -214,6 +246,8 @@ class OptunaSweep:
             study.set_user_attr(METRICS_ATTR, self.metrics)
             study.set_user_attr(PRUNER_ATTR, self.pruner_cfg)
             parent = self._parent_run(study, uri, experiment)
+            self.parent = parent
+            records.reopen_parent(uri, parent, self.n_trials)
             if self.enqueue and not study.user_attrs.get("enqueued"):
                 for values in self.enqueue:
                     study.enqueue_trial(values, skip_if_exists=True)
@@ -238,8 +272,11 @@ class OptunaSweep:
             f"++trial.heartbeat_interval={self.heartbeat.interval}",
             f"++trial.grace_period={self.heartbeat.grace_period}",
         ]
+        if attached:
+            # a worker resolves a relative sweep folder against its own working directory
+            sweep_dir = Path(str(self.config.hydra.sweep.dir)).absolute()
+            base.append(f"hydra.sweep.dir={quote(str(sweep_dir))}")
         context = _SweepContext(study, base, fixed_model, parent, uri)
-        _start_engine(self.launcher)
         if self.n_jobs == 1:
             self._slot(context)  # in this thread: the basic launcher runs the job right here
         else:
@@ -248,7 +285,26 @@ class OptunaSweep:
                     future.result()
         records.log_summary(uri, parent, study, self.metrics)
         if self.stop_reason:
-            raise RuntimeError(self.stop_reason)
+            raise SweepFailedError(self.stop_reason)
+        trials = studies.counting(study.get_trials(deepcopy=False))
+        finished = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
+        if trials and not finished:
+            last = next(
+                (studies.fail_reason(t) for t in reversed(trials) if studies.fail_reason(t)), ""
+            )
+            raise SweepFailedError(
+                f"sweep {study.study_name}: every trial failed ({len(trials)}); the last: {last}"
+            )
+
+    def _shared_paths(self) -> tuple[list[str], list[str]]:
+        """What every node of a cluster must see: the working directory (read), the sweep
+        folder and the folders of SQLite stores (written)."""
+        writable = [str(Path(str(self.config.hydra.sweep.dir)).absolute())]
+        for url in (self.storage_url, studies.absolute_sqlite_url(str(self.config.tracking.uri))):
+            path = locks.sqlite_path(url)
+            if path is not None:
+                writable.append(str(path.parent))
+        return [str(Path.cwd())], writable
 
     # -- one slot: ask, launch, wait, repeat -----------------------------------------------
     def _slot(self, context: _SweepContext) -> None:
@@ -337,9 +393,20 @@ class OptunaSweep:
         overrides = [*context.base, f"++trial.number={trial.number}", *space.as_overrides(values)]
         assert self.storage is not None
         # the slot's heartbeats keep a trial alive while its job waits in a queue
-        with heartbeat(self.storage, trial._trial_id, self.heartbeat.interval):
-            (result,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
+        try:
+            with heartbeat(self.storage, trial._trial_id, self.heartbeat.interval):
+                (result,) = self.launcher.launch([overrides], initial_job_idx=trial.number)
+        except Exception as err:
+            # the launcher lost the job (a dead joblib worker, a lost Ray node): the trial is
+            # failed and run again by a replacement; the other slots go on
+            self._lost(context, trial, values, err)
+            return
+        self.launch_failures = 0
         frozen = self.storage.get_trial(trial._trial_id)
+        if frozen.state == TrialState.FAIL:
+            reason = studies.fail_reason(frozen)
+            log.warning("trial %d FAIL: %s (with %s)", trial.number, reason, values)
+            return
         if frozen.state != TrialState.RUNNING:
             value = frozen.values if frozen.values and len(frozen.values) > 1 else frozen.value
             log.info("trial %d %s: %s with %s", trial.number, frozen.state.name, value, values)
@@ -351,7 +418,14 @@ class OptunaSweep:
             if error is not None
             else "the job ended without reporting its trial"
         )
-        trial.set_user_attr("error", message)
+        self._fail(context, trial, values, message)
+        log.warning("trial %d failed: %s", trial.number, studies.last_line(message))
+
+    def _fail(
+        self, context: _SweepContext, trial: optuna.Trial, values: dict, message: str
+    ) -> None:
+        trial.set_user_attr("error", message[:2000])
+        trial.set_user_attr(studies.FAIL_REASON, studies.last_line(message))
         with contextlib.suppress(optuna.exceptions.UpdateFinishedTrialError):
             context.study.tell(trial, state=TrialState.FAIL)  # unless another worker closed it
         records.record_failed_trial(
@@ -361,7 +435,19 @@ class OptunaSweep:
             values,
             message,
         )
-        log.warning("trial %d failed: %s", trial.number, message)
+
+    def _lost(
+        self, context: _SweepContext, trial: optuna.Trial, values: dict, err: Exception
+    ) -> None:
+        message = f"the launcher lost the job: {type(err).__name__}: {studies.last_line(str(err))}"
+        self._fail(context, trial, values, message)
+        context.study.enqueue_trial(dict(trial.params), user_attrs={studies.REPLACES: trial.number})
+        self.launch_failures += 1
+        log.warning("trial %d failed: %s; a replacement runs it again", trial.number, message)
+        if self.launch_failures >= max(3, 2 * self.n_jobs):
+            count = self.launch_failures
+            self.stop_reason = f"the launcher failed {count} times in a row: {message}"
+            self.stop.set()
 
 
 @dataclass
@@ -382,15 +468,28 @@ def _without_password(url: str) -> str:
     return f"{scheme}{sep}{credentials.split(':', 1)[0]}:***@{host}"
 
 
-def _start_engine(launcher: Any) -> None:
-    """Start Ray once before the slots launch: its launcher initialises Ray on first use, and
-    several slots doing that at once race."""
-    if type(launcher).__name__ != "RayLauncher":
-        return
-    import ray
+def _is_ray(config: DictConfig) -> bool:
+    target = str(OmegaConf.select(config, "hydra.launcher._target_", default="") or "")
+    return target.endswith("RayLauncher")
 
-    if not ray.is_initialized():
-        init = plain_dict(launcher.ray_cfg.init) if launcher.ray_cfg.init else {}
-        # as the launcher does: a small object store (our jobs return one number)
-        init.setdefault("object_store_memory", 78643200)
-        ray.init(**init)
+
+def _start_engine(launcher: Any, shared_paths: tuple[list[str], list[str]]) -> bool:
+    """Start or attach to Ray once before the slots launch (its launcher initialises Ray on
+    first use, several slots doing that at once race, and it passes an object store size that
+    Ray refuses when attaching). True when attached to a cluster that exists: its nodes are
+    then checked for the paths a trial needs."""
+    if type(launcher).__name__ != "RayLauncher":
+        return False
+    from landcover.cluster import check_every_node, connect, requested_address
+
+    init = plain_dict(launcher.ray_cfg.init) if launcher.ray_cfg.init else {}
+    address = init.pop("address", None)
+    connect(address, init)
+    if not requested_address(address):
+        return False
+    check_every_node(*shared_paths)
+    return True
+
+
+class SweepFailedError(LandcoverError):
+    """The sweep stopped: too many trials failed, all of them did, or the launcher is gone."""

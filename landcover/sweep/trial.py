@@ -166,6 +166,7 @@ class TrialContext:
         try:
             if error:
                 self.trial.set_user_attr("error", error[:2000])
+                self.trial.set_user_attr(studies.FAIL_REASON, studies.last_line(error))
             self.study.tell(self.number, values, state=state)
         except (optuna.exceptions.UpdateFinishedTrialError, ValueError, RuntimeError) as err:
             log.warning("trial %d could not be closed as %s: %s", self.number, state.name, err)

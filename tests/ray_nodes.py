@@ -1,0 +1,148 @@
+"""A real two-node Ray cluster on loopback, as a team starts one: `ray start --head` and
+`ray start --address=...` (one CPU each), in a shell environment that is NOT the driver's
+(none of its MLFLOW_*, LANDCOVER_* or PG* variables, another working directory), each node in
+a process group of its own so that a test can kill one whole node."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+
+BIN = Path(sys.executable).parent
+STARTED_WITHIN = 120
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def node_environment() -> dict[str, str]:
+    """The environment `ray start` runs with: the machine's, less the driver's job settings."""
+    dropped = ("MLFLOW_", "LANDCOVER_", "PG", "RAY_ADDRESS")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
+    env["RAY_USAGE_STATS_ENABLED"] = "0"
+    return env
+
+
+@dataclass
+class Cluster:
+    """Two nodes; `address` attaches to them."""
+
+    address: str
+    temp_dir: Path
+    nodes: list[subprocess.Popen] = field(default_factory=list)
+
+    def kill_node(self, index: int) -> None:
+        """SIGKILL every process of node `index` (its raylet, its workers)."""
+        node = self.nodes[index]
+        os.killpg(node.pid, signal.SIGKILL)
+        node.wait(timeout=30)
+        # workers started by the raylet are in its process group too; any left are orphans
+        subprocess.run(["pkill", "-9", "-g", str(node.pid)], check=False)
+
+    def alive_node_count(self) -> int:
+        out = subprocess.run(
+            [
+                str(BIN / "python"),
+                "-c",
+                "import ray; ray.init(address='%s', log_to_driver=False); "
+                "print(sum(n['Alive'] for n in ray.nodes()))" % self.address,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env=node_environment(),
+        )
+        return int(out.stdout.strip().splitlines()[-1])
+
+
+def _start(args: list[str], workdir: Path, log: Path) -> subprocess.Popen:
+    with log.open("w") as handle:
+        return subprocess.Popen(
+            [str(BIN / "ray"), "start", "--block", "--disable-usage-stats", *args],
+            cwd=workdir,
+            env=node_environment(),
+            stdout=handle,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+
+
+def _wait_for_nodes(address: str, count: int, deadline: float) -> None:
+    probe = (
+        "import ray, time\n"
+        f"ray.init(address='{address}', log_to_driver=False)\n"
+        f"while sum(n['Alive'] for n in ray.nodes()) < {count}: time.sleep(0.5)\n"
+    )
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError(f"Ray cluster at {address} did not reach {count} node(s)")
+        done = subprocess.run(
+            [str(BIN / "python"), "-c", probe],
+            env=node_environment(),
+            capture_output=True,
+            timeout=max(left, 1),
+            check=False,
+        )
+        if done.returncode == 0:
+            return
+        time.sleep(1)
+
+
+@contextmanager
+def two_node_cluster(workdir: Path) -> Iterator[Cluster]:
+    """Head and worker on 127.0.0.1, one CPU each; stopped (and its files removed) after."""
+    # Ray's socket paths must stay short: its own temp folder under /tmp
+    temp_dir = Path(tempfile.mkdtemp(prefix="lcray", dir="/tmp"))
+    workdir.mkdir(parents=True, exist_ok=True)
+    port = free_port()
+    address = f"127.0.0.1:{port}"
+    common = ["--num-cpus=1", "--node-ip-address=127.0.0.1", "--object-store-memory=80000000"]
+    cluster = Cluster(address, temp_dir)
+    try:
+        cluster.nodes.append(
+            _start(
+                [
+                    "--head",
+                    f"--port={port}",
+                    "--include-dashboard=false",
+                    f"--temp-dir={temp_dir}",
+                    *common,
+                ],
+                workdir,
+                workdir / "head.log",
+            )
+        )
+        deadline = time.monotonic() + STARTED_WITHIN
+        _wait_for_nodes(address, 1, deadline)
+        cluster.nodes.append(
+            _start([f"--address={address}", *common], workdir, workdir / "worker.log")
+        )
+        _wait_for_nodes(address, 2, deadline)
+        yield cluster
+    finally:
+        for node in reversed(cluster.nodes):
+            if node.poll() is None:
+                try:
+                    os.killpg(node.pid, signal.SIGTERM)
+                    node.wait(timeout=30)
+                except (ProcessLookupError, subprocess.TimeoutExpired):
+                    os.killpg(node.pid, signal.SIGKILL)
+        # a node's raylet and GCS may outlive `ray start --block` by a moment
+        subprocess.run(
+            ["pkill", "-9", "-f", f"{temp_dir}"], check=False, capture_output=True
+        )
+        shutil.rmtree(temp_dir, ignore_errors=True)
