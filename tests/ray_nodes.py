@@ -52,20 +52,23 @@ class Cluster:
         # workers started by the raylet are in its process group too; any left are orphans
         subprocess.run(["pkill", "-9", "-g", str(node.pid)], check=False)
 
-    def alive_node_count(self) -> int:
+    def head_node_id(self) -> str:
+        """The head node's Ray id (the node with the `node:__internal_head__` resource)."""
         out = subprocess.run(
             [
                 str(BIN / "python"),
                 "-c",
-                "import ray; ray.init(address='%s', log_to_driver=False); "
-                "print(sum(n['Alive'] for n in ray.nodes()))" % self.address,
+                f"import ray; ray.init(address='{self.address}', log_to_driver=False); "
+                "print([n['NodeID'] for n in ray.nodes() "
+                "if 'node:__internal_head__' in n['Resources']][0])",
             ],
             capture_output=True,
             text=True,
             timeout=120,
             env=node_environment(),
+            check=True,
         )
-        return int(out.stdout.strip().splitlines()[-1])
+        return out.stdout.strip().splitlines()[-1]
 
 
 def _start(args: list[str], workdir: Path, log: Path) -> subprocess.Popen:
@@ -138,11 +141,9 @@ def two_node_cluster(workdir: Path) -> Iterator[Cluster]:
             if node.poll() is None:
                 try:
                     os.killpg(node.pid, signal.SIGTERM)
-                    node.wait(timeout=30)
+                    node.wait(timeout=10)
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     os.killpg(node.pid, signal.SIGKILL)
         # a node's raylet and GCS may outlive `ray start --block` by a moment
-        subprocess.run(
-            ["pkill", "-9", "-f", f"{temp_dir}"], check=False, capture_output=True
-        )
+        subprocess.run(["pkill", "-9", "-f", f"{temp_dir}"], check=False, capture_output=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
