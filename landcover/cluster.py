@@ -137,6 +137,7 @@ def connect(address: str | None, local_init: Mapping[str, Any] | None = None) ->
     quiet: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
     target = requested_address(address)
     if target:
+        _reachable(target)
         try:
             ray.init(address=target, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as err:
@@ -161,6 +162,25 @@ def connect(address: str | None, local_init: Mapping[str, Any] | None = None) ->
         )
     log.info("%s", message)
     return message
+
+
+def _reachable(target: str, timeout: float = 10) -> None:
+    """Fail in seconds when nothing listens at a `host:port` or `ray://host:port` address:
+    `ray.init` itself waits minutes for a head that is not there."""
+    import socket
+
+    if target == "auto" or ":" not in target.removeprefix("ray://"):
+        return
+    host, _, port = target.removeprefix("ray://").rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return
+    except (OSError, ValueError) as err:
+        raise ClusterError(
+            f"cannot attach to the Ray cluster at {target}: nothing answers there "
+            f"({getattr(err, 'strerror', None) or err}); start it with `ray start --head` or "
+            "correct the address (engine.address, hydra.launcher.ray.init.address, RAY_ADDRESS)"
+        ) from err
 
 
 def alive_nodes() -> list[dict[str, Any]]:

@@ -240,3 +240,54 @@ def test_failure_rate_stops_the_sweep(tmp_path):
     assert out.returncode != 0
     assert "max_failure_rate" in out.stderr
     assert len(load(tmp_path, "doomed").get_trials()) == 2
+
+
+def test_a_sweep_whose_every_trial_fails_exits_non_zero_saying_why(tmp_path):
+    config_dir = write_sweep(
+        tmp_path,
+        "hopeless",
+        """hydra:
+  sweeper:
+    study_name: hopeless
+    n_trials: 2
+    max_failure_rate: 1.0
+    pruner: {name: none}
+    params:
+      optimizer.lr: choice(1.0e+38)
+      trainer.max_epochs: choice(1)
+""",
+    )
+    out = run_sweep(tmp_path, config_dir, sweep="hopeless", check=False)
+    said = out.stdout + out.stderr
+    assert out.returncode != 0
+    assert "every trial failed (2)" in said, said[-3000:]
+    assert "FAIL: None" not in said
+    trials = load(tmp_path, "hopeless").get_trials()
+    assert all(t.state == TrialState.FAIL and t.user_attrs["fail_reason"] for t in trials)
+    assert all(f"trial {t.number} FAIL: {t.user_attrs['fail_reason']}" in said for t in trials)
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    (parent,) = [r for r in runs if r.data.tags.get("landcover.kind") == "sweep"]
+    assert (
+        parent.info.status == "FAILED"
+        and "every trial failed" in parent.data.tags["landcover.error"]
+    )
+    assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_a_sweep_at_a_cluster_that_is_not_there_stops_in_one_line(tmp_path):
+    pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="Ray launcher not installed")
+    from landcover.local_server import free_port
+
+    address = f"127.0.0.1:{free_port()}"
+    out = run_sweep(
+        tmp_path,
+        "hydra/launcher=ray",
+        f"hydra.launcher.ray.init.address={address}",
+        check=False,
+    )
+    assert out.returncode != 0
+    assert f"cannot attach to the Ray cluster at {address}: nothing answers there" in out.stderr
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not [r for r in runs if r.info.status == "RUNNING"]
