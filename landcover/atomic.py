@@ -13,6 +13,7 @@ import os
 import shutil
 import socket
 import tempfile
+import zlib
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -40,10 +41,11 @@ def atomic_target(target: str | Path) -> Iterator[Path]:
         raise
 
 
-def write_text(target: str | Path, text: str) -> None:
-    """A small text output (an area table, a manifest) written whole or not at all."""
+def write_text(target: str | Path, text: str, errors: str = "strict") -> None:
+    """A small text output (an area table, a manifest) written whole or not at all, in UTF-8;
+    `errors="surrogateescape"` writes file names that are not UTF-8 back as their bytes."""
     with atomic_target(target) as tmp:
-        tmp.write_text(text)
+        tmp.write_text(text, encoding="utf-8", errors=errors)
 
 
 def disk_full(err: BaseException, path: str | Path) -> DiskFullError | None:
@@ -73,6 +75,17 @@ def naming_full_disk(path: str | Path) -> Iterator[None]:
         if full is not None:
             raise full from err
         raise
+
+
+def file_checksum(path: str | Path) -> str:
+    """CRC-32 of a file's bytes, as 8 hex digits: what a mapping job records of each map and
+    checks again before it trusts the map on a re-run (a map replaced, truncated or
+    bit-flipped since no longer matches)."""
+    value = 0
+    with open(path, "rb") as stream:
+        while chunk := stream.read(1 << 20):
+            value = zlib.crc32(chunk, value)
+    return f"{value:08x}"
 
 
 STAGING_PREFIX = ".landcover-"

@@ -11,8 +11,10 @@ same torch thread count: `engine.threads`).
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
@@ -50,6 +52,8 @@ class Outcome:
     model_reference: str = ""  # what the worker loaded, for the job's record
     source_run_id: str = ""
     node: str = ""  # the Ray node that mapped it (empty on the local engine)
+    bytes: int = 0  # the published map's size and CRC-32 (read back whole before publishing)
+    checksum: str = ""
 
 
 class MapWorker:
@@ -92,16 +96,18 @@ class MapWorker:
         """Map one input; any failure is an Outcome with its reason, never an exception."""
         import rasterio
 
-        from landcover.atomic import write_text
+        from landcover.atomic import file_checksum, write_text
         from landcover.predict.predictor import predict_raster
 
         started = time.perf_counter()
         try:
-            result = predict_raster(self.model, task.source, task.output, self.settings)
+            with readable_name(task.source) as source:
+                result = predict_raster(self.model, source, task.output, self.settings)
             table = result.area_table
             output = result.outputs["classes"]
             write_text(output.with_suffix(".areas.csv"), table.to_csv())
             write_text(output.with_suffix(".areas.json"), table.to_json())
+            size, checksum = output.stat().st_size, file_checksum(output)
         except (LandcoverError, rasterio.errors.RasterioError, OSError, ValueError) as err:
             reason = (str(err).splitlines() or [type(err).__name__])[0]
             return Outcome(
@@ -119,9 +125,26 @@ class MapWorker:
             height=result.height,
             crs=result.crs,
             warning=result.warning or "",
+            bytes=size,
+            checksum=checksum,
             model_reference=self.model.reference,
             source_run_id=self.model.source_run_id or "",
         )
+
+
+@contextlib.contextmanager
+def readable_name(source: str) -> Iterator[str]:
+    """`source`, or where its name is not UTF-8 (GDAL takes UTF-8 names only) a link to it
+    under a UTF-8 name in a private temporary folder."""
+    try:
+        source.encode("utf-8")
+    except UnicodeEncodeError:
+        with tempfile.TemporaryDirectory(prefix="landcover-input-") as folder:
+            link = Path(folder) / f"input{Path(source).suffix.encode('ascii', 'ignore').decode()}"
+            os.symlink(os.fsencode(os.path.abspath(source)), link)
+            yield str(link)
+        return
+    yield source
 
 
 def run_local(worker_args: dict[str, Any], tasks: Sequence[Task]) -> Iterator[Outcome]:

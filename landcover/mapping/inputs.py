@@ -30,7 +30,22 @@ class MapInput:
     def of(cls, source: str, name: str | None = None) -> MapInput:
         """An input named after its file (a URL's last path segment)."""
         stem = Path(urlparse(source).path if is_remote(source) else source).stem
-        return cls(source, name or stem)
+        return cls(source, name or utf8_name(stem))
+
+
+def utf8_name(name: str) -> str:
+    """A name for outputs that GDAL and MLflow can take: bytes of a file name that are not
+    UTF-8 (kept by Python as surrogates) written as %XX."""
+    raw = name.encode("utf-8", "surrogateescape")
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return "".join(
+            f"%{ord(char) - 0xDC00:02X}" if 0xDC80 <= ord(char) <= 0xDCFF else char for char in name
+        )
+
+
+shown = utf8_name  # a path as logs and records show it (what is not UTF-8 as %XX)
 
 
 def expand(spec: str | Sequence[str], asset: str | None = None) -> list[MapInput]:

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
@@ -22,13 +23,21 @@ import matplotlib.pyplot as plt
 import mlflow
 from omegaconf import DictConfig, ListConfig, OmegaConf
 
-from landcover.atomic import write_text
+from landcover.atomic import atomic_target, write_text
 from landcover.config import plain_dict
 from landcover.errors import ConfigError, LandcoverError
 from landcover.mapping import region
 from landcover.mapping.engines import Outcome, Task, output_for, run_local, run_ray
-from landcover.mapping.inputs import MapInput, expand
-from landcover.mapping.manifest import DONE, FAILED, Manifest, Row, job_lock, output_is_complete
+from landcover.mapping.inputs import MapInput, expand, shown
+from landcover.mapping.manifest import (
+    DONE,
+    FAILED,
+    PENDING,
+    Manifest,
+    Row,
+    job_lock,
+    output_is_complete,
+)
 from landcover.system_metrics import SystemSamples, sampling
 
 log = logging.getLogger("landcover.predict")
@@ -70,7 +79,11 @@ def run_predictions(cfg: DictConfig) -> JobSummary:
     if not folder_mode and Path(output).suffix.lower() not in (".tif", ".tiff"):
         raise ConfigError(f"config value output={output}: a map is a .tif (or give a folder/)")
     started = time.perf_counter()
-    folder.mkdir(parents=True, exist_ok=True)
+    _refuse_overwriting_inputs(inputs, folder if folder_mode else Path(output), folder_mode)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise LandcoverError(f"{folder}: cannot create the output folder ({err.strerror})") from err
     with (
         job_lock(folder) if folder_mode else nullcontext(),
         sampling(
@@ -85,9 +98,13 @@ def run_predictions(cfg: DictConfig) -> JobSummary:
             target = output_for(folder, item.name) if folder_mode else Path(output)
             row = manifest.row(item.source, target) if manifest else Row(item.source, str(target))
             rows[item.source] = row
-            if manifest and output_is_complete(row):
+            if manifest and output_is_complete(row, target):
                 summary.skipped.append(row)
             else:
+                if manifest and row.status == DONE:
+                    log.warning("%s: its map is not the one recorded; mapping it again", shown(row.input))
+                    row.status = PENDING
+                row.output = str(target)  # whatever the manifest said
                 tasks.append(Task(item.source, str(target)))
         if summary.skipped:
             log.info("%d of %d inputs already mapped: skipped", len(summary.skipped), len(inputs))
@@ -109,7 +126,7 @@ def run_predictions(cfg: DictConfig) -> JobSummary:
         if cfg.log_to_mlflow:
             summary.run_id = _record_job(cfg, spec, summary, done, folder_mode, system)
     if summary.failed:
-        lines = [f"  {row.input}: {row.error}" for row in summary.failed]
+        lines = [f"  {shown(row.input)}: {row.error}" for row in summary.failed]
         raise MappingFailedError(
             f"{len(summary.failed)} of {len(inputs)} inputs failed (see {folder}/manifest.csv; "
             "re-run the same command to retry them):\n" + "\n".join(lines)
@@ -122,6 +139,20 @@ def run_predictions(cfg: DictConfig) -> JobSummary:
         ", ".join(str(p) for p in summary.mosaics.values()) or folder,
     )
     return summary
+
+
+def _refuse_overwriting_inputs(inputs: list[MapInput], output: Path, folder_mode: bool) -> None:
+    """A map never replaces what it reads: an output (or, in a folder, any map the job would
+    publish) that is, or resolves to, one of the inputs is refused before any work."""
+    sources = {os.path.realpath(i.source): i.source for i in inputs if "://" not in i.source}
+    targets = [output_for(output, i.name) for i in inputs] if folder_mode else [output]
+    for target in targets:
+        hit = sources.get(os.path.realpath(target))
+        if hit is not None:
+            raise ConfigError(
+                f"config value output={output}: the map would replace its input {hit}; "
+                "choose another output"
+            )
 
 
 def _map_with_retries(
@@ -190,14 +221,15 @@ def _record_outcome(row: Row, outcome: Outcome) -> Row:
     row.node = outcome.node
     if outcome.error:
         row.status, row.error = FAILED, outcome.error
-        log.error("%s: failed (%s)", outcome.task.source, outcome.error)
+        log.error("%s: failed (%s)", shown(outcome.task.source), outcome.error)
         return row
     row.status, row.error, row.warning = DONE, "", outcome.warning
     row.pixels, row.seconds, row.crs = outcome.pixels, round(outcome.seconds, 3), outcome.crs
     row.width, row.height = outcome.width, outcome.height
+    row.bytes, row.checksum = outcome.bytes, outcome.checksum
     log.info(
         "%s -> %s (%.1f Mpx in %.1f s)",
-        outcome.task.source,
+        shown(outcome.task.source),
         outcome.task.output,
         outcome.pixels / 1e6,
         outcome.seconds,
@@ -215,7 +247,9 @@ def _region_outputs(folder: Path, done: list[Row], quicklook_size: int) -> dict[
     write_text(folder / "area_totals.csv", region.totals_csv(totals))
     for crs, mosaic in mosaics.items():
         figure = region.mosaic_quicklook(mosaic, quicklook_size, f"{mosaic.name} ({crs})")
-        figure.savefig(mosaic.with_suffix(".png"), dpi=100)
+        # replaced, never written through: a link planted at that name is not followed
+        with atomic_target(mosaic.with_suffix(".png")) as staged:
+            figure.savefig(staged, dpi=100, format="png")
         plt.close(figure)
     return mosaics
 
@@ -266,7 +300,7 @@ def _record_job(
                 **{f"predict.{k}": v for k, v in plain_dict(cfg.predict).items()},
             }
         )
-        inputs = [row.input for row in done] + [row.input for row in summary.failed]
+        inputs = [shown(row.input) for row in [*done, *summary.failed]]
         spec_text = spec if isinstance(spec, str) else ",".join(spec)
         log_datasets({"mapping": inputs_dataset("inputs", spec_text, inputs, pixels)})
         system.log_to(run.info.run_id, str(cfg.tracking.uri))
@@ -295,7 +329,7 @@ def _record_job(
         if cfg.per_input_runs:
             for row in summary.mapped:
                 with mlflow.start_run(run_name=f"predict {Path(row.output).name}", nested=True):
-                    mlflow.set_tags({"landcover.kind": "prediction", "input": row.input})
+                    mlflow.set_tags({"landcover.kind": "prediction", "input": shown(row.input)})
                     mlflow.log_metrics({"megapixels": row.pixels / 1e6, "seconds": row.seconds})
                     mlflow.log_artifact(str(Path(row.output).with_suffix(".areas.json")), "area")
         if error is not None:

@@ -9,6 +9,7 @@ or `failed`, and their maps were never published.
 from __future__ import annotations
 
 import csv
+import errno
 import fcntl
 import io
 import os
@@ -40,6 +41,8 @@ class Row:
     error: str = ""
     warning: str = ""
     node: str = ""  # the Ray node that mapped it (empty on the local engine)
+    bytes: int = 0  # the published map's size and CRC-32, checked before a re-run skips it
+    checksum: str = ""
 
 
 class Manifest:
@@ -64,7 +67,7 @@ class Manifest:
         writer.writeheader()
         for row in self.rows.values():
             writer.writerow(asdict(row))
-        write_text(self.path, buffer.getvalue())
+        write_text(self.path, buffer.getvalue(), errors="surrogateescape")
 
     def counts(self) -> dict[str, int]:
         """Rows per status."""
@@ -76,7 +79,7 @@ class Manifest:
 
 def _read(path: Path) -> list[Row]:
     try:
-        with path.open(newline="") as handle:
+        with path.open(newline="", errors="surrogateescape") as handle:
             records = list(csv.DictReader(handle))
         return [
             Row(
@@ -92,6 +95,8 @@ def _read(path: Path) -> list[Row]:
                 error=record["error"],
                 warning=record["warning"],
                 node=record.get("node") or "",  # manifests of earlier versions have none
+                bytes=int(record.get("bytes") or 0),
+                checksum=record.get("checksum") or "",
             )
             for record in records
         ]
@@ -101,25 +106,40 @@ def _read(path: Path) -> list[Row]:
         ) from err
 
 
-def output_is_complete(row: Row) -> bool:
-    """A done row whose map is still there, readable, with the size it was written with."""
-    import rasterio
+def output_is_complete(row: Row, expected: Path) -> bool:
+    """A done row whose map is still the one this job published: at the path the job puts it
+    (a manifest is a cache, and a hand-edited output column is not trusted), with the size and
+    CRC-32 recorded when it was published; rows of older manifests, which recorded neither,
+    are read back whole instead."""
+    from landcover.atomic import file_checksum
+    from landcover.predict.writer import verify_raster
 
     path = Path(row.output)
-    if row.status != DONE or not path.is_file() or not path.with_suffix(".areas.json").is_file():
+    if row.status != DONE or os.path.abspath(path) != os.path.abspath(expected):
         return False
+    if path.is_symlink() or not path.is_file() or not path.with_suffix(".areas.json").is_file():
+        return False
+    if row.checksum:
+        return path.stat().st_size == row.bytes and file_checksum(path) == row.checksum
     try:
-        with rasterio.open(path) as src:
-            return (src.width, src.height) == (row.width, row.height)
-    except rasterio.errors.RasterioIOError:
+        verify_raster(path, path, (1, row.height, row.width))
+    except LandcoverError:
         return False
+    return True
 
 
 @contextmanager
 def job_lock(folder: Path) -> Iterator[None]:
     """One job per output folder at a time: a second one would race on the manifest."""
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = os.open(folder / ".job.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = os.open(folder / ".job.lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise LandcoverError(
+                f"{folder}: read-only ({err.strerror}); choose a writable output folder"
+            ) from err
+        raise LandcoverError(f"{folder}: cannot hold the job's lock ({err})") from err
     try:
         try:
             fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -164,6 +164,7 @@ class StagedRaster:
         if nodata is not None:
             options["nodata"] = nodata
         self.dataset = rasterio.open(self.staging, "w", **options)
+        self.shape = (count, int(profile["height"]), int(profile["width"]))
         if colormap is not None:
             self.dataset.write_colormap(1, colormap)
         if tags:
@@ -199,6 +200,28 @@ class StagedRaster:
             self.dataset.close()
 
 
+def verify_raster(path: Path, target: Path, shape: tuple[int, int, int]) -> None:
+    """Open `path` and read every block of every band; its bands and size must be `shape`.
+
+    GDAL reports some write failures (a full disk while it writes the TIFF directory) only in
+    its log and still closes the file: reading it back is the one sure test. Raises a
+    LandcoverError naming `target` (a DiskFullError where the disk is full)."""
+    try:
+        with rasterio.open(path) as src:
+            found = (src.count, src.height, src.width)
+            if found != shape:
+                raise LandcoverError(
+                    f"{target}: written with {found} bands x rows x columns, not {shape}"
+                )
+            for band in range(1, src.count + 1):
+                for _, window in src.block_windows(band):
+                    src.read(band, window=window)
+    except rasterio.errors.RasterioError as err:
+        raise LandcoverError(
+            f"{target}: the written raster does not read back ({err}); nothing was published"
+        ) from err
+
+
 def grid_profile(profile: dict) -> dict:
     """The pixel grid of an input (size, CRS, transform) as a tiled GeoTIFF profile."""
     base = {
@@ -232,10 +255,14 @@ class OutputSet:
         return self.rasters[name]
 
     def publish(self) -> dict[str, Path]:
-        """Rename every staged output into place (each rename atomic) and return the paths."""
+        """Verify every staged output, then rename each into place (each rename atomic) and
+        return the paths. A file GDAL could not write whole (a full disk reported only in its
+        log) is never published."""
         try:
             with naming_full_disk(next(iter(self.rasters.values())).target):
                 staged = {name: raster.stage_cog() for name, raster in self.rasters.items()}
+                for name, path in staged.items():
+                    verify_raster(path, self.rasters[name].target, self.rasters[name].shape)
                 for name, path in staged.items():
                     os.replace(path, self.rasters[name].target)
             return {name: raster.target for name, raster in self.rasters.items()}

@@ -1,0 +1,188 @@
+"""The faults that passed silently (issue "Nothing lost, nothing corrupt, nothing run"): each
+test reproduces one case that the code before it let through with exit 0, a traceback or a
+corrupt file, and checks the one-line refusal or the intact result instead."""
+
+from __future__ import annotations
+
+import csv
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import rasterio
+
+from tests.test_faults import random_raster, tiny_model_checkpoint
+from tests.test_mapping_job import job_command
+
+BIN = Path(sys.executable).parent
+
+
+def mount_tmpfs(folder: Path, *options: str) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+@pytest.fixture
+def model(tmp_path) -> Path:
+    (tmp_path / "in").mkdir()
+    return tiny_model_checkpoint(tmp_path)
+
+
+def run_job(tmp: Path, inputs: str, folder: Path, model: Path, *extra: str):
+    return subprocess.run(
+        job_command(tmp, inputs, folder, *extra, model=model),
+        cwd=tmp,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        timeout=600,
+    )
+
+
+def rows(folder: Path) -> dict[str, dict[str, str]]:
+    with (folder / "manifest.csv").open(errors="surrogateescape") as handle:
+        return {Path(r["input"]).name: r for r in csv.DictReader(handle)}
+
+
+def unreadable_maps(folder: Path) -> list[str]:
+    bad = []
+    for path in folder.rglob("*.tif"):
+        try:
+            with rasterio.open(path) as src:
+                for _, window in src.block_windows(1):
+                    src.read(1, window=window)
+        except rasterio.errors.RasterioError:
+            bad.append(path.name)
+    return bad
+
+
+@pytest.mark.slow
+def test_a_full_disk_in_a_mapping_job_publishes_no_corrupt_map(tmp_path, model):
+    """With about 1.4 MB free GDAL once wrote a second map's TIFF directory into no space,
+    logged it at INFO, and the map (103 kB of a 180 kB file) was published and marked done;
+    a re-run then skipped it for ever."""
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "size=3m")
+    try:
+        for index in range(3):
+            random_raster(tmp_path / "in" / f"s{index}.tif", 1024)
+        inputs = f"{tmp_path}/in/*.tif"
+        free = os.statvfs(disk)
+        filler = disk / "filler"
+        filler.write_bytes(b"\1" * (free.f_bavail * free.f_frsize - 1_400_000))
+        folder = disk / "maps"
+        full = run_job(tmp_path, inputs, folder, model)
+        assert full.returncode == 1, (full.stdout + full.stderr)[-3000:]
+        states = {name: row["status"] for name, row in rows(folder).items()}
+        assert "failed" in states.values(), states
+        assert "no space left" in full.stderr
+        assert unreadable_maps(folder) == []
+        for name, row in rows(folder).items():  # every map said done is whole
+            if row["status"] == "done":
+                assert Path(row["output"]).stat().st_size == int(row["bytes"]), name
+
+        filler.unlink()  # space freed: the re-run maps what failed, and only that
+        again = run_job(tmp_path, inputs, folder, model)
+        assert again.returncode == 0, (again.stdout + again.stderr)[-3000:]
+        assert {row["status"] for row in rows(folder).values()} == {"done"}
+        one_shot = run_job(tmp_path, inputs, tmp_path / "one_shot", model)
+        assert one_shot.returncode == 0
+        totals = json.loads((folder / "area_totals.json").read_text())
+        assert totals == json.loads((tmp_path / "one_shot" / "area_totals.json").read_text())
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
+def test_a_map_never_replaces_its_input(tmp_path, model):
+    scene = random_raster(tmp_path / "scene.tif", 64)
+    before = scene.read_bytes()
+    same = subprocess.run(
+        [
+            str(BIN / "landcover-predict"),
+            f"model={model}",
+            f"input={scene}",
+            f"output={scene}",
+            "log_to_mlflow=false",
+            "predict.progress=false",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert same.returncode == 1
+    assert f"the map would replace its input {scene}" in same.stderr.strip().splitlines()[-1]
+    assert scene.read_bytes() == before
+
+
+def test_a_manifest_is_a_cache_a_foreign_map_in_it_is_not_trusted(tmp_path, model):
+    for index in range(3):
+        random_raster(tmp_path / "in" / f"t{index}.tif", 64)
+    folder = tmp_path / "maps"
+    assert run_job(tmp_path, f"{tmp_path}/in/*.tif", folder, model).returncode == 0
+    foreign = random_raster(tmp_path / "foreign.tif", 64)
+    manifest = (folder / "manifest.csv").read_text()
+    (folder / "manifest.csv").write_text(
+        manifest.replace(str(folder / "t1_landcover.tif"), str(foreign))
+    )
+    (folder / "t2_landcover.tif").write_bytes(b"not the map that was published")
+    again = run_job(tmp_path, f"{tmp_path}/in/*.tif", folder, model)
+    said = again.stdout + again.stderr
+    assert again.returncode == 0, said[-3000:]
+    assert "1 of 3 inputs already mapped" in said  # t0 only: t1 and t2 mapped again
+    assert {r["output"] for r in rows(folder).values()} == {
+        str(folder / f"t{i}_landcover.tif") for i in range(3)
+    }
+    assert unreadable_maps(folder) == []
+
+
+def test_a_file_name_that_is_not_utf8_maps_and_resumes(tmp_path, model):
+    folder_in = tmp_path / "in"
+    random_raster(tmp_path / "plain.tif", 64)
+    os.rename(tmp_path / "plain.tif", os.fsencode(folder_in) + b"/caf\xe9.tif")
+    random_raster(folder_in / "ok.tif", 64)
+    folder = tmp_path / "maps"
+    first = run_job(tmp_path, f"{folder_in}/*.tif", folder, model)
+    assert first.returncode == 0, (first.stdout + first.stderr)[-3000:]
+    assert len(rows(folder)) == 2 and {r["status"] for r in rows(folder).values()} == {"done"}
+    again = run_job(tmp_path, f"{folder_in}/*.tif", folder, model)
+    assert again.returncode == 0 and "2 of 2 inputs already mapped" in again.stdout + again.stderr
+
+
+def test_a_read_only_output_folder_is_one_line(tmp_path, model):
+    random_raster(tmp_path / "in" / "a.tif", 64)
+    random_raster(tmp_path / "in" / "b.tif", 64)
+    locked = tmp_path / "locked"
+    mount_tmpfs(locked, "size=1m", "ro")
+    try:
+        out = run_job(tmp_path, f"{tmp_path}/in/*.tif", locked, model)
+        assert out.returncode == 1
+        assert "Traceback" not in out.stderr
+        last = out.stderr.strip().splitlines()[-1]
+        assert last.startswith(f"error: {locked}: read-only"), last
+    finally:
+        subprocess.run(["umount", "-l", str(locked)], check=False)
+
+
+def test_a_link_planted_in_the_output_folder_is_replaced_not_followed(tmp_path, model):
+    random_raster(tmp_path / "in" / "a.tif", 64)
+    random_raster(tmp_path / "in" / "b.tif", 64)
+    folder = tmp_path / "maps"
+    folder.mkdir()
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    for name in ("mosaic.png", "mosaic.vrt", "manifest.csv", "a_landcover.tif"):
+        (folder / name).symlink_to(victim)
+    out = run_job(tmp_path, f"{tmp_path}/in/*.tif", folder, model)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    assert victim.read_text() == "precious"
+    assert not [p.name for p in folder.iterdir() if p.is_symlink()]
