@@ -15,6 +15,7 @@ import os
 import sys
 from pathlib import Path
 
+from landcover.errors import LandcoverError
 from landcover.serving import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 
 
@@ -58,8 +59,27 @@ def main(argv: list[str] | None = None) -> None:
         "PATH": f"{bin_dir}{os.pathsep}{os.environ.get('PATH', '')}",
         MAX_PIXELS_ENV: str(args.max_pixels),
     }
-    command = serve_command(args.model, args.host, args.port, args.workers)
+    local = checked_copy(args.model)
+    command = serve_command(str(local), args.host, args.port, args.workers)
     os.execve(command[0], command, env)
+
+
+def checked_copy(model: str) -> Path:
+    """The model's files in a private folder, its MLmodel checked: MLflow then serves this
+    very copy, so nothing can change between the check and the load."""
+    import tempfile
+
+    import mlflow
+
+    from landcover.mlmodel_guard import check_mlmodel
+
+    folder = Path(tempfile.mkdtemp(prefix="landcover-serve-"))
+    local = Path(mlflow.artifacts.download_artifacts(model, dst_path=str(folder)))
+    try:
+        check_mlmodel(local)
+    except LandcoverError as err:
+        sys.exit(f"error: {model}: {err}")
+    return local
 
 
 if __name__ == "__main__":

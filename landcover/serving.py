@@ -34,6 +34,7 @@ from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
 from landcover.data.schema import ClassSchema
+from landcover.mlmodel_guard import check_mlmodel
 from landcover.models import files
 from landcover.predict.prior import PriorLayer, prior_of
 
@@ -96,6 +97,7 @@ def load_module_and_metadata(path: str | Path) -> tuple[torch.nn.Module, dict[st
     """The network of a downloaded model directory, rebuilt without unpickling, and its
     metadata."""
     directory = Path(path)
+    check_mlmodel(directory)  # before MLflow reads anything it could run
     mlmodel = Model.load(str(directory / "MLmodel")) if (directory / "MLmodel").is_file() else None
     if mlmodel is not None and FLAVOR not in mlmodel.flavors:
         raise files.UnsafeModelError(files.convert_hint(str(path)))

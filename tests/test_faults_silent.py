@@ -186,3 +186,83 @@ def test_a_link_planted_in_the_output_folder_is_replaced_not_followed(tmp_path, 
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
     assert victim.read_text() == "precious"
     assert not [p.name for p in folder.iterdir() if p.is_symlink()]
+
+
+def logged_model_with_foreign_loader(tmp: Path) -> tuple[str, str, Path]:
+    """A real logged landcover model whose MLmodel was edited to load `evilmod` from a `code`
+    folder (which would write a marker file when imported); returns (uri, run id, marker)."""
+    import mlflow
+    import torch
+    import yaml
+
+    from landcover import tracking
+    from landcover.models import build_model
+
+    checkpoint = torch.load(tiny_model_checkpoint(tmp), weights_only=True)
+    metadata = checkpoint["metadata"]
+    module = build_model(
+        metadata["model"],
+        in_channels=4,
+        num_classes=len(metadata["schema"]["classes"]),
+        **metadata["normalize"],
+    )
+    module.load_state_dict(checkpoint["model"])
+    uri = f"sqlite:///{tmp / 'mlflow.db'}"
+    with tracking.start_run(uri, "foreign") as run:
+        tracking.log_landcover_model(module.eval(), metadata)
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model"))
+    model_dir = tmp / "edited"
+    import shutil
+
+    shutil.copytree(local, model_dir)
+    marker = tmp / "pwned"
+    (model_dir / "code").mkdir()
+    (model_dir / "code" / "evilmod.py").write_text(
+        f"open({str(marker)!r}, 'w').write('ran')\n"
+        "def _load_pyfunc(path, model_config=None):\n    return None\n"
+    )
+    document = yaml.safe_load((model_dir / "MLmodel").read_text())
+    document["flavors"]["python_function"]["loader_module"] = "evilmod"
+    document["flavors"]["python_function"]["code"] = "code"
+    (model_dir / "MLmodel").write_text(yaml.safe_dump(document))
+    with tracking.start_run(uri, "foreign") as edited:
+        mlflow.log_artifacts(str(model_dir), "model")
+    return uri, edited.info.run_id, marker
+
+
+def test_a_model_naming_another_loader_is_refused_before_any_import(tmp_path):
+    from landcover.mlmodel_guard import ForeignModelError
+    from landcover.predict.reference import load_model_reference
+
+    uri, run_id, marker = logged_model_with_foreign_loader(tmp_path)
+    with pytest.raises(ForeignModelError, match="loader_module 'evilmod'"):
+        load_model_reference(run_id, tracking_uri=uri)
+    served = subprocess.run(
+        [str(BIN / "landcover-serve"), f"runs:/{run_id}/model", "--port", "1"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "MLFLOW_TRACKING_URI": uri},
+    )
+    assert served.returncode != 0
+    last = served.stderr.strip().splitlines()[-1]
+    assert "refused before loading" in last and "loader_module 'evilmod'" in last, last
+    assert "code path 'code'" in last
+    predicted = subprocess.run(
+        [
+            str(BIN / "landcover-predict"),
+            f"model={run_id}",
+            f"input={random_raster(tmp_path / 's.tif', 64)}",
+            f"output={tmp_path / 'map.tif'}",
+            f"tracking.uri={uri}",
+            "predict.progress=false",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert predicted.returncode == 1 and "refused before loading" in predicted.stderr
+    assert not marker.exists()
+    assert not (tmp_path / "map.tif").exists()

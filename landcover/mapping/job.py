@@ -102,7 +102,9 @@ def run_predictions(cfg: DictConfig) -> JobSummary:
                 summary.skipped.append(row)
             else:
                 if manifest and row.status == DONE:
-                    log.warning("%s: its map is not the one recorded; mapping it again", shown(row.input))
+                    log.warning(
+                        "%s: its map is not the one recorded; mapping it again", shown(row.input)
+                    )
                     row.status = PENDING
                 row.output = str(target)  # whatever the manifest said
                 tasks.append(Task(item.source, str(target)))

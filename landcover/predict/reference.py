@@ -204,6 +204,9 @@ def _download(uri: str, tracking_uri: str | None, folder: str | Path) -> ModelFi
             f"model reference {uri!r} cannot be loaded from {mlflow.get_tracking_uri()}: "
             f"{first_line}"
         ) from err
+    from landcover.mlmodel_guard import check_mlmodel
+
+    check_mlmodel(path)
     return ModelFiles(path, files_digest(path), info)
 
 
