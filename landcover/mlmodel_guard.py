@@ -27,9 +27,11 @@ class ForeignModelError(LandcoverError):
     """A logged model whose MLmodel asks MLflow to run code that is not this project's."""
 
 
-def check_mlmodel(directory: str | Path) -> None:
-    """Refuse the model in `directory` unless its MLmodel names only our flavour and loader
-    and no code path (a directory without an MLmodel is left to the loaders)."""
+def check_mlmodel(directory: str | Path, require_flavor: bool = False) -> None:
+    """Refuse the model in `directory` if it is a landcover model whose MLmodel also names
+    another flavour, loader or a code path. Models without our flavour (older pickled ones)
+    are left to the loaders, which refuse them with the command that converts them, unless
+    `require_flavor` (the serving command, which hands the model to MLflow's loader)."""
     path = Path(directory) / "MLmodel"
     if not path.is_file():
         return
@@ -37,7 +39,11 @@ def check_mlmodel(directory: str | Path) -> None:
         document = yaml.safe_load(path.read_text())
     except (OSError, yaml.YAMLError) as err:
         raise ForeignModelError(f"{path}: not a readable MLmodel ({err})") from err
-    problems = foreign_parts(document if isinstance(document, dict) else {})
+    document = document if isinstance(document, dict) else {}
+    flavors = document.get("flavors")
+    if not require_flavor and not (isinstance(flavors, dict) and FLAVOR in flavors):
+        return
+    problems = foreign_parts(document)
     if problems:
         raise ForeignModelError(
             f"{path}: refused before loading: {'; '.join(problems)} (a landcover model names "
@@ -49,7 +55,10 @@ def foreign_parts(document: dict[str, Any]) -> list[str]:
     """Each thing in an MLmodel document that is not this project's, one line each."""
     flavors = document.get("flavors")
     if not isinstance(flavors, dict) or FLAVOR not in flavors:
-        return ["it is not a landcover model (no 'landcover' flavour)"]
+        return [
+            "it is not a landcover model (no 'landcover' flavour; a model logged by an older "
+            "version is converted by landcover-convert-model)"
+        ]
     problems = [f"flavour {name!r}" for name in flavors if name not in ALLOWED_FLAVORS]
     pyfunc = flavors.get("python_function") or {}
     if not isinstance(pyfunc, dict):

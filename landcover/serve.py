@@ -76,7 +76,7 @@ def checked_copy(model: str) -> Path:
     folder = Path(tempfile.mkdtemp(prefix="landcover-serve-"))
     local = Path(mlflow.artifacts.download_artifacts(model, dst_path=str(folder)))
     try:
-        check_mlmodel(local)
+        check_mlmodel(local, require_flavor=True)
     except LandcoverError as err:
         sys.exit(f"error: {model}: {err}")
     return local

@@ -275,7 +275,8 @@ class Tracker:
         self.system_metrics = system_metrics and system_monitors_available()
         self.system_metrics_interval = system_metrics_interval
         self.run_id: str | None = None
-        self.logged: dict[int, dict[str, float]] = {}  # step -> metrics this process logged
+        # step -> {metric: (value, timestamp)} of what this process logged
+        self.logged: dict[int, dict[str, tuple[float, int]]] = {}
 
     @contextlib.contextmanager
     def start(
@@ -393,8 +394,9 @@ class Tracker:
         """Finite metrics at `step` (MLflow cannot chart NaN)."""
         if self.enabled:
             finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
-            mlflow.log_metrics(finite, step=step)
-            self.logged.setdefault(step, {}).update(finite)
+            stamp = int(time.time() * 1000)
+            mlflow.log_metrics(finite, step=step, timestamp=stamp)
+            self.logged.setdefault(step, {}).update({k: (v, stamp) for k, v in finite.items()})
 
     def describe(self, text: str, model_uri: str | None = None) -> None:
         """The run's description (`mlflow.note.content`): what a person reads first; the
@@ -450,12 +452,13 @@ def log_landcover_model(
     metadata: Mapping[str, Any],
     run_id: str | None = None,
     step: int = 0,
-    step_metrics: Mapping[str, float] | None = None,
+    step_metrics: Mapping[str, tuple[float, int]] | None = None,
 ) -> str:
     """The model in landcover's flavour (safetensors + JSON, pyfunc face) in the active run or
     `run_id`, holding the run's metrics of `step` (MLflow links them); returns its URI.
 
-    `step_metrics`: what this process logged at `step`, when it knows; MLflow then links them
+    `step_metrics`: what this process logged at `step` (value, timestamp), when it knows;
+    MLflow then links them
     without fetching every metric's whole history (one request per metric: on a team server
     with password checks, minutes of a sweep trial)."""
     with _history_from_memory(step, step_metrics):
@@ -467,7 +470,9 @@ _HISTORY_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _history_from_memory(step: int, metrics: Mapping[str, float] | None) -> Iterator[None]:
+def _history_from_memory(
+    step: int, metrics: Mapping[str, tuple[float, int]] | None
+) -> Iterator[None]:
     """While a model is logged, answer MLflow's per-metric history fetches from `metrics`.
 
     `mlflow.models.Model.log` links a run's metrics of `step` to the new logged model by
@@ -481,11 +486,11 @@ def _history_from_memory(step: int, metrics: Mapping[str, float] | None) -> Iter
     from mlflow.tracking import MlflowClient
 
     original = MlflowClient.get_metric_history
-    stamp = int(time.time() * 1000)
 
     def known(self: MlflowClient, run_id: str, key: str) -> list[Metric]:
-        if key in metrics:
-            return [Metric(key, float(metrics[key]), stamp, step, run_id=run_id)]
+        if key in metrics:  # the same point (its timestamp too): linking adds no new one
+            value, stamp = metrics[key]
+            return [Metric(key, float(value), stamp, step, run_id=run_id)]
         return original(self, run_id, key)
 
     with _HISTORY_LOCK:

@@ -188,12 +188,9 @@ def test_a_link_planted_in_the_output_folder_is_replaced_not_followed(tmp_path, 
     assert not [p.name for p in folder.iterdir() if p.is_symlink()]
 
 
-def logged_model_with_foreign_loader(tmp: Path) -> tuple[str, str, Path]:
-    """A real logged landcover model whose MLmodel was edited to load `evilmod` from a `code`
-    folder (which would write a marker file when imported); returns (uri, run id, marker)."""
-    import mlflow
+def logged_tiny_model(tmp: Path) -> tuple[str, str]:
+    """The tiny test U-Net logged as training logs a model; returns (tracking uri, run id)."""
     import torch
-    import yaml
 
     from landcover import tracking
     from landcover.models import build_model
@@ -210,7 +207,20 @@ def logged_model_with_foreign_loader(tmp: Path) -> tuple[str, str, Path]:
     uri = f"sqlite:///{tmp / 'mlflow.db'}"
     with tracking.start_run(uri, "foreign") as run:
         tracking.log_landcover_model(module.eval(), metadata)
-    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run.info.run_id}/model"))
+    return uri, run.info.run_id
+
+
+def logged_model_with_foreign_loader(tmp: Path) -> tuple[str, str, Path]:
+    """A real logged landcover model whose MLmodel was edited to load `evilmod` from a `code`
+    folder (which would write a marker file when imported); returns (uri, run id, marker)."""
+    import mlflow
+    import yaml
+
+    from landcover import tracking
+
+    uri, run_id = logged_tiny_model(tmp)
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model"))
     model_dir = tmp / "edited"
     import shutil
 
@@ -266,3 +276,54 @@ def test_a_model_naming_another_loader_is_refused_before_any_import(tmp_path):
     assert predicted.returncode == 1 and "refused before loading" in predicted.stderr
     assert not marker.exists()
     assert not (tmp_path / "map.tif").exists()
+
+
+def peak_rss_mib(group: int) -> float:
+    """The largest VmHWM among the processes of a process group (the server and its workers)."""
+    peak = 0
+    for status in Path("/proc").glob("[0-9]*/status"):
+        try:
+            text = status.read_text()
+            if os.getpgid(int(status.parent.name)) != group:
+                continue
+        except (OSError, ProcessLookupError):
+            continue
+        for line in text.splitlines():
+            if line.startswith("VmHWM:"):
+                peak = max(peak, int(line.split()[1]))
+    return peak / 1024
+
+
+@pytest.mark.slow
+def test_serving_counts_what_it_computes_and_bounds_memory(tmp_path):
+    """200 patches of 1 x 1 (6.6 kB of JSON) were counted as 200 pixels, computed as 200
+    padded patches at once (5.8 GB, a 504 after 60 s, and the work went on); a request of
+    exactly the budget took 6.3 GB."""
+    import time
+
+    import numpy as np
+
+    from landcover.serving import DEFAULT_MAX_PIXELS
+    from tests.servers import HOST, free_port, http, running
+
+    patches = DEFAULT_MAX_PIXELS // (512 * 512)  # a request of exactly the budget
+    uri, run_id = logged_tiny_model(tmp_path)
+    port = free_port()
+    command = [str(BIN / "landcover-serve"), f"runs:/{run_id}/model", "--port", str(port)]
+    base = f"http://{HOST}:{port}"
+    env = {"MLFLOW_TRACKING_URI": uri}
+    with running(command, f"{base}/ping", tmp_path / "serve.log", env) as server:
+        started = time.monotonic()
+        status, body = http(f"{base}/invocations", {"inputs": np.ones((200, 4, 1, 1)).tolist()})
+        seconds = time.monotonic() - started
+        assert 400 <= status < 500 and seconds < 5, (status, body[:300], seconds)
+        assert b"patches" in body
+        budget = (
+            np.random.default_rng(0).integers(0, 255, (patches, 4, 512, 512)).astype(np.float32)
+        )
+        status, body = http(f"{base}/invocations", {"inputs": budget.tolist()}, timeout=300)
+        assert status == 200, body[:300]
+        assert np.asarray(json.loads(body)["predictions"]).shape == (patches, 512, 512)
+        peak = peak_rss_mib(os.getpgid(server.pid))
+        print(f"serving peak RSS: {peak:.0f} MiB")
+        assert peak < 2048, peak

@@ -48,6 +48,9 @@ def rebuild(metadata: Mapping[str, Any]) -> torch.nn.Module:
             "model metadata has no 'model' config (architecture and its settings): "
             "it was not saved by this version of landcover"
         )
+    from landcover.models.bounds import check_stored_model
+
+    check_stored_model(metadata, metadata["model"], "the model's landcover_model.json")
     config = dict(metadata["model"])
     if config.get("encoder_weights"):
         config["encoder_weights"] = None  # the saved tensors replace them: no download
@@ -76,6 +79,14 @@ def load(directory: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise UnsafeModelError(convert_hint(str(directory)))
     try:
         metadata = json.loads(meta.read_text())
+    except (OSError, ValueError) as err:
+        raise LandcoverError(f"{directory}: unreadable model files ({err})") from err
+    if not isinstance(metadata, dict) or "model" not in metadata:
+        raise LandcoverError(f"{meta}: not landcover model metadata (no 'model' config)")
+    from landcover.models.bounds import check_stored_model
+
+    check_stored_model(metadata, metadata["model"], str(meta))  # before any allocation
+    try:
         state = load_file(str(weights))
     except (OSError, ValueError, SafetensorError) as err:
         raise LandcoverError(f"{directory}: unreadable model files ({err})") from err

@@ -123,6 +123,10 @@ def _from_checkpoint(
         raise ModelReferenceError(f"{path}: not a landcover training checkpoint")
     cfg = OmegaConf.create(state["config"])
     metadata = state["metadata"]
+    from landcover.models.bounds import check_stored_model
+
+    model_config = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else None
+    check_stored_model(metadata, model_config, str(path))  # before anything is built
     model = build_model(
         cfg.model,
         in_channels=metadata["bands"],
