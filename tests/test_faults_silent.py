@@ -327,3 +327,117 @@ def test_serving_counts_what_it_computes_and_bounds_memory(tmp_path):
         peak = peak_rss_mib(os.getpgid(server.pid))
         print(f"serving peak RSS: {peak:.0f} MiB")
         assert peak < 2048, peak
+
+
+@pytest.mark.parametrize(
+    ("edit", "expected"),
+    [
+        (lambda m: m.__setitem__("bands", 3_000_000), "bands = 3000000"),
+        (lambda m: m["model"].__setitem__("arch", "hypernet"), "unknown architecture"),
+        (lambda m: m["model"].pop("arch"), "names no architecture"),
+        (
+            lambda m: m["model"].__setitem__("encoder_name", "tu-hf-hub:evil/net"),
+            "without a download",
+        ),
+    ],
+)
+def test_model_metadata_out_of_bounds_is_one_error_before_any_allocation(tmp_path, edit, expected):
+    import mlflow
+
+    from landcover.models.bounds import StoredModelError
+    from landcover.predict.reference import load_model_reference
+
+    uri, run_id = logged_tiny_model(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    local = Path(mlflow.artifacts.download_artifacts(f"runs:/{run_id}/model"))
+    metadata = json.loads((local / "landcover_model.json").read_text())
+    edit(metadata)
+    (local / "landcover_model.json").write_text(json.dumps(metadata))
+    from landcover import tracking
+
+    with tracking.start_run(uri, "edited") as edited:
+        mlflow.log_artifacts(str(local), "model")
+    with pytest.raises(StoredModelError, match=expected):
+        load_model_reference(edited.info.run_id, tracking_uri=uri)
+
+
+def loky_workers(parent: int) -> list[int]:
+    """Process ids of joblib's (loky) workers below `parent`."""
+    found = []
+    for proc in Path("/proc").glob("[0-9]*"):
+        try:
+            stat = (proc / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (proc / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(stat[1]) == parent and b"popen_loky" in cmdline:  # not its resource tracker
+            found.append(int(proc.name))
+    return found
+
+
+@pytest.mark.slow
+def test_a_joblib_sweep_survives_a_killed_worker(tmp_path):
+    """SIGKILL of one loky worker ended the whole sweep with a TerminatedWorkerError traceback,
+    killed the other trial too and left trials, the parent and child runs RUNNING."""
+    import signal
+    import time
+
+    import optuna
+    from mlflow.tracking import MlflowClient
+    from optuna.trial import TrialState
+
+    from tests.test_sweep import sweep_command, write_sweep
+
+    pytest.importorskip("hydra_plugins.hydra_joblib_launcher", reason="joblib launcher missing")
+    config_dir = write_sweep(
+        tmp_path,
+        "kill",
+        """hydra:
+  sweeper:
+    study_name: kill
+    n_trials: 4
+    pruner: {name: none}
+    params:
+      trainer.max_epochs: choice(3)
+      optimizer.lr: tag(log, interval(1e-4, 1e-2))
+""",
+    )
+    command = sweep_command(
+        tmp_path,
+        config_dir,
+        "hydra/launcher=joblib",
+        "hydra.sweeper.n_jobs=2",
+        "trainer.num_threads=1",
+        "data.patches_per_epoch=48",
+        sweep="kill",
+    )
+    sweep = subprocess.Popen(
+        command, cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+    deadline = time.monotonic() + 300
+    while len(loky_workers(sweep.pid)) < 2:
+        assert sweep.poll() is None, sweep.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "no joblib workers appeared"
+        time.sleep(0.2)
+    time.sleep(4)  # both trials are training by now (each takes over 10 s)
+    os.kill(loky_workers(sweep.pid)[0], signal.SIGKILL)
+    out, err = sweep.communicate(timeout=900)
+    said = out + err
+    assert sweep.returncode == 0, said[-4000:]
+    assert "TerminatedWorkerError" in said and "a replacement runs it again" in said
+    trials = optuna.load_study(
+        study_name="kill", storage=f"sqlite:///{tmp_path / 'optuna.db'}"
+    ).get_trials()
+    from landcover.sweep.study import REPLACES, counting
+
+    summary = [(t.number, t.state.name, t.user_attrs) for t in trials]
+    lost = [t for t in trials if "the launcher lost the job" in t.user_attrs.get("fail_reason", "")]
+    assert lost, summary  # the killed worker's trial, and any other the broken pool took
+    replaced = {t.user_attrs[REPLACES] for t in trials if REPLACES in t.user_attrs}
+    assert {t.number for t in lost} <= replaced, summary  # each one run again
+    counted = counting(trials)
+    assert len(counted) == 4 and all(t.state.is_finished() for t in counted), summary
+    assert sum(t.state == TrialState.COMPLETE for t in counted) >= 3, summary
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
+    assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
