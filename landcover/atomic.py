@@ -27,7 +27,12 @@ def atomic_target(target: str | Path) -> Iterator[Path]:
     """A temporary path beside `target` to write to; renamed onto `target` when the block
     succeeds, removed when it fails. Readable by others (0644), like a normally created file."""
     target = Path(target)
-    fd, tmp = tempfile.mkstemp(suffix=f".tmp{target.suffix}", dir=target.parent)
+    _clean_once(target.parent)
+    fd, tmp = tempfile.mkstemp(
+        prefix=f"{STAGING_PREFIX}{socket.gethostname()}-{os.getpid()}-",
+        suffix=f".tmp{target.suffix}",
+        dir=target.parent,
+    )
     os.close(fd)
     try:
         yield Path(tmp)
@@ -99,16 +104,31 @@ def staging_dir(parent: Path) -> Path:
     return Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
 
 
+_CLEANED: set[str] = set()
+
+
+def _clean_once(parent: Path) -> None:
+    """Remove dead processes' temporary files in `parent`, once per folder and process."""
+    key = os.path.realpath(parent)
+    if key not in _CLEANED:
+        _CLEANED.add(key)
+        remove_stale_staging(parent)
+
+
 def remove_stale_staging(parent: Path) -> list[Path]:
-    """Remove staging folders that processes of this host left when they died (SIGKILL, power
-    loss); folders of live processes and of other hosts are left alone."""
+    """Remove staging folders and temporary files (of `atomic_target`) that processes of this
+    host left when they died (SIGKILL, power loss); those of live processes and of other hosts
+    are left alone."""
     removed = []
     host = socket.gethostname()
     for folder in parent.glob(f"{STAGING_PREFIX}{host}-*-*"):
         pid_text = folder.name[len(STAGING_PREFIX) + len(host) + 1 :].split("-", 1)[0]
         if not pid_text.isdigit() or _alive(int(pid_text)):
             continue
-        shutil.rmtree(folder, ignore_errors=True)
+        if folder.is_dir() and not folder.is_symlink():
+            shutil.rmtree(folder, ignore_errors=True)
+        else:
+            folder.unlink(missing_ok=True)
         removed.append(folder)
     return removed
 

@@ -103,6 +103,16 @@ class CheckpointManager:
                 total += status.st_size
         return total
 
+    def remove(self) -> int:
+        """Delete this run's checkpoints (what a finished sweep trial no longer needs); returns
+        the bytes freed."""
+        freed = self.bytes_used()
+        for name in ("last.pt", "best.pt"):
+            (self.directory / name).unlink(missing_ok=True)
+        for path in self.directory.glob("epoch_*.pt"):
+            path.unlink(missing_ok=True)
+        return freed
+
     def summary(self) -> str:
         """One log line: how much space, where, which files."""
         kept = f", {self.keep_epochs} per-epoch" if self.keep_epochs else ""

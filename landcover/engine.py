@@ -34,6 +34,7 @@ from landcover.distributed import (
     all_reduce_sum,
     sync_batchnorm,
 )
+from landcover.errors import LandcoverError
 from landcover.metrics import ConfusionMatrix, metric_names, scores_from_matrix
 from landcover.models import SegmentationModel
 from landcover.tracking import Tracker
@@ -43,8 +44,9 @@ log = logging.getLogger(__name__)
 EpochCallback = Callable[[int, Mapping[str, float]], None]
 
 
-class TrainingDivergedError(RuntimeError):
-    """The loss became NaN or infinite: nothing later in the run can be trusted."""
+class TrainingDivergedError(LandcoverError, RuntimeError):
+    """The loss became NaN or infinite: nothing later in the run can be trusted. A user's
+    error to act on (a learning rate too high), so commands end with its one line."""
 
 
 @dataclass

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
+import os
 import threading
 import zlib
 from collections.abc import Iterator
@@ -47,6 +48,12 @@ def store_lock(url: str, name: str) -> Iterator[bool]:
 
     Yields whether a cross-process lock is held (False for stores that have none).
     """
+    path = sqlite_path(url)
+    if path is not None:
+        # one lock per database file however its path is spelt (relative, through a link)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path = Path(os.path.realpath(path))
+        url = f"sqlite:///{path}"
     with _GUARD:
         thread_lock = _THREAD_LOCKS.setdefault(f"{url}#{name}", threading.Lock())
     with thread_lock:
@@ -65,12 +72,10 @@ def store_lock(url: str, name: str) -> Iterator[bool]:
             finally:
                 engine.dispose()
             return
-        path = sqlite_path(url)
         if path is None:
             yield False
             return
         suffix = ".lock" if name == "sweep" else f".{name}.lock"
-        path.parent.mkdir(parents=True, exist_ok=True)
         with open(f"{path}{suffix}", "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:

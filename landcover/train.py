@@ -30,7 +30,7 @@ from landcover.config import plain_dict, validate_config
 from landcover.data.loaders import TrainingData, build_training_data
 from landcover.data.scenes import class_pixel_totals
 from landcover.engine import EpochCallback, FitResult, FitSettings, Trainer
-from landcover.errors import ConfigError, LandcoverError, access_refused
+from landcover.errors import ConfigError, LandcoverError, RunPrunedError, access_refused
 from landcover.models import SegmentationModel, build_model
 from landcover.models.transfer import TransferReport, parameter_groups, transfer_weights
 from landcover.optim import build_loss, build_optimizer, build_scheduler
@@ -262,7 +262,12 @@ def train(
             runtime.device,
             where,
         )
-        result = trainer.fit()
+        try:
+            result = trainer.fit()
+        except RunPrunedError:
+            if cfg.trial is not None:  # a pruned trial is never resumed either
+                trainer.checkpoints.remove()
+            raise
         at_best = tracker.record_best(trainer.state, cfg.trainer.monitor)
         result.summary = {**at_best, **static}
         log_best_epoch(trainer)
@@ -272,6 +277,10 @@ def train(
                 cpu_copy(trainer.model), metadata=metadata, step=max(int(result.best_epoch or 0), 0)
             )
         tracker.describe(describe_run(cfg, data, trainer, at_best, static), result.model_uri)
+        if cfg.trial is not None and result.model_uri and not cfg.trainer.keep_epoch_checkpoints:
+            # a finished trial is never resumed, and its logged model holds the best weights
+            freed = trainer.checkpoints.remove()
+            log.info("trial's local checkpoints removed (%.1f MB)", freed / 1e6)
         best = f"{result.best_value:.4f}" if result.best_value is not None else "none"
         log.info("done: best %s = %s at epoch %s", cfg.trainer.monitor, best, result.best_epoch)
     if tracker.enabled and tracker.run_id and cfg.trial is None:

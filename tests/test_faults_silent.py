@@ -441,3 +441,121 @@ def test_a_joblib_sweep_survives_a_killed_worker(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
+
+
+def test_a_temporary_file_of_a_killed_save_is_removed_by_the_next(tmp_path):
+    """SIGKILL during a checkpoint save left `tmpXXXX.tmp.pt` beside it that nothing removed."""
+    killed = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            "import os, sys\n"
+            "from pathlib import Path\n"
+            "from landcover.atomic import atomic_target\n"
+            f"with atomic_target(Path({str(tmp_path / 'last.pt')!r})) as tmp:\n"
+            "    tmp.write_bytes(b'half a checkpoint')\n"
+            "    os.kill(os.getpid(), 9)\n",
+        ],
+        capture_output=True,
+    )
+    assert killed.returncode == -9
+    assert [p for p in tmp_path.iterdir() if p.name.endswith(".tmp.pt")]  # what it left
+    import torch
+
+    from landcover.checkpoint import save_checkpoint
+
+    save_checkpoint({"w": torch.zeros(3)}, tmp_path / "last.pt")  # the next run's save
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]
+
+
+def test_the_store_lock_is_one_however_the_path_is_spelt(tmp_path):
+    """The same SQLite file named through a link took another lock (two registry versions
+    for one run in 2 of 5 rounds)."""
+    import fcntl
+
+    from landcover.locks import store_lock
+
+    real = tmp_path / "store" / "mlflow.db"
+    real.parent.mkdir()
+    real.touch()
+    (tmp_path / "link").symlink_to(real.parent)
+    linked = f"sqlite:///{tmp_path / 'link' / 'mlflow.db'}"
+    with (
+        store_lock(linked, "registry"),
+        open(f"{real}.registry.lock", "a") as handle,
+        pytest.raises(BlockingIOError),
+    ):
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def test_a_diverging_training_is_one_line(tmp_path, tiny_synthetic):
+    from tests.test_train_e2e import tiny_overrides
+
+    out = subprocess.run(
+        [
+            str(BIN / "landcover-train"),
+            *tiny_overrides(tiny_synthetic, tmp_path, "optimizer.lr=1e30"),
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert out.returncode == 1
+    assert "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert out.stderr.strip().splitlines()[-1].startswith("error: loss became")
+
+
+def test_a_truncated_label_file_is_called_truncated(tmp_path):
+    import numpy as np
+
+    from tests.conftest import write_raster
+    from tests.test_faults import train_fails, usable_scenes
+
+    root = tmp_path / "data"
+    usable_scenes(root, size=256)
+    label = root / "train" / "s_label.tif"
+    # cut short where its georeferencing went too (a copy that stopped early)
+    write_raster(label, np.ones((256, 256), np.uint8), crs=None)
+    data = label.read_bytes()
+    label.write_bytes(data[: len(data) // 2])
+    message = train_fails(root, tmp_path)
+    assert "s_label.tif: truncated or corrupt" in message, message
+    assert "CRS mismatch" not in message
+
+
+def test_a_stac_document_that_is_a_list_is_one_error(tmp_path):
+    from landcover.errors import ConfigError
+    from landcover.mapping.inputs import expand
+
+    document = tmp_path / "items.json"
+    document.write_text('[{"type": "Feature"}]')
+    with pytest.raises(ConfigError, match="a JSON list, not a STAC"):
+        expand(str(document))
+
+
+def test_the_compile_cache_keeps_to_its_size_oldest_use_first(tmp_path, monkeypatch):
+    from landcover.predict.compile_cache import main, prune
+
+    monkeypatch.setenv("LANDCOVER_CACHE_DIR", str(tmp_path))
+    folder = tmp_path / "compiled"
+    (folder / "sources").mkdir(parents=True)
+    for age, name in enumerate(["new", "middle", "old"]):
+        graph = folder / f"{name}.onnx"
+        graph.write_bytes(b"\0" * 1_000_000)
+        os.utime(graph, (1e9 - age * 1000, 1e9 - age * 1000))
+        (folder / "sources" / f"{name}.json").write_text(json.dumps({"graph": graph.name}))
+    assert prune(limit=2_100_000) == (1, 1_000_000)
+    assert sorted(p.name for p in folder.glob("*.onnx")) == ["middle.onnx", "new.onnx"]
+    assert sorted(p.name for p in (folder / "sources").iterdir()) == ["middle.json", "new.json"]
+    main(["prune", "--max-mb", "0"])
+    assert not list(folder.glob("*.onnx")) and not list((folder / "sources").iterdir())
+
+
+@pytest.mark.slow
+def test_a_finished_sweep_trial_keeps_no_local_checkpoint(tmp_path):
+    """A smoke trial kept a 172 MB checkpoint beside the model it had logged."""
+    from tests.test_sweep import run_sweep
+
+    run_sweep(tmp_path, "hydra.sweeper.n_trials=2", "tracking.log_model=true")
+    assert not list((tmp_path / "multirun").rglob("*.pt"))

@@ -132,8 +132,16 @@ def check_same_grid(
     other_path: str,
 ) -> None:
     """Size, CRS and transform of `other` (labels, a prior layer) must be the image's: a layer
-    one pixel off would be read against the wrong pixels without any error."""
-    if (image.width, image.height) != (other.width, other.height):
+    one pixel off would be read against the wrong pixels without any error. A file cut short
+    often still opens, without its georeferencing: that is reported as what it is, not as a
+    mismatch."""
+    same_size = (image.width, image.height) == (other.width, other.height)
+    if not same_size or _crs_text(image) != _crs_text(other):
+        for dataset, path in ((other, other_path), (image, image_path)):
+            reason = unreadable_reason(dataset)
+            if reason is not None:
+                raise SceneError(f"{path}: truncated or corrupt ({reason})")
+    if not same_size:
         raise SceneError(
             f"grid mismatch: {image_path} is {image.width}x{image.height} but "
             f"{other_path} is {other.width}x{other.height}"
@@ -148,6 +156,16 @@ def check_same_grid(
             f"transform mismatch: {image_path} has {tuple(image.transform)[:6]} but "
             f"{other_path} has {tuple(other.transform)[:6]}"
         )
+
+
+def unreadable_reason(dataset: rasterio.io.DatasetReader) -> str | None:
+    """Why the last block of the first band cannot be read (a file cut short), or None."""
+    try:
+        windows = list(dataset.block_windows(1))
+        dataset.read(1, window=windows[-1][1])
+    except (rasterio.errors.RasterioError, IndexError) as err:
+        return str(err).splitlines()[0] if str(err) else type(err).__name__
+    return None
 
 
 def validate_scene(

@@ -98,6 +98,11 @@ def stac_inputs(path: Path, asset: str | None) -> list[MapInput]:
         data = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ConfigError(f"{path}: not readable STAC JSON ({err})") from err
+    if not isinstance(data, dict):
+        raise ConfigError(
+            f"{path}: a JSON {type(data).__name__}, not a STAC ItemCollection, Item or catalog "
+            "(each is a JSON object)"
+        )
     kind = data.get("type")
     try:
         if kind == "FeatureCollection":

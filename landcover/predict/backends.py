@@ -219,6 +219,13 @@ def compiled_onnx(model: LoadedModel) -> Path:
             difference,
             path,
         )
+        from landcover.predict.compile_cache import prune
+
+        prune()  # the cache keeps to its size, oldest use first
+    else:
+        from landcover.predict.compile_cache import touch
+
+        touch(path)
     if model.source_digest:
         remember_source(model, path)
     return path
@@ -266,6 +273,9 @@ def compiled_for_source(digest: str, reference: str) -> tuple[LoadedModel, Path]
         return None
     if not graph.is_file() or "schema" not in metadata or "/" in str(record["graph"]):
         return None
+    from landcover.predict.compile_cache import touch
+
+    touch(graph)
     model = LoadedModel(
         forward=_not_compiled,
         metadata=metadata,
