@@ -6,7 +6,7 @@ PYTHON ?= python3
 TORCH_PACKAGES ?= torch==2.14.1 torchvision==0.29.1
 BIN := $(VENV)/bin
 
-.PHONY: setup demo test lint bench clean
+.PHONY: setup demo test test-fast lint docs bench clean
 setup: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml
@@ -23,13 +23,21 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest -n auto --dist loadfile
 
+# the inner loop: everything not marked slow (end to end) or shared (the real data)
+test-fast: setup
+	$(BIN)/python -m pytest -n auto --dist loadfile -m "not slow and not shared"
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
 
+# the documentation site; --strict: a broken link or a page missing from the nav fails
+docs: setup
+	$(BIN)/mkdocs build --strict --quiet --site-dir site
+
 bench: setup
 	$(BIN)/python experiments/bench_loader.py
 
 clean:
-	rm -rf $(VENV) outputs multirun data/synthetic
+	rm -rf $(VENV) outputs multirun data/synthetic site

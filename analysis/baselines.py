@@ -45,7 +45,7 @@ from landcover.data.scenes import (  # noqa: E402
 )
 from landcover.data.schema import IGNORE_INDEX, ClassSchema  # noqa: E402
 from landcover.figures import class_map_rgb, image_to_rgb  # noqa: E402
-from landcover.interop.import_cntk import load_schema  # noqa: E402
+from landcover.interop.tutorial_model import load_schema  # noqa: E402
 from landcover.metrics import scores_from_matrix  # noqa: E402
 from landcover.predict.predictor import PredictSettings, predict_raster  # noqa: E402
 from landcover.predict.prior import literal_template, prior_table, with_prior  # noqa: E402

@@ -21,12 +21,8 @@ from hydra import compose, initialize_config_dir
 
 import landcover.config  # noqa: F401  (registers the config schemas with Hydra)
 from landcover.interop.cntk_import import import_cntk_seed
-from landcover.interop.import_cntk import (
-    evaluate_import,
-    load_schema,
-    tutorial_metadata,
-    tutorial_model,
-)
+from landcover.interop.import_cntk import evaluate_import
+from landcover.interop.tutorial_model import load_schema, tutorial_metadata, tutorial_model
 from landcover.paths import COMMANDS_CONFIG_DIR
 from landcover.predict.reference import from_module
 
@@ -57,8 +53,8 @@ def main() -> None:
                             f"data.image_suffix=_{imagery}.tif",
                         ],
                     )
-                    model = tutorial_model(imported.net, cfg)
-                    metadata = tutorial_metadata(cfg, schema, path, "-")
+                    model = tutorial_model(imported.net)
+                    metadata = tutorial_metadata(schema, path, "-")
                     metrics, _ = evaluate_import(cfg, from_module(model, metadata), schema)
                     rows.append((name, imagery, split, metrics))
     header = "| model | imagery | split | overall accuracy | trees IoU | herbaceous IoU | mIoU |"

@@ -24,7 +24,7 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.baselines import patch_pairs, real_data_parser, score, scores_of  # noqa: E402
 from landcover.data.scenes import quiet_georeferencing_warnings  # noqa: E402
-from landcover.interop.import_cntk import load_schema  # noqa: E402
+from landcover.interop.tutorial_model import load_schema  # noqa: E402
 from landcover.predict.reference import LoadedModel, load_model_reference  # noqa: E402
 
 

@@ -27,6 +27,15 @@ def sqlite_path(url: str) -> Path | None:
     return Path(url[len(prefix) :]) if url.startswith(prefix) else None
 
 
+def absolute_sqlite_url(url: str, base: Path | None = None) -> str:
+    """`sqlite:///optuna.db` -> `sqlite:////abs/optuna.db`: a job in another process or working
+    directory must open the same file."""
+    path = sqlite_path(url)
+    if path is None or path.is_absolute() or str(path) in ("", ":memory:"):
+        return url
+    return f"sqlite:///{((base or Path.cwd()) / path).resolve()}"
+
+
 def is_postgresql(url: str) -> bool:
     """Whether a store URL is PostgreSQL (advisory locks instead of a lock file)."""
     return url.startswith(("postgresql:", "postgresql+"))

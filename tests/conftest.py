@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import os
 import re
@@ -33,6 +34,13 @@ def one_local_ray_at_a_time(request: pytest.FixtureRequest) -> Iterator[None]:
     if not RAY_TEST.search(request.node.name):
         yield
         return
+    with local_ray_turn():
+        yield
+
+
+@contextlib.contextmanager
+def local_ray_turn() -> Iterator[None]:
+    """This process's turn at running a Ray on this machine (a file lock across workers)."""
     with open(Path(tempfile.gettempdir()) / "landcover-tests-local-ray.lock", "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:

@@ -25,6 +25,7 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from landcover.local_server import mlflow_server_command
+from tests.conftest import local_ray_turn
 from tests.ray_nodes import Cluster, two_node_cluster
 from tests.servers import HOST, free_port, running
 from tests.test_mapping_job import job_command, read_maps, tiles
@@ -45,8 +46,11 @@ authorization_function = mlflow.server.auth:authenticate_request_basic_auth
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> Cluster:
-    with two_node_cluster(tmp_path_factory.mktemp("nodes")) as running_cluster:
-        yield running_cluster
+    """The file's cluster, while no other test of this run has a Ray of its own: a Ray started
+    on the same machine meanwhile replaces the session (and its auth token) that `ray.init`
+    finds by default, and clients of this cluster are then refused."""
+    with local_ray_turn(), two_node_cluster(tmp_path_factory.mktemp("nodes")) as running:
+        yield running
 
 
 @pytest.fixture(scope="module")

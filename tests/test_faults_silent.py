@@ -543,7 +543,7 @@ def test_the_compile_cache_keeps_to_its_size_oldest_use_first(tmp_path, monkeypa
     for age, name in enumerate(["new", "middle", "old"]):
         graph = folder / f"{name}.onnx"
         graph.write_bytes(b"\0" * 1_000_000)
-        os.utime(graph, (1e9 - age * 1000, 1e9 - age * 1000))
+        os.utime(graph, (1e9 - age * 1000, 1e9))  # last used: new, middle, old
         (folder / "sources" / f"{name}.json").write_text(json.dumps({"graph": graph.name}))
     assert prune(limit=2_100_000) == (1, 1_000_000)
     assert sorted(p.name for p in folder.glob("*.onnx")) == ["middle.onnx", "new.onnx"]

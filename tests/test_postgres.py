@@ -72,12 +72,28 @@ def team(tmp_path_factory):
                 get_app_client("basic-auth", tracking_uri=url).create_user(
                     "alice", "alice-password-1"
                 )
+            cheap_password(database, "alice", "alice-password-1")
             member = {
                 "MLFLOW_TRACKING_USERNAME": "alice",
                 "MLFLOW_TRACKING_PASSWORD": "alice-password-1",
             }
             with patched_environ(member):
                 yield database, url, tmp
+
+
+def cheap_password(database: str, user: str, password: str) -> None:
+    """Store `user`'s password with a cheap PBKDF2 hash. The server checks the password on
+    every request, and its default scrypt check costs about 2 s a request on these cores
+    (README "What records cost"): a test run's records would take minutes. What is tested
+    here is who may do what, not how costly the check is."""
+    import psycopg
+    from werkzeug.security import generate_password_hash
+
+    with psycopg.connect(f"{database}/mlflow_auth") as connection:
+        connection.execute(
+            "UPDATE users SET password_hash = %s WHERE username = %s",
+            (generate_password_hash(password, method="pbkdf2:sha256:1000"), user),
+        )
 
 
 @contextlib.contextmanager
@@ -207,6 +223,7 @@ def test_a_team_promotes_grants_and_refuses_in_one_line(team, tiny_synthetic):
         admin = get_app_client("basic-auth", tracking_uri=url)
         for name in ("bob", "carol"):
             admin.create_user(name, f"{name}-password-1")
+            cheap_password(team[0], name, f"{name}-password-1")
     overrides = tiny_overrides(
         tiny_synthetic,
         tmp,

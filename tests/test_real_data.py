@@ -107,7 +107,7 @@ def test_the_nlcd_legend_lifts_the_2018_networks_rare_class_on_real_patches(shar
     developed (the val patches) barren + impervious is found far more often with OA intact;
     where it hardly does (the train patches) the map stays as it was."""
     from analysis.baselines import patch_pairs, score, scores_of
-    from landcover.interop.import_cntk import load_schema
+    from landcover.interop.tutorial_model import load_schema
     from landcover.predict.prior import prior_table, with_prior
     from landcover.predict.reference import load_model_reference
 

@@ -1,1 +1,1 @@
-"""Bridges to other runtimes and formats: ONNX export, (later) CNTK model import."""
+"""Bridges to other runtimes and formats: ONNX export and files, the 2018 CNTK models."""

@@ -19,60 +19,20 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
 from landcover import tracking
-from landcover.config import plain_dict
 from landcover.data.loaders import split_scenes
 from landcover.data.scenes import dataset_fingerprint
 from landcover.data.schema import ClassSchema
 from landcover.errors import ConfigError
 from landcover.interop.cntk_import import import_cntk_seed
+from landcover.interop.tutorial_model import load_schema, tutorial_metadata, tutorial_model
 from landcover.metrics import scores_from_matrix
-from landcover.models import SegmentationModel
-from landcover.models.seed import SeedNet
-from landcover.paths import CONFIG_DIR
 from landcover.predict.predictor import PredictSettings
 from landcover.predict.reference import from_module
 
 log = logging.getLogger("landcover.import_cntk")
-
-
-def tutorial_metadata(cfg: DictConfig, schema: ClassSchema, source: Path, digest: str) -> dict:
-    """The metadata a landcover model carries, for the 2018 network and its 5 labels."""
-    return {
-        "landcover_format": 2,
-        "arch": "seed",
-        "model": {"arch": "seed"},
-        "schema": schema.to_dict(),
-        "bands": 4,
-        "band_names": list(cfg.band_names),
-        "normalize": {"mean": list(cfg.normalize.mean), "std": list(cfg.normalize.std)},
-        "input": "raw digital numbers, float32 (batch, bands, height, width), any height/width",
-        "output_margin": SeedNet.output_margin,
-        "size_divisor": SeedNet.size_divisor,
-        "patch_size": 256,
-        "source": f"CNTK {source.name} (sha256 {digest[:16]})",
-    }
-
-
-def tutorial_model(net: SeedNet, cfg: DictConfig) -> SegmentationModel:
-    """The imported network behind the tutorial's input scaling and 64 px margin."""
-    return SegmentationModel(
-        net,
-        mean=list(cfg.normalize.mean),
-        std=list(cfg.normalize.std),
-        output_margin=SeedNet.output_margin,
-        size_divisor=SeedNet.size_divisor,
-    ).eval()
-
-
-def load_schema(name: str) -> ClassSchema:
-    """A class schema by name from `conf/data/schema/`."""
-    path = Path(CONFIG_DIR) / "data" / "schema" / f"{name}.yaml"
-    if not path.is_file():
-        raise ConfigError(f"schema={name!r}: no {path}")
-    return ClassSchema.from_config(plain_dict(OmegaConf.load(path)))
 
 
 def evaluate_import(cfg: DictConfig, model, schema: ClassSchema) -> tuple[dict, str]:
@@ -95,21 +55,6 @@ def evaluate_import(cfg: DictConfig, model, schema: ClassSchema) -> tuple[dict, 
     return metrics, dataset_fingerprint(all_scenes)
 
 
-def load_cntk_file(path: Path) -> tuple[SegmentationModel, dict]:
-    """A 2018 tutorial CNTK model file as the network and metadata `landcover-import-cntk`
-    logs, in memory, with the command's own defaults (5 labels, inputs / 256): any command that
-    takes a model reference takes the file itself (`init.model=.../250epochs.model` starts a
-    training run from it without an import run first)."""
-    from landcover.paths import COMMANDS_CONFIG_DIR
-
-    cfg = OmegaConf.load(Path(COMMANDS_CONFIG_DIR) / "import_cntk.yaml")
-    assert isinstance(cfg, DictConfig)  # the command's config file is a mapping
-    imported = import_cntk_seed(path)
-    digest = hashlib.sha256(path.read_bytes()).hexdigest()
-    metadata = tutorial_metadata(cfg, load_schema(str(cfg.schema)), path, digest)
-    return tutorial_model(imported.net, cfg), metadata
-
-
 def run_import(cfg: DictConfig) -> str:
     """`landcover-import-cntk`: rebuild the 2018 model, optionally score it, and log it as a
     landcover model."""
@@ -122,8 +67,10 @@ def run_import(cfg: DictConfig) -> str:
             f"schema={cfg.schema} has {len(schema.classes)} classes; {source} predicts "
             f"{imported.net.head.out_channels}"
         )
-    metadata = tutorial_metadata(cfg, schema, source, digest)
-    model = tutorial_model(imported.net, cfg)
+    metadata = tutorial_metadata(
+        schema, source, digest, cfg.band_names, cfg.normalize.mean, cfg.normalize.std
+    )
+    model = tutorial_model(imported.net, cfg.normalize.mean, cfg.normalize.std)
     tags = {
         "landcover.kind": "import",
         "model.arch": "seed",

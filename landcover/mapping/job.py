@@ -195,7 +195,7 @@ def _worker_args(cfg: DictConfig) -> dict[str, Any]:
     """What every worker is built from, resolved here: a worker on another node has another
     working directory and environment, so relative paths are made absolute and (on Ray) the
     driver's environment travels with the arguments (see landcover.cluster)."""
-    from landcover.sweep.study import absolute_sqlite_url
+    from landcover.locks import absolute_sqlite_url
 
     model = str(cfg.model)
     if Path(model).exists():

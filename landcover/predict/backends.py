@@ -33,6 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from landcover.errors import ConfigError
+from landcover.predict.compile_cache import cache_dir, prune, touch
 from landcover.predict.reference import LoadedModel
 
 if TYPE_CHECKING:
@@ -49,12 +50,6 @@ OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
 OPSET = 17
 TOLERANCE = 1e-3  # max |compiled - PyTorch| logit difference accepted, as landcover-export
 PROBE = (1, 96, 160)  # batch, height, width of the input a compiled graph is checked on
-
-
-def cache_dir() -> Path:
-    """`LANDCOVER_CACHE_DIR`, or ~/.cache/landcover: compiled models outlive a job."""
-    root = os.environ.get("LANDCOVER_CACHE_DIR") or Path.home() / ".cache" / "landcover"
-    return Path(root) / "compiled"
 
 
 def model_key(model: LoadedModel) -> str:
@@ -219,12 +214,8 @@ def compiled_onnx(model: LoadedModel) -> Path:
             difference,
             path,
         )
-        from landcover.predict.compile_cache import prune
-
         prune()  # the cache keeps to its size, oldest use first
     else:
-        from landcover.predict.compile_cache import touch
-
         touch(path)
     if model.source_digest:
         remember_source(model, path)
@@ -273,8 +264,6 @@ def compiled_for_source(digest: str, reference: str) -> tuple[LoadedModel, Path]
         return None
     if not graph.is_file() or "schema" not in metadata or "/" in str(record["graph"]):
         return None
-    from landcover.predict.compile_cache import touch
-
     touch(graph)
     model = LoadedModel(
         forward=_not_compiled,

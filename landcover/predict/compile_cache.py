@@ -1,4 +1,4 @@
-"""The compiled-model cache's size: least recently used graphs go first.
+"""Where compiled models are kept, and the cache's size: least recently used graphs go first.
 
 Every model a machine maps is compiled once into `LANDCOVER_CACHE_DIR` (see
 `landcover.predict.backends`); left alone the folder only grows (278 MB after one afternoon of
@@ -25,10 +25,9 @@ GRAPH_SUFFIXES = (".onnx", ".xml", ".bin", ".blob")
 
 
 def cache_dir() -> Path:
-    """`LANDCOVER_CACHE_DIR`, or ~/.cache/landcover/compiled."""
-    from landcover.predict.backends import cache_dir as folder
-
-    return folder()
+    """`LANDCOVER_CACHE_DIR`, or ~/.cache/landcover: compiled models outlive a job."""
+    root = os.environ.get("LANDCOVER_CACHE_DIR") or Path.home() / ".cache" / "landcover"
+    return Path(root) / "compiled"
 
 
 def max_bytes() -> int:
@@ -37,15 +36,16 @@ def max_bytes() -> int:
 
 
 def graphs(folder: Path) -> list[Path]:
-    """Compiled graphs, least recently used first (a use touches the file)."""
+    """Compiled graphs, least recently used first (a use sets the file's access time)."""
     found = [p for p in folder.glob("*") if p.is_file() and p.suffix in GRAPH_SUFFIXES]
-    return sorted(found, key=lambda p: p.stat().st_mtime)
+    return sorted(found, key=lambda p: p.stat().st_atime)
 
 
 def touch(graph: Path) -> None:
-    """Mark a graph as just used."""
+    """Mark a graph as just used: its access time, set explicitly (mounts with `relatime`
+    update it rarely); its modification time stays the time it was compiled."""
     with contextlib.suppress(OSError):  # a read-only cache still maps
-        os.utime(graph, (time.time(), time.time()))
+        os.utime(graph, (time.time(), graph.stat().st_mtime))
 
 
 def prune(limit: int | None = None, folder: Path | None = None) -> tuple[int, int]:

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 
 from landcover.data.schema import ClassSchema
 from landcover.errors import ConfigValueError
+from landcover.paths import CONFIG_DIR
 
 if TYPE_CHECKING:
     from landcover.predict.reference import LoadedModel
@@ -125,8 +126,6 @@ def literal_template(path: str) -> str:
 
 def prior_table(name: str) -> dict[str, Any]:
     """A prior table of `conf/prior/` by name (what training records in a model's metadata)."""
-    from landcover.config import CONFIG_DIR
-
     path = Path(CONFIG_DIR) / "prior" / f"{name}.yaml"
     if not path.is_file():
         known = sorted(p.stem for p in path.parent.glob("*.yaml"))

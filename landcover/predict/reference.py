@@ -21,7 +21,7 @@ import numpy as np
 from landcover.data.schema import ClassSchema
 from landcover.errors import LandcoverError
 
-if TYPE_CHECKING:  # torch is imported only where a model runs on it (see predict.lean)
+if TYPE_CHECKING:  # torch is imported only where a model runs on it (predict/loading.py)
     import torch
 
 RUN_ID = re.compile(r"^[0-9a-f]{32}$")
@@ -168,7 +168,7 @@ def _from_cntk(
     path: Path, device: torch.device, channels_last: bool, digest: str | None = None
 ) -> LoadedModel:
     """A 2018 tutorial CNTK file, decoded by landcover's bounded reader (no CNTK, no code run)."""
-    from landcover.interop.import_cntk import load_cntk_file
+    from landcover.interop.tutorial_model import load_cntk_file
 
     module, metadata = load_cntk_file(path)
     return LoadedModel(

@@ -19,7 +19,6 @@ import contextlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any
 
 import optuna
@@ -27,21 +26,13 @@ from optuna.trial import FrozenTrial, TrialState
 
 from landcover import locks
 from landcover.errors import ConfigError
+from landcover.locks import absolute_sqlite_url  # noqa: F401  (the sweep's name for it)
 
 OVER_BUDGET = "over_budget"
 REPLACES = "replaces"  # user attr of a replacement trial: the number of the dead one
 FAIL_REASON = "fail_reason"  # user attr of a failed trial: the last line of its error
 SAMPLERS = ("tpe", "random", "cmaes", "gp", "qmc", "grid")
 PRUNERS = ("none", "median", "hyperband", "threshold")
-
-
-def absolute_sqlite_url(url: str, base: Path | None = None) -> str:
-    """`sqlite:///optuna.db` -> `sqlite:////abs/optuna.db`: a job in another process or working
-    directory must open the same file."""
-    path = locks.sqlite_path(url)
-    if path is None or path.is_absolute() or str(path) in ("", ":memory:"):
-        return url
-    return f"sqlite:///{((base or Path.cwd()) / path).resolve()}"
 
 
 @dataclass(frozen=True)
