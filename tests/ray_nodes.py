@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 BIN = Path(sys.executable).parent
-STARTED_WITHIN = 120
+STARTED_WITHIN = 180
 
 
 def free_port() -> int:
@@ -33,6 +33,10 @@ def node_environment() -> dict[str, str]:
     dropped = ("MLFLOW_", "LANDCOVER_", "PG", "RAY_ADDRESS")
     env = {k: v for k, v in os.environ.items() if not k.startswith(dropped)}
     env["RAY_USAGE_STATS_ENABLED"] = "0"
+    # `ray start --head` turns token authentication on once ~/.ray/auth_token exists (any Ray
+    # run may have written it), while clients default to no authentication: a loopback test
+    # cluster opts out, as its drivers (the test's commands) do by default
+    env["RAY_AUTH_MODE"] = "disabled"
     return env
 
 
@@ -71,6 +75,21 @@ class Cluster:
         return out.stdout.strip().splitlines()[-1]
 
 
+def own_ports(head: bool) -> list[str]:
+    """Free ports for every service of a node: Ray's defaults (52365 for the dashboard agent,
+    10001 for the client server...) collide between two nodes of one machine and with a Ray
+    that another test left shutting down."""
+    names = [
+        "dashboard-agent-listen-port",
+        "dashboard-agent-grpc-port",
+        "metrics-export-port",
+        "runtime-env-agent-port",
+        "node-manager-port",
+        "object-manager-port",
+    ] + (["ray-client-server-port"] if head else [])
+    return [f"--{name}={free_port()}" for name in names]
+
+
 def _start(args: list[str], workdir: Path, log: Path) -> subprocess.Popen:
     with log.open("w") as handle:
         return subprocess.Popen(
@@ -83,7 +102,7 @@ def _start(args: list[str], workdir: Path, log: Path) -> subprocess.Popen:
         )
 
 
-def _wait_for_nodes(address: str, count: int, deadline: float) -> None:
+def _wait_for_nodes(address: str, count: int, deadline: float, logs: list[Path]) -> None:
     probe = (
         "import ray, time\n"
         f"ray.init(address='{address}', log_to_driver=False)\n"
@@ -92,14 +111,20 @@ def _wait_for_nodes(address: str, count: int, deadline: float) -> None:
     while True:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise TimeoutError(f"Ray cluster at {address} did not reach {count} node(s)")
-        done = subprocess.run(
-            [str(BIN / "python"), "-c", probe],
-            env=node_environment(),
-            capture_output=True,
-            timeout=max(left, 1),
-            check=False,
-        )
+            said = "\n".join(
+                f"--- {log}:\n{log.read_text()[-2000:]}" for log in logs if log.exists()
+            )
+            raise TimeoutError(f"Ray cluster at {address} did not reach {count} node(s)\n{said}")
+        try:
+            done = subprocess.run(
+                [str(BIN / "python"), "-c", probe],
+                env=node_environment(),
+                capture_output=True,
+                timeout=min(max(left, 1), 60),
+                check=False,
+            )
+        except subprocess.TimeoutExpired:
+            continue
         if done.returncode == 0:
             return
         time.sleep(1)
@@ -124,17 +149,23 @@ def two_node_cluster(workdir: Path) -> Iterator[Cluster]:
                     "--include-dashboard=false",
                     f"--temp-dir={temp_dir}",
                     *common,
+                    *own_ports(head=True),
                 ],
                 workdir,
                 workdir / "head.log",
             )
         )
+        logs = [workdir / "head.log", workdir / "worker.log"]
         deadline = time.monotonic() + STARTED_WITHIN
-        _wait_for_nodes(address, 1, deadline)
+        _wait_for_nodes(address, 1, deadline, logs)
         cluster.nodes.append(
-            _start([f"--address={address}", *common], workdir, workdir / "worker.log")
+            _start(
+                [f"--address={address}", *common, *own_ports(head=False)],
+                workdir,
+                workdir / "worker.log",
+            )
         )
-        _wait_for_nodes(address, 2, deadline)
+        _wait_for_nodes(address, 2, deadline, logs)
         yield cluster
     finally:
         for node in reversed(cluster.nodes):

@@ -45,7 +45,7 @@ def touch(graph: Path) -> None:
     """Mark a graph as just used: its access time, set explicitly (mounts with `relatime`
     update it rarely); its modification time stays the time it was compiled."""
     with contextlib.suppress(OSError):  # a read-only cache still maps
-        os.utime(graph, (time.time(), graph.stat().st_mtime))
+        os.utime(graph, ns=(time.time_ns(), graph.stat().st_mtime_ns))
 
 
 def prune(limit: int | None = None, folder: Path | None = None) -> tuple[int, int]:
