@@ -289,6 +289,9 @@ class PredictSettings:
     batch_size: int
     confidence: bool
     probabilities: bool
+    vectorize: bool
+    vectorize_min_area: float
+    vectorize_simplify: float
     progress: bool
     gdal_cache_mb: int
     pixel_size_tolerance: float
@@ -627,7 +630,23 @@ def one_line(err: OmegaConfBaseException, prefix: str = "") -> str:
     line, naming the key."""
     key = getattr(err, "full_key", None)
     message = str(getattr(err, "msg", None) or err).splitlines()[0]
+    message += did_you_mean(err)
     return f"config value {prefix}{key}: {message}" if key else f"bad config: {message}"
+
+
+def did_you_mean(err: OmegaConfBaseException) -> str:
+    """` (did you mean max_epochs?)` for a key the schema does not have, when one is close."""
+    import dataclasses
+    import difflib
+
+    key, schema = getattr(err, "key", None), getattr(err, "object_type", None)
+    if not isinstance(key, str) or schema is None or not dataclasses.is_dataclass(schema):
+        return ""
+    names = [field.name for field in dataclasses.fields(schema)]
+    if key in names:
+        return ""
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
 
 
 def validate_command_config(cfg: DictConfig, name: str) -> DictConfig:

@@ -230,6 +230,9 @@ def _better(value: float, than: float, direction: str) -> bool:
 def _lineage(candidate: Candidate, experiment: str, direction: str) -> dict[str, str]:
     tags = {
         "landcover.source_run_id": candidate.run_id,
+        # MLflow 3.17's SQL registry stores keep no model_id column (a version read back has
+        # model_id None whatever was passed): the logged model's id is here and in `source`
+        **({"landcover.model_id": candidate.model_id} if candidate.model_id else {}),
         "landcover.experiment": experiment,
         "landcover.metric": candidate.metric,
         "landcover.metric_value": repr(candidate.value),

@@ -305,7 +305,10 @@ class Tracker:
         except (KeyboardInterrupt, RunPrunedError) as err:
             mlflow.set_tag("landcover.stopped", f"{type(err).__name__}: {err}"[:5000])
             if isinstance(err, RunPrunedError):
-                mlflow.set_tag("optuna.state", "PRUNED")
+                # told apart from a failure in the runs table: by name and by tag
+                mlflow.set_tags({"optuna.state": "PRUNED", "landcover.outcome": "pruned"})
+                name = mlflow.get_run(self.run_id).info.run_name or ""
+                mlflow.tracking.MlflowClient().update_run(self.run_id, name=f"{name} (pruned)")
             mlflow.end_run("KILLED")
             raise
         except BaseException as err:

@@ -40,6 +40,13 @@ def test_bad_value_is_one_clear_error_before_any_work(tmp_path):
     assert not (tmp_path / "mlflow.db").exists()  # nothing recorded for a bad config
 
 
+def test_a_mistyped_key_gets_the_closest_one_suggested(tmp_path):
+    out = run("trainer.max_epoch=3", cwd=tmp_path)
+    assert out.returncode == 1
+    last = out.stderr.strip().splitlines()[-1]
+    assert "trainer.max_epoch" in last and last.endswith("(did you mean max_epochs?)"), last
+
+
 def test_missing_data_is_named(tmp_path):
     out = run("data=geotiff", f"data.root={tmp_path / 'nowhere'}", cwd=tmp_path)
     assert out.returncode != 0

@@ -375,3 +375,22 @@ def test_an_unknown_engine_is_refused_before_any_work(tmp_path):
     with pytest.raises(ConfigError, match="engine.name='dask' is not local or ray"):
         run_predictions(cfg)
     assert not any(tmp_path.iterdir())  # no manifest, no lock, nothing
+
+
+def test_the_job_run_spans_the_job_and_describes_it(tmp_path):
+    tiles(tmp_path / "in", 3)
+    rng = np.random.default_rng(1)
+    write_raster(
+        tmp_path / "in" / "nowhere.tif", rng.integers(0, 255, (4, 64, 64), dtype=np.uint8), crs=None
+    )
+    out = job(tmp_path, f"{tmp_path}/in/*.tif", tmp_path / "maps")
+    assert out.returncode == 0, out.stderr[-3000:]
+    said = out.stdout + out.stderr
+    assert "1 map(s) have no CRS" in said and "no mosaic or quicklook includes them" in said
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    (run,) = client.search_runs([client.get_experiment_by_name("predictions").experiment_id])
+    seconds = run.data.metrics["seconds"]
+    assert (run.info.end_time - run.info.start_time) / 1000 >= seconds  # the job's own span
+    description = run.data.tags["mlflow.note.content"]
+    assert description.startswith("Mapping job: 4 mapped, 0 already mapped, 0 failed")
+    assert f"model: {MODEL}" in description or "model:" in description

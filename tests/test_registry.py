@@ -167,6 +167,11 @@ def test_guard_previous_alias_lineage_and_idempotency(store, client):
     run = client.get_run(best)
     assert version.run_id == best
     assert version.tags["landcover.source_run_id"] == best
+    from landcover.registry import logged_model_id
+
+    model_id = logged_model_id(run)
+    assert version.tags["landcover.model_id"] == model_id  # the SQL store keeps no model_id
+    assert version.source == f"models:/{model_id}"
     assert version.tags["landcover.experiment"] == "reg"
     assert version.tags["landcover.metric"] == METRIC
     assert float(version.tags["landcover.metric_value"]) == values[best]

@@ -291,3 +291,43 @@ def test_a_sweep_at_a_cluster_that_is_not_there_stops_in_one_line(tmp_path):
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert not [r for r in runs if r.info.status == "RUNNING"]
+
+
+def test_a_trial_is_never_pruned_at_its_last_epoch_and_the_sweep_reports_its_winner(tmp_path):
+    """A pruner that prunes everything (threshold above any mIoU) may stop a 2-epoch trial
+    after its first epoch, never at its last: 1-epoch trials complete. The sweep ends with the
+    best trial, the page to open and the promote command; the parent run says the same."""
+    config_dir = write_sweep(
+        tmp_path,
+        "ends",
+        """hydra:
+  sweeper:
+    study_name: ends
+    n_trials: 2
+    pruner: {name: threshold, lower: 2.0, n_warmup_steps: 0}
+    enqueue:
+      - {trainer.max_epochs: 1}
+      - {trainer.max_epochs: 2}
+    params:
+      trainer.max_epochs: choice(1, 2)
+""",
+    )
+    out = run_sweep(tmp_path, config_dir, sweep="ends")
+    trials = {t.params["trainer.max_epochs"]: t for t in load(tmp_path, "ends").get_trials()}
+    assert trials[1].state == TrialState.COMPLETE  # its only epoch is its last
+    assert trials[2].state == TrialState.PRUNED and sorted(trials[2].intermediate_values) == [0]
+    said = out.stdout + out.stderr
+    best = trials[1]
+    assert f"best: trial {best.number}, val/mIoU = {best.value:.4f}" in said
+    assert "browse the sweep:" in said
+    assert (
+        "promote the best: landcover-promote experiment=sweeps sweep=ends metric=val/mIoU" in said
+    )
+    assert "Heartbeat of storage" not in said
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
+    (parent,) = [r for r in runs if r.data.tags.get("landcover.kind") == "sweep"]
+    description = parent.data.tags["mlflow.note.content"]
+    assert "1 complete, 1 pruned" in description and f"| {best.number} |" in description
+    (pruned,) = [r for r in runs if r.data.tags.get("landcover.outcome") == "pruned"]
+    assert pruned.info.run_name.endswith("(pruned)")

@@ -58,6 +58,7 @@ class JobSummary:
     mosaics: dict[str, Path] = field(default_factory=dict)
     run_id: str | None = None
     seconds: float = 0.0
+    started_at: float = field(default_factory=time.time)  # wall clock, for the run's start
     model_reference: str = ""  # as the workers resolved it (empty when nothing ran)
     source_run_id: str = ""
 
@@ -141,6 +142,24 @@ def run_predictions(cfg: DictConfig) -> JobSummary:
         ", ".join(str(p) for p in summary.mosaics.values()) or folder,
     )
     return summary
+
+
+def _description(cfg: DictConfig, summary: JobSummary, done: list[Row], warnings: list[str]) -> str:
+    """What a person reads first on the job's run page."""
+    megapixels = sum(row.pixels for row in summary.mapped) / 1e6
+    lines = [
+        f"Mapping job: {len(summary.mapped)} mapped, {len(summary.skipped)} already mapped, "
+        f"{len(summary.failed)} failed, {megapixels:.1f} Mpx in {summary.seconds:.1f} s.",
+        "",
+        f"- model: {summary.model_reference or cfg.model}",
+        f"- inputs: {len(done) + len(summary.failed)} ({cfg.input})",
+        f"- engine: {cfg.engine.name}"
+        + (f" ({cfg.engine.workers} workers)" if cfg.engine.name == "ray" else ""),
+        f"- output: {summary.folder}",
+    ]
+    lines += [f"- warning: {warning}" for warning in warnings]
+    lines += [f"- failed: {shown(row.input)}: {row.error}" for row in summary.failed[:20]]
+    return "\n".join(lines)
 
 
 def _refuse_overwriting_inputs(inputs: list[MapInput], output: Path, folder_mode: bool) -> None:
@@ -243,6 +262,13 @@ def _region_outputs(folder: Path, done: list[Row], quicklook_size: int) -> dict[
     """Mosaics, area totals and a quicklook over every map the folder holds."""
     maps = [Path(row.output) for row in done]
     mosaics = region.write_mosaics(folder, maps) if maps else {}
+    without_crs = [row.input for row in done if not row.crs]
+    if without_crs:
+        log.warning(
+            "%d map(s) have no CRS (their inputs have none): they have no place on the ground, "
+            "so no mosaic or quicklook includes them and their areas are pixels only",
+            len(without_crs),
+        )
     tables = [(row.crs, Path(row.output).with_suffix(".areas.json").read_text()) for row in done]
     totals = region.area_totals(tables)
     write_text(folder / "area_totals.json", json.dumps(totals, indent=2))
@@ -273,7 +299,19 @@ def _record_job(
     reference = summary.model_reference or str(cfg.model)
     pixels = sum(row.pixels for row in summary.mapped)
     name = f"map {len(done)} input(s)" if folder else f"predict {Path(str(cfg.output)).name}"
-    with tracking.start_run(cfg.tracking.uri, cfg.tracking.experiment, run_name=name) as run:
+    # the run spans the job (MLflow would start it now, at the end of the work)
+    client = mlflow.tracking.MlflowClient(cfg.tracking.uri)
+    tracking.use_experiment(cfg.tracking.uri, cfg.tracking.experiment)
+    created = client.create_run(
+        tracking.experiment_id(client, cfg.tracking.experiment),
+        start_time=int(summary.started_at * 1000),
+        run_name=name,
+    )
+    warnings = sorted({row.warning for row in [*done, *summary.failed] if row.warning})
+    with mlflow.start_run(run_id=created.info.run_id) as run:
+        mlflow.set_tag("mlflow.note.content", _description(cfg, summary, done, warnings))
+        if warnings:
+            mlflow.set_tag("landcover.warnings", " | ".join(warnings)[:5000])
         mlflow.set_tags(
             {
                 "landcover.kind": "mapping_job",

@@ -19,6 +19,7 @@ import rasterio
 from matplotlib.figure import Figure
 
 from landcover.atomic import write_text
+from landcover.predict.style import write_style_of
 from landcover.predict.writer import NODATA
 
 
@@ -46,6 +47,7 @@ def write_mosaics(folder: Path, maps: Sequence[Path]) -> dict[str, Path]:
     for index, (crs, paths) in enumerate(sorted(groups.items())):
         target = folder / f"mosaic{_crs_label(crs, index, len(groups))}.vrt"
         write_text(target, mosaic_vrt(paths, target.parent))
+        write_style_of(paths[0], target)  # the maps' style, for the mosaic too
         written[crs] = target
     return written
 

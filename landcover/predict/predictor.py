@@ -352,6 +352,14 @@ def predict_raster(
                 written.pop().result()
             bar.close()
         table = writer.area_table()
+    if settings.vectorize:
+        from landcover.predict.vectorize import vectorize_map
+
+        writer.outputs["polygons"] = vectorize_map(
+            writer.outputs["classes"],
+            min_area=settings.vectorize_min_area,
+            simplify=settings.vectorize_simplify,
+        )
     return PredictionResult(
         source,
         writer.outputs,

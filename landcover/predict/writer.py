@@ -18,6 +18,7 @@ import numpy as np
 import rasterio
 import rasterio.shutil
 from affine import Affine
+from rasterio.enums import ColorInterp
 from rasterio.windows import Window
 
 from landcover.atomic import naming_full_disk, staging_dir, write_text
@@ -118,6 +119,7 @@ class AreaTable:
                 "code": code,
                 "pixels": int(count),
                 "area_m2": None if self.pixel_area_m2 is None else count * self.pixel_area_m2,
+                "area_ha": None if self.pixel_area_m2 is None else count * self.pixel_area_m2 / 1e4,
                 "share_percent": 100.0 * count / total if total else 0.0,
             }
             for name, code, count in zip(self.names, self.codes, self.counts, strict=True)
@@ -125,11 +127,13 @@ class AreaTable:
 
     def to_csv(self) -> str:
         """The table as CSV (for spreadsheets)."""
-        lines = ["class,code,pixels,area_m2,share_percent"]
+        lines = ["class,code,pixels,area_m2,area_ha,share_percent"]
         for row in self.rows():
             area = "" if row["area_m2"] is None else f"{row['area_m2']:.1f}"
+            hectares = "" if row["area_ha"] is None else f"{row['area_ha']:.4f}"
             lines.append(
-                f"{row['class']},{row['code']},{row['pixels']},{area},{row['share_percent']:.4f}"
+                f"{row['class']},{row['code']},{row['pixels']},{area},{hectares},"
+                f"{row['share_percent']:.4f}"
             )
         return "\n".join(lines) + "\n"
 
@@ -155,12 +159,17 @@ class StagedRaster:
         colormap: dict | None = None,
         tags: dict[str, str] | None = None,
         descriptions: list[str] | None = None,
+        scale: float | None = None,
     ) -> None:
         self.target = Path(target)
         self.staging = workdir / f"{self.target.stem}.staging.tif"
         options = {"count": count, "dtype": "uint8", **profile}
         if colormap is not None:
             options["photometric"] = "palette"
+        else:
+            # numbers, not colours: 3 or 4 uint8 bands would otherwise be read as RGB(A), and a
+            # GIS would draw the last class's probability as transparency
+            options["photometric"] = "minisblack"
         if nodata is not None:
             options["nodata"] = nodata
         self.dataset = rasterio.open(self.staging, "w", **options)
@@ -171,6 +180,11 @@ class StagedRaster:
             self.dataset.update_tags(**tags)
         for band, text in enumerate(descriptions or [], start=1):
             self.dataset.set_band_description(band, text)
+        if colormap is None:
+            self.dataset.colorinterp = [ColorInterp.gray] + [ColorInterp.undefined] * (count - 1)
+        if scale is not None:  # stored bytes x scale = the value (a probability from 0 to 1)
+            self.dataset.scales = [scale] * count
+            self.dataset.offsets = [0.0] * count
 
     def write(self, data: np.ndarray, window: Window) -> None:
         """Write rows into the staging file (nothing is visible at the output path yet)."""
@@ -325,7 +339,8 @@ class ClassMapWriter:
                 sibling(self.output, "confidence"),
                 profile,
                 nodata=0,
-                descriptions=["max class probability x 255"],
+                descriptions=["confidence: the winning class's probability (bytes / 255)"],
+                scale=1 / 255,
             )
         if probabilities:
             self.set.add(
@@ -333,7 +348,9 @@ class ClassMapWriter:
                 sibling(self.output, "probabilities"),
                 profile,
                 count=schema.num_classes,
-                descriptions=[f"P({name}) x 255" for name in schema.names],
+                descriptions=list(schema.names),  # one band per class, named by the class
+                tags={"values": "probability of the band's class, bytes / 255"},
+                scale=1 / 255,
             )
 
     def write_rows(
@@ -373,5 +390,8 @@ class ClassMapWriter:
         if exc_type is None:
             self.outputs = self.set.publish()
             write_text(f"{self.output}.aux.xml", category_names_pam(self.schema))
+            from landcover.predict.style import write_style_of
+
+            write_style_of(self.output)  # QGIS opens the map with its classes' colours and names
         else:
             self.set.discard()

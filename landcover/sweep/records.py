@@ -223,3 +223,65 @@ def log_multirun_summary(uri: str, parent_run_id: str, monitor: str, mode: str =
     if scored:
         best = (max if mode == "max" else min)(scored, key=lambda r: r.data.metrics[key])
         client.set_tag(parent_run_id, "multirun.best_child", best.info.run_name)
+
+
+def final_report(
+    uri: str,
+    parent_run_id: str,
+    study: optuna.Study,
+    metrics: Sequence[str],
+    settings: Mapping[str, Any],
+) -> list[str]:
+    """The lines a sweep ends with (the best trial, the page to open, the command that
+    promotes it), also written as the parent run's description with the budget, the space,
+    the sampler and pruner, and the best trials."""
+    from landcover.tracking import browse_command
+
+    client = MlflowClient(uri)
+    trials = study.get_trials(deepcopy=False)
+    counts = {state: sum(t.state == state for t in trials) for state in TrialState}
+    tally = ", ".join(
+        f"{counts[state]} {state.name.lower()}"
+        for state in (TrialState.COMPLETE, TrialState.PRUNED, TrialState.FAIL)
+        if counts[state]
+    )
+    experiment = client.get_experiment(client.get_run(parent_run_id).info.experiment_id).name
+    lines = [f"sweep {study.study_name}: {tally} (budget {settings['n_trials']} trials)"]
+    completed = [t for t in trials if t.state == TrialState.COMPLETE]
+    ranked: list = []
+    if completed and len(study.directions) == 1:
+        best = study.best_trial
+        maximise = study.direction.name == "MAXIMIZE"
+        ranked = sorted(completed, key=lambda t: float(t.value or 0.0), reverse=maximise)[:5]
+        lines.append(f"best: trial {best.number}, {metrics[0]} = {best.value:.4f}, {best.params}")
+    elif completed:
+        ranked = sorted(study.best_trials, key=lambda t: t.number)[:5]
+        lines.append(f"Pareto front: trials {[t.number for t in study.best_trials]}")
+    lines.append(browse_command(uri, parent_run_id).replace("browse the run", "browse the sweep"))
+    if completed:
+        lines.append(
+            f"promote the best: landcover-promote experiment={experiment} "
+            f"sweep={study.study_name} metric={metrics[0]} tracking.uri={uri}"
+        )
+    table = [
+        "| trial | " + " | ".join(metrics) + " | params |",
+        "| --- |" + " --- |" * (len(metrics) + 1),
+    ]
+    for trial in ranked:
+        values = trial.values or []
+        shown = " | ".join(f"{v:.4f}" for v in values)
+        table.append(f"| {trial.number} | {shown} | {trial.params} |")
+    directions = [d.name.lower() for d in study.directions]
+    description = "\n".join(
+        [
+            f"Optuna sweep `{study.study_name}`: {tally}; budget {settings['n_trials']} trials.",
+            "",
+            f"- space: {settings.get('space')}",
+            f"- sampler: {settings.get('sampler')}; pruner: {settings.get('pruner')}",
+            f"- objective: {', '.join(metrics)} ({', '.join(directions)})",
+            "",
+            *(["Best trials:", "", *table] if ranked else ["No trial completed."]),
+        ]
+    )
+    client.set_tag(parent_run_id, "mlflow.note.content", description)
+    return lines

@@ -284,6 +284,14 @@ class OptunaSweep:
                 for future in [pool.submit(self._slot, context) for _ in range(self.n_jobs)]:
                     future.result()
         records.log_summary(uri, parent, study, self.metrics)
+        settings = {
+            "n_trials": self.budget,
+            "space": self.raw_params,
+            "sampler": self.sampler_cfg,
+            "pruner": self.pruner_cfg,
+        }
+        for line in records.final_report(uri, parent, study, self.metrics, settings):
+            log.info("%s", line)
         if self.stop_reason:
             raise SweepFailedError(self.stop_reason)
         trials = studies.counting(study.get_trials(deepcopy=False))

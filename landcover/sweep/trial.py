@@ -14,6 +14,7 @@ import contextlib
 import logging
 import math
 import threading
+import warnings
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from typing import Any, cast
@@ -25,6 +26,10 @@ from landcover.errors import ConfigError, LandcoverError, RunPrunedError
 from landcover.sweep import study as studies
 
 log = logging.getLogger(__name__)
+# Optuna warns that storage heartbeats are meant for Study.optimize; a sweep built on ask and
+# tell records them itself (see `heartbeat`), knowingly: the warning before every trial says
+# nothing to the user
+warnings.filterwarnings("ignore", message="Heartbeat of storage is supposed to be used")
 
 # study user attrs the sweeper sets so that every job reads the same study settings
 METRICS_ATTR = "metrics"
@@ -74,6 +79,7 @@ class TrialContext:
     metrics: list[str]
     parent_run_id: str | None
     interval: float
+    final_epoch: int | None = None  # the last epoch the trial will run (never pruned there)
 
     @classmethod
     def attach(cls, spec: Any) -> TrialContext:
@@ -140,13 +146,17 @@ class TrialContext:
             yield
 
     def report(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        """Epoch callback for the trainer: report the objective, prune when Optuna says so."""
+        """Epoch callback for the trainer: report the objective, prune when Optuna says so,
+        but never at the trial's last epoch (its result is complete: pruning would only throw
+        it away)."""
         if self.multi_objective:
             return  # Optuna prunes single-objective studies only
         value = metrics.get(self.metrics[0])
         if value is None or math.isnan(value):
             return
         self.trial.report(float(value), step=epoch)
+        if self.final_epoch is not None and epoch >= self.final_epoch:
+            return
         if self.trial.should_prune():
             raise TrialPrunedError(
                 f"trial {self.number} pruned at epoch {epoch} ({self.metrics[0]}={value:.4f})"
@@ -182,6 +192,7 @@ def run_trial(cfg: Any, train: TrainFunction) -> float | None:
     a FitResult whose `summary` holds the metrics the objectives are read from.
     """
     context = TrialContext.attach(cfg.trial)
+    context.final_epoch = int(cfg.trainer.max_epochs) - 1
     with context.alive():
         try:
             result = train(

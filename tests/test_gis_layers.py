@@ -1,0 +1,85 @@
+"""What a GIS user opens: class maps with their classes' style, probabilities as numbers (no
+colour interpretation, one band per class named by it), confidence with its scale, areas in
+hectares."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import pytest
+import rasterio
+from rasterio.enums import ColorInterp
+
+from tests.test_faults import random_raster, tiny_model_checkpoint
+
+
+@pytest.fixture(scope="module")
+def mapped(tmp_path_factory):
+    from landcover.predict.predictor import PredictSettings, predict_raster
+    from landcover.predict.reference import load_model_reference
+
+    tmp = tmp_path_factory.mktemp("gis")
+    model = load_model_reference(str(tiny_model_checkpoint(tmp)))
+    scene = random_raster(tmp / "scene.tif", 128)
+    settings = PredictSettings.defaults(
+        progress=False, confidence=True, probabilities=True, backend="torch"
+    )
+    result = predict_raster(model, scene, tmp / "map.tif", settings)
+    return result, model.metadata["schema"]["classes"]
+
+
+def test_probabilities_are_numbers_named_by_class_not_colours(mapped):
+    result, classes = mapped
+    with rasterio.open(result.outputs["probabilities"]) as src:
+        assert src.count == len(classes)
+        assert ColorInterp.alpha not in src.colorinterp
+        assert src.colorinterp[1:] == tuple([ColorInterp.undefined] * (src.count - 1))
+        assert list(src.descriptions) == [c["name"] for c in classes]
+        assert src.scales == tuple([pytest.approx(1 / 255)] * src.count)
+    with rasterio.open(result.outputs["confidence"]) as src:
+        assert src.scales[0] == pytest.approx(1 / 255)
+        assert "probability" in src.descriptions[0]
+
+
+def test_a_class_map_has_a_qgis_style_with_exactly_its_classes(mapped):
+    result, classes = mapped
+    style = Path(result.outputs["classes"]).with_suffix(".qml")
+    entries = ET.parse(style).getroot().findall(".//paletteEntry")
+    assert [e.get("label") for e in entries] == [c["name"] for c in classes]
+    assert [int(e.get("value")) for e in entries] == [c["codes"][0] for c in classes]
+    assert [e.get("color") for e in entries] == [c["color"].lower() for c in classes]
+
+
+def test_areas_come_in_hectares_too(mapped):
+    result, _ = mapped
+    rows = result.area_table.rows()
+    assert all(r["area_ha"] == pytest.approx(r["area_m2"] / 1e4) for r in rows)
+    assert result.area_table.to_csv().splitlines()[0].split(",")[4] == "area_ha"
+
+
+def test_vectorize_polygons_add_up_to_the_area_table(mapped, tmp_path):
+    """Per class, the polygons' total area equals the raster's area table (within one
+    pixel's area per polygon), also when the map is read in strips that cut regions."""
+    import shutil
+
+    import pyogrio
+
+    from landcover.predict.vectorize import vectorize_map
+
+    result, classes = mapped
+    class_map = tmp_path / "map.tif"
+    shutil.copy(result.outputs["classes"], class_map)
+    gpkg = vectorize_map(class_map, rows=32)
+    meta, _, _, fields = pyogrio.raw.read(gpkg, layer="classes")
+    assert meta["crs"] and meta["geometry_type"] == "Polygon"
+    columns = dict(zip(meta["fields"], fields, strict=True))
+    pixel = 1.0  # the test raster's pixels are 1 m
+    for row in result.area_table.rows():
+        mine = columns["code"] == row["code"]
+        total = float(columns["area_m2"][mine].sum())
+        assert abs(total - row["area_m2"]) <= pixel * max(int(mine.sum()), 1), row
+        assert set(columns["class"][mine]) <= {row["class"]}
+        assert columns["area_ha"][mine].sum() == pytest.approx(total / 1e4)
+    _, _, _, bigger = pyogrio.raw.read(vectorize_map(class_map, min_area=20.0))
+    assert (bigger[2] >= 20.0).all()
