@@ -557,5 +557,5 @@ def test_a_finished_sweep_trial_keeps_no_local_checkpoint(tmp_path):
     """A smoke trial kept a 172 MB checkpoint beside the model it had logged."""
     from tests.test_sweep import run_sweep
 
-    run_sweep(tmp_path, "hydra.sweeper.n_trials=2", "tracking.log_model=true")
+    run_sweep(tmp_path, "hydra.sweeper.n_trials=1", "tracking.log_model=true")
     assert not list((tmp_path / "multirun").rglob("*.pt"))
