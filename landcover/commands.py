@@ -8,11 +8,12 @@ imported only when the app runs, so `--help` and shell completion answer at once
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import logging
 import signal
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import hydra
@@ -41,26 +42,34 @@ def command_main(run: str | Callable[[DictConfig], object], config_name: str) ->
         if not context.is_main:
             log.info("rank %d: %s runs on rank 0 only", context.rank, config_name)
             return
-        try:
+        with ending_in_one_line(log):
             from landcover.config import validate_command_config
 
             cfg = validate_command_config(cfg, config_name)  # before any other check
             quiet_georeferencing_warnings()
             (load(run) if isinstance(run, str) else run)(cfg)
-        except LandcoverError as err:
-            log.error("%s", err)
-            sys.exit(f"error: {err}")
-        except Exception as err:
-            refused = access_refused(err)
-            if refused is None:
-                raise
-            log.error("%s", refused)
-            sys.exit(f"error: {refused}")
 
     def main() -> None:
         run_hydra_app(app, help_for=(COMMANDS_CONFIG_DIR, config_name))
 
     return main
+
+
+@contextlib.contextmanager
+def ending_in_one_line(log: logging.Logger) -> Iterator[None]:
+    """A user's error (bad input, a tracking server refusing the user) ends the command with
+    one line and exit 1; anything else keeps its traceback."""
+    try:
+        yield
+    except LandcoverError as err:
+        log.error("%s", err)
+        sys.exit(f"error: {err}")
+    except Exception as err:
+        refused = access_refused(err)
+        if refused is None:
+            raise
+        log.error("%s", refused)
+        sys.exit(f"error: {refused}")
 
 
 def stop_on_signal(signum: int, frame: object) -> None:

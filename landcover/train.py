@@ -10,7 +10,6 @@ import copy
 import json
 import logging
 import signal
-import sys
 import threading
 from collections.abc import Mapping
 from dataclasses import asdict
@@ -25,12 +24,12 @@ from landcover import distributed as dist
 from landcover import tracking
 from landcover.best_epoch import log_best_epoch
 from landcover.checkpoint import CheckpointManager, load_checkpoint
-from landcover.commands import run_hydra_app, stop_on_signal
+from landcover.commands import ending_in_one_line, run_hydra_app, stop_on_signal
 from landcover.config import plain_dict, validate_config
 from landcover.data.loaders import TrainingData, build_training_data
 from landcover.data.scenes import class_pixel_totals
 from landcover.engine import EpochCallback, FitResult, FitSettings, Trainer
-from landcover.errors import ConfigError, LandcoverError, RunPrunedError, access_refused
+from landcover.errors import ConfigError, LandcoverError, RunPrunedError
 from landcover.models import SegmentationModel, build_model
 from landcover.models.transfer import TransferReport, parameter_groups, transfer_weights
 from landcover.optim import build_loss, build_optimizer, build_scheduler
@@ -335,17 +334,8 @@ def run_job(cfg: DictConfig) -> float | None:
         from landcover.sweep.trial import run_trial
 
         return run_trial(cfg, train)
-    try:
+    with ending_in_one_line(log):
         result = train(cfg)
-    except LandcoverError as err:
-        log.error("%s", err)
-        sys.exit(f"error: {err}")
-    except Exception as err:
-        refused = access_refused(err)
-        if refused is None:
-            raise
-        log.error("%s", refused)
-        sys.exit(f"error: {refused}")
     return result.best_value
 
 

@@ -73,7 +73,7 @@ def test_a_full_disk_in_a_mapping_job_publishes_no_corrupt_map(tmp_path, model):
     disk = tmp_path / "disk"
     mount_tmpfs(disk, "size=3m")
     try:
-        for index in range(3):
+        for index in range(2):  # the first map fits; the second did not, and was published
             random_raster(tmp_path / "in" / f"s{index}.tif", 1024)
         inputs = f"{tmp_path}/in/*.tif"
         free = os.statvfs(disk)
@@ -395,7 +395,7 @@ def test_a_joblib_sweep_survives_a_killed_worker(tmp_path):
         """hydra:
   sweeper:
     study_name: kill
-    n_trials: 4
+    n_trials: 2
     pruner: {name: none}
     params:
       trainer.max_epochs: choice(3)
@@ -436,8 +436,8 @@ def test_a_joblib_sweep_survives_a_killed_worker(tmp_path):
     replaced = {t.user_attrs[REPLACES] for t in trials if REPLACES in t.user_attrs}
     assert {t.number for t in lost} <= replaced, summary  # each one run again
     counted = counting(trials)
-    assert len(counted) == 4 and all(t.state.is_finished() for t in counted), summary
-    assert sum(t.state == TrialState.COMPLETE for t in counted) >= 3, summary
+    assert len(counted) == 2 and all(t.state.is_finished() for t in counted), summary
+    assert sum(t.state == TrialState.COMPLETE for t in counted) >= 1, summary
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([e.experiment_id for e in client.search_experiments()])
     assert not [r.info.run_name for r in runs if r.info.status == "RUNNING"]
