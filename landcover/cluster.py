@@ -32,7 +32,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from landcover.errors import LandcoverError
+from landcover.errors import LandcoverError, first_line
 
 log = logging.getLogger("landcover.cluster")
 
@@ -141,8 +141,9 @@ def connect(address: str | None, local_init: Mapping[str, Any] | None = None) ->
         try:
             ray.init(address=target, **quiet)
         except (ConnectionError, RuntimeError, ValueError) as err:
-            first = (str(err).strip().splitlines() or [type(err).__name__])[0]
-            raise ClusterError(f"cannot attach to the Ray cluster at {target}: {first}") from err
+            raise ClusterError(
+                f"cannot attach to the Ray cluster at {target}: {first_line(err)}"
+            ) from err
         nodes = alive_nodes()
         message = (
             f"Ray: attached to the cluster at {target} ({len(nodes)} node(s), "

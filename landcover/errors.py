@@ -35,6 +35,21 @@ class ConfigValueError(ConfigError, ValueError):
     """A bad setting found by the component that uses it (a ValueError to plain callers)."""
 
 
+def first_line(err: BaseException) -> str:
+    """The first line of an error's message (its type's name when it has none): what a
+    one-line report of a failure says."""
+    lines = str(err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
+
+
+def last_line(message: str, limit: int = 500) -> str:
+    """The line of a wrapped error that says what happened: the last non-empty line that is
+    no traceback frame (tracebacks, Ray's and joblib's wrappers end with the exception)."""
+    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
+    meaningful = [line for line in lines if not line.startswith(("File ", "Traceback", "^"))]
+    return (meaningful[-1] if meaningful else "")[:limit]
+
+
 ACCESS_CODES = ("PERMISSION_DENIED", "UNAUTHENTICATED")
 
 

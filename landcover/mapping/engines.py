@@ -21,7 +21,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from landcover.errors import LandcoverError
+from landcover.errors import LandcoverError, last_line
 
 if TYPE_CHECKING:
     from landcover.cluster import JobEnvironment
@@ -328,10 +328,8 @@ class ClusterWorkerError(LandcoverError):
 
 
 def _first_line(err: BaseException) -> str:
-    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
     # Ray wraps the cause: its own last line is the one that says what happened
-    meaningful = [line for line in lines if not line.startswith(("File ", "Traceback", "^"))]
-    return (meaningful[-1] if meaningful else type(err).__name__)[:300]
+    return last_line(str(err), limit=300) or type(err).__name__
 
 
 def output_for(folder: Path, name: str) -> Path:

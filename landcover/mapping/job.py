@@ -25,7 +25,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from landcover.atomic import atomic_target, write_text
 from landcover.config import plain_dict
-from landcover.errors import ConfigError, LandcoverError
+from landcover.errors import ConfigError, LandcoverError, first_line
 from landcover.mapping import region
 from landcover.mapping.engines import Outcome, Task, output_for, run_local, run_ray
 from landcover.mapping.inputs import MapInput, expand, shown
@@ -119,7 +119,7 @@ def run_predictions(cfg: DictConfig) -> JobSummary:
             summary.seconds = time.perf_counter() - started
             done = [rows[i.source] for i in inputs if rows[i.source].status == DONE]
             if cfg.log_to_mlflow:
-                reason = (str(err).splitlines() or [type(err).__name__])[0]
+                reason = first_line(err)
                 _record_job(cfg, spec, summary, done, folder_mode, system, error=reason)
             raise
         summary.seconds = time.perf_counter() - started

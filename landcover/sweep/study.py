@@ -25,7 +25,7 @@ import optuna
 from optuna.trial import FrozenTrial, TrialState
 
 from landcover import locks
-from landcover.errors import ConfigError
+from landcover.errors import ConfigError, last_line
 from landcover.locks import absolute_sqlite_url  # noqa: F401  (the sweep's name for it)
 
 OVER_BUDGET = "over_budget"
@@ -202,13 +202,6 @@ def running_elsewhere(study: optuna.Study, mine: set[int]) -> list[int]:
         for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,))
         if t.number not in mine
     ]
-
-
-def last_line(message: str) -> str:
-    """The line of an error that says what happened (the last non-empty one: tracebacks and
-    Ray's wrappers end with the exception itself)."""
-    lines = [line.strip() for line in str(message).splitlines() if line.strip()]
-    return (lines[-1] if lines else "")[:500]
 
 
 def fail_reason(trial: FrozenTrial) -> str:

@@ -35,7 +35,7 @@ from optuna.trial import TrialState
 
 from landcover import locks
 from landcover.config import plain_dict
-from landcover.errors import ConfigError, LandcoverError
+from landcover.errors import ConfigError, LandcoverError, first_line
 from landcover.sweep import records, space
 from landcover.sweep import study as studies
 from landcover.sweep.trial import METRICS_ATTR, PARENT_ATTR, PRUNER_ATTR, heartbeat
@@ -217,7 +217,7 @@ class OptunaSweep:
             self._sweep(arguments)
         except BaseException as err:
             if self.parent is not None:
-                reason = (str(err).strip().splitlines() or [type(err).__name__])[0]
+                reason = first_line(err)
                 status = "KILLED" if isinstance(err, KeyboardInterrupt) else "FAILED"
                 with contextlib.suppress(Exception):  # the store itself may be what failed
                     records.end_parent(self.uri, self.parent, status, reason)
