@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
+from mlflow.exceptions import MlflowException
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
 
@@ -89,4 +90,24 @@ def source_of(where: str) -> Any:
 def log_datasets(datasets: dict[str, ProfiledDataset]) -> None:
     """Log each dataset as an input of the active run, its context the key (train, val...)."""
     for context, dataset in datasets.items():
-        mlflow.log_input(dataset, context=context)
+        log_input_once_shared(dataset, context)
+
+
+def log_input_once_shared(dataset: ProfiledDataset, context: str, attempts: int = 3) -> None:
+    """`mlflow.log_input`, safe when parallel runs log the same dataset at the same moment.
+
+    MLflow's stores look the dataset up, then insert it: two sweep trials of one experiment
+    that both miss it both insert, and the second fails on the unique (experiment, name,
+    digest) key (SQLite "UNIQUE constraint failed", PostgreSQL "duplicate key"), failing a
+    trial that did nothing wrong. Asked again, the store finds the row the other run wrote and
+    links it; any other error is not ours to retry.
+    """
+    for attempt in range(attempts):
+        try:
+            mlflow.log_input(dataset, context=context)
+            return
+        except MlflowException as err:
+            said = str(err)
+            raced = "UNIQUE constraint failed" in said or "duplicate key value" in said
+            if not raced or attempt == attempts - 1:
+                raise

@@ -49,12 +49,13 @@ class Cluster:
     nodes: list[subprocess.Popen] = field(default_factory=list)
 
     def kill_node(self, index: int) -> None:
-        """SIGKILL every process of node `index` (its raylet, its workers)."""
+        """SIGKILL every process of node `index` (its raylet, its workers) at once."""
         node = self.nodes[index]
-        os.killpg(node.pid, signal.SIGKILL)
+        # by session, not process group: Ray puts each worker in a process group of its own
+        # (same session), and a worker that outlives its raylet finishes the raster it holds
+        # and hands it back to the driver, so the "lost" node's work was never lost
+        subprocess.run(["pkill", "-9", "-s", str(node.pid)], check=False)
         node.wait(timeout=30)
-        # workers started by the raylet are in its process group too; any left are orphans
-        subprocess.run(["pkill", "-9", "-g", str(node.pid)], check=False)
 
     def head_node_id(self) -> str:
         """The head node's Ray id (the node with the `node:__internal_head__` resource)."""
@@ -175,6 +176,9 @@ def two_node_cluster(workdir: Path) -> Iterator[Cluster]:
                     node.wait(timeout=10)
                 except (ProcessLookupError, subprocess.TimeoutExpired):
                     os.killpg(node.pid, signal.SIGKILL)
-        # a node's raylet and GCS may outlive `ray start --block` by a moment
+        # a node's raylet, GCS and workers (each in a process group of its own) may outlive
+        # `ray start --block`: whatever is left of each node's session goes
+        for node in cluster.nodes:
+            subprocess.run(["pkill", "-9", "-s", str(node.pid)], check=False, capture_output=True)
         subprocess.run(["pkill", "-9", "-f", f"{temp_dir}"], check=False, capture_output=True)
         shutil.rmtree(temp_dir, ignore_errors=True)
