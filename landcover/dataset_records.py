@@ -16,9 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import mlflow
-from mlflow.exceptions import MlflowException
 from mlflow.data.dataset_source_registry import resolve_dataset_source
 from mlflow.data.meta_dataset import MetaDataset
+from mlflow.exceptions import MlflowException
 
 from landcover.data.scenes import Scene, class_pixel_totals, dataset_fingerprint, is_remote
 from landcover.data.schema import ClassSchema
