@@ -38,18 +38,19 @@ import numpy as np  # noqa: E402
 import rasterio  # noqa: E402
 
 import landcover.config  # noqa: E402, F401  (registers the config schemas with Hydra)
+from landcover import artifacts  # noqa: E402
+from landcover.artifacts.reference import LoadedModel  # noqa: E402
+from landcover.artifacts.tutorial_model import load_schema  # noqa: E402
 from landcover.data.scenes import (  # noqa: E402
     find_pairs,
     label_path_for,
     quiet_georeferencing_warnings,
 )
 from landcover.data.schema import IGNORE_INDEX, ClassSchema  # noqa: E402
-from landcover.figures import class_map_rgb, image_to_rgb  # noqa: E402
-from landcover.interop.tutorial_model import load_schema  # noqa: E402
 from landcover.metrics import scores_from_matrix  # noqa: E402
 from landcover.predict.predictor import PredictSettings, predict_raster  # noqa: E402
 from landcover.predict.prior import literal_template, prior_table, with_prior  # noqa: E402
-from landcover.predict.reference import LoadedModel, load_model_reference  # noqa: E402
+from landcover.tracking.figures import class_map_rgb, image_to_rgb  # noqa: E402
 
 LABEL_SUFFIX = "_lc.tif"  # Chesapeake Conservancy labels beside every patch
 
@@ -199,7 +200,7 @@ def main(argv: list[str] | None = None) -> int:
             sys.exit(f"error: --model {spec!r} is not NAME=REF")
         references[name] = ref
     contenders = {
-        name: load_model_reference(ref, tracking_uri=args.tracking_uri)
+        name: artifacts.load(ref, tracking_uri=args.tracking_uri)
         for name, ref in references.items()
     }
     if args.prior:

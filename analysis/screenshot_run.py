@@ -20,7 +20,8 @@ from pathlib import Path
 
 from mlflow.tracking import MlflowClient
 
-from landcover.local_server import HOST, free_port, mlflow_server_command, running
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests' server helpers
+from tests.local_server import HOST, free_port, mlflow_server_command, running  # noqa: E402
 
 # Without the background-networking flags Chromium keeps dialling Google's hosts, which this
 # kind of machine refuses; --virtual-time-budget lets the single-page app render before the shot.

@@ -27,7 +27,7 @@ from landcover.data.scenes import validate_scene
 from landcover.data.schema import ClassSchema
 from landcover.data.synthetic import write_scene
 from landcover.models import build_model
-from landcover.tracking import environment_tags
+from landcover.tracking.runs import environment_tags
 
 SCHEMA = ClassSchema.from_config(
     {

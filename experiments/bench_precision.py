@@ -81,10 +81,10 @@ def synthetic_agreement(model: str, specs: list[str], tracking_uri: str, tmp: Pa
     import mlflow
     import torch
 
+    from landcover import artifacts
     from landcover.config import PredictSettings
     from landcover.predict.backends import with_backend
     from landcover.predict.predictor import predict_raster
-    from landcover.predict.reference import load_model_reference
 
     mlflow.set_tracking_uri(tracking_uri)
     scene = tmp / "scene.tif"
@@ -93,7 +93,7 @@ def synthetic_agreement(model: str, specs: list[str], tracking_uri: str, tmp: Pa
     maps = {}
     for spec in specs:
         backend, _, precision = spec.partition(":")
-        loaded = load_model_reference(model, tracking_uri=tracking_uri, device="cpu")
+        loaded = artifacts.load(model, tracking_uri=tracking_uri, device="cpu")
         model_on = with_backend(loaded, backend, torch.device("cpu"), precision or "auto")
         output = tmp / f"synthetic_{spec.replace(':', '_')}.tif"
         predict_raster(model_on, scene, output, settings)

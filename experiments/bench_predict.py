@@ -13,7 +13,7 @@ for a reduced precision, e.g. `openvino:bf16`) maps the same scene in the same r
 its own best batch (`predict.batch_size=0`); each row also gives its pixel agreement with the
 first backend (PyTorch fp32) and its achieved GFLOP/s next to the matmul peak. The model is a
 training checkpoint loaded the way `landcover-predict model=<checkpoint>` loads it
-(`load_for_prediction`): the one-off ONNX export is timed apart (a real job pays it once per
+(`runnable_model`): the one-off ONNX export is timed apart (a real job pays it once per
 model), and every later job on ONNX Runtime maps from the cached graph without importing
 PyTorch, which is what its peak RSS shows. Backends that are not installed are skipped.
 
@@ -34,10 +34,11 @@ import numpy as np
 import rasterio
 from rasterio.windows import Window
 
+from landcover.predict.predictor import PredictSettings, plan_layout, predict_raster
+
 # nothing here imports torch at module level: the mapping processes (spawned, so they import
 # this module again) must carry only what `landcover-predict` itself would
-from landcover.predict.loading import load_for_prediction
-from landcover.predict.predictor import PredictSettings, plan_layout, predict_raster
+from landcover.predict.runnable import runnable_model
 from landcover.predict.tta import softmax
 
 SCHEMA = {
@@ -78,7 +79,7 @@ def make_model():
 
 def write_checkpoint(path: Path) -> Path:
     """The benchmark's network as a training checkpoint (what a user maps with)."""
-    from landcover.checkpoint import save_checkpoint
+    from landcover.artifacts.checkpoint import save_checkpoint
 
     model, metadata = make_model()
     save_checkpoint(
@@ -119,7 +120,7 @@ def loaded_model(checkpoint: Path, spec: str, batch_size: int = 0, device: str =
     """The checkpoint's network on `spec` = backend[:precision], as `landcover-predict` loads
     it (from the cached graph after the first time)."""
     backend, _, precision = spec.partition(":")
-    return load_for_prediction(
+    return runnable_model(
         str(checkpoint),
         backend=backend,
         precision=precision or "auto",
@@ -323,7 +324,7 @@ def main() -> None:
     import mlflow  # only here: the mapping processes must not pay for it in memory
 
     from landcover.runtime import select_device
-    from landcover.tracking import environment_tags
+    from landcover.tracking.runs import environment_tags
 
     mlflow.set_tracking_uri(args.tracking_uri)
     mlflow.set_experiment("benchmarks")

@@ -20,11 +20,11 @@ import numpy as np
 from hydra import compose, initialize_config_dir
 
 import landcover.config  # noqa: F401  (registers the config schemas with Hydra)
-from landcover.interop.cntk_import import import_cntk_seed
+from landcover.artifacts.cntk_graph import import_cntk_seed
+from landcover.artifacts.reference import from_module
+from landcover.artifacts.tutorial_model import load_schema, tutorial_metadata, tutorial_model
 from landcover.interop.import_cntk import evaluate_import
-from landcover.interop.tutorial_model import load_schema, tutorial_metadata, tutorial_model
 from landcover.paths import COMMANDS_CONFIG_DIR
-from landcover.predict.reference import from_module
 
 MODELS = ("1epoch", "250epochs")
 

@@ -23,9 +23,10 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.baselines import patch_pairs, real_data_parser, score, scores_of  # noqa: E402
+from landcover import artifacts  # noqa: E402
+from landcover.artifacts.reference import LoadedModel  # noqa: E402
+from landcover.artifacts.tutorial_model import load_schema  # noqa: E402
 from landcover.data.scenes import quiet_georeferencing_warnings  # noqa: E402
-from landcover.interop.tutorial_model import load_schema  # noqa: E402
-from landcover.predict.reference import LoadedModel, load_model_reference  # noqa: E402
 
 
 def with_bias(model: LoadedModel, logits_of, index: int, bias: float) -> LoadedModel:
@@ -55,7 +56,7 @@ def main() -> int:
     parser = real_data_parser(__doc__.splitlines()[0])
     parser.add_argument("--biases", type=float, nargs="+", default=[0, 0.5, 1, 1.5, 2, 3])
     args = parser.parse_args()
-    model = load_model_reference(str(args.cntk), device="cpu")
+    model = artifacts.load(str(args.cntk), device="cpu")
     names = [c["name"] for c in model.metadata["schema"]["classes"]]
     index = names.index("barren_impervious")
     logits_of = cached(model.forward)

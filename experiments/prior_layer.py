@@ -21,10 +21,10 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.baselines import patch_pairs, real_data_parser, score, scores_of  # noqa: E402
+from landcover import artifacts  # noqa: E402
+from landcover.artifacts.tutorial_model import load_schema  # noqa: E402
 from landcover.data.scenes import quiet_georeferencing_warnings  # noqa: E402
-from landcover.interop.tutorial_model import load_schema  # noqa: E402
 from landcover.predict.prior import prior_table, with_prior  # noqa: E402
-from landcover.predict.reference import load_model_reference  # noqa: E402
 
 
 def main() -> int:
@@ -34,7 +34,7 @@ def main() -> int:
     parser.add_argument("--prior", default="nlcd_legend")
     parser.add_argument("--tta", default="none")
     args = parser.parse_args()
-    network = load_model_reference(str(args.cntk), device="cpu")
+    network = artifacts.load(str(args.cntk), device="cpu")
     table = prior_table(args.prior)
     contenders = {"no prior": network}
     for share in args.references:

@@ -18,7 +18,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-from landcover.local_server import HOST, free_port, mlflow_server_command, running
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests' server helpers
+from tests.local_server import HOST, free_port, mlflow_server_command, running  # noqa: E402
 
 BIN = Path(sys.executable).parent
 INI = """[mlflow]

@@ -24,7 +24,7 @@ from landcover.errors import LandcoverError, Stopped, access_refused
 from landcover.paths import COMMANDS_CONFIG_DIR
 
 
-def load(target: str) -> Callable[..., object]:
+def imported(target: str) -> Callable[..., object]:
     """`package.module:function` -> the function (imported now, not when the script starts)."""
     module, _, name = target.partition(":")
     return getattr(importlib.import_module(module), name)
@@ -47,7 +47,7 @@ def command_main(run: str | Callable[[DictConfig], object], config_name: str) ->
 
             cfg = validate_command_config(cfg, config_name)  # before any other check
             quiet_georeferencing_warnings()
-            (load(run) if isinstance(run, str) else run)(cfg)
+            (imported(run) if isinstance(run, str) else run)(cfg)
 
     def main() -> None:
         run_hydra_app(app, help_for=(COMMANDS_CONFIG_DIR, config_name))
@@ -139,7 +139,7 @@ def run_hydra_app(
         sys.exit(128 + int(getattr(signal, name, signal.SIGINT)))
     finally:
         if "torch.distributed" in sys.modules:  # only a run that imported torch can hold a group
-            from landcover.distributed import shutdown
+            from landcover.training.distributed import shutdown
 
             shutdown()
         ranks.remove_rank_scratch(overrides)

@@ -12,7 +12,7 @@ import sys
 import hydra
 from omegaconf import DictConfig
 
-from landcover.commands import command_main, load, run_hydra_app
+from landcover.commands import command_main, imported, run_hydra_app
 from landcover.paths import CONFIG_DIR
 
 
@@ -25,7 +25,7 @@ def _train_app(cfg: DictConfig) -> float | None:
         validate_config(cfg)  # a typo fails in a fraction of a second, before torch loads
     except ConfigError as err:
         sys.exit(f"error: {err}")
-    return load("landcover.train:run_job")(cfg)  # type: ignore[return-value]
+    return imported("landcover.training.train:run_job")(cfg)  # type: ignore[return-value]
 
 
 def train() -> None:
@@ -36,7 +36,7 @@ def train() -> None:
 predict = command_main("landcover.mapping.job:run_predictions", "predict")
 evaluate = command_main("landcover.evaluate:run_evaluation", "evaluate")
 export = command_main("landcover.interop.export:run_export", "export")
-promote = command_main("landcover.promote:run_promotion", "promote")
+promote = command_main("landcover.registry.promote:run_promotion", "promote")
 _import_cntk = command_main("landcover.interop.import_cntk:run_import", "import_cntk")
 
 

@@ -27,20 +27,24 @@ from omegaconf import DictConfig
 from rasterio.windows import Window
 from scipy import ndimage
 
-from landcover import tracking
+from landcover.artifacts.reference import LoadedModel
 from landcover.config import plain_dict
 from landcover.data.loaders import ensure_synthetic, split_scenes
 from landcover.data.scenes import Scene, label_path_for, open_raster
 from landcover.data.schema import IGNORE_INDEX, ClassSchema
-from landcover.dataset_records import scenes_dataset
 from landcover.errors import ConfigError
-from landcover.figures import class_map_rgb, confusion_matrix_figure, evaluation_panels_figure
 from landcover.metrics import ConfusionMatrix, scores_from_matrix
-from landcover.predict.loading import load_for_prediction
 from landcover.predict.predictor import PredictSettings, predict_raster
 from landcover.predict.prior import literal_template
-from landcover.predict.reference import LoadedModel
+from landcover.predict.runnable import runnable_model
 from landcover.predict.writer import OutputSet, class_indices_of_codes, pixel_area
+from landcover.tracking import runs as tracking
+from landcover.tracking.datasets import scenes_dataset
+from landcover.tracking.figures import (
+    class_map_rgb,
+    confusion_matrix_figure,
+    evaluation_panels_figure,
+)
 
 log = logging.getLogger("landcover.evaluate")
 
@@ -64,7 +68,7 @@ def log_evaluation(
 ) -> None:
     """A whole-scene evaluation, inside an active run: the scenes it read as the run's
     dataset, its metrics linked to that dataset and to the evaluated logged model."""
-    from landcover.dataset_records import log_datasets
+    from landcover.tracking.datasets import log_datasets
 
     mlflow.log_params(dict(params))
     if dataset is not None:
@@ -317,7 +321,7 @@ def run_evaluation(cfg: DictConfig) -> dict[str, float]:
     threshold = float(cfg.evaluate.confidence_threshold)
     if not 0 < threshold <= 1:
         raise ConfigError(f"evaluate.confidence_threshold={threshold} must be within (0, 1]")
-    model = load_for_prediction(
+    model = runnable_model(
         str(cfg.model),
         backend=str(cfg.predict.backend),
         precision=str(cfg.predict.precision),

@@ -1,7 +1,7 @@
 """Which torchrun rank this process is, without importing torch.
 
 Console scripts ask this before anything heavy is imported (their `--help` must stay fast);
-`landcover.distributed` builds the process group and the data-parallel parts on top of it.
+`landcover.training.distributed` builds the process group and the data-parallel parts on top of it.
 """
 
 from __future__ import annotations

@@ -12,8 +12,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from landcover import distributed as dist
 from landcover.errors import LandcoverError
+from landcover.training import distributed as dist
 
 
 def select_device(name: str, key: str = "device") -> torch.device:

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
-from landcover.local_server import HOST, free_port, stop_process_group
+from tests.local_server import HOST, free_port, stop_process_group
 
 
 def find_binaries() -> Path | None:

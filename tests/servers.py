@@ -1,11 +1,11 @@
-"""Test helpers around landcover.local_server."""
+"""Test helpers around tests.local_server."""
 
 from __future__ import annotations
 
 import json
 from typing import Any
 
-from landcover.local_server import BIN, HOST, free_port, http, running
+from tests.local_server import BIN, HOST, free_port, http, running
 
 __all__ = ["BIN", "HOST", "free_port", "http", "http_json", "running"]
 

@@ -12,9 +12,10 @@ import pytest
 import rasterio
 import torch
 
+from landcover import artifacts
+from landcover.artifacts.reference import from_module
 from landcover.errors import ConfigError
 from landcover.predict import backends
-from landcover.predict.reference import from_module, load_model_reference
 from tests.conftest import write_raster
 
 MODEL = Path(__file__).parent / "fixtures" / "pre_refactor" / "checkpoint.pt"
@@ -33,7 +34,7 @@ def pixels(size: int = 64) -> np.ndarray:
 
 
 def test_onnxruntime_is_compiled_once_checked_and_reused(cache, monkeypatch):
-    eager = load_model_reference(str(MODEL), device="cpu")
+    eager = artifacts.load(str(MODEL), device="cpu")
     compiled = backends.with_backend(eager, "onnxruntime", torch.device("cpu"))
     assert compiled.kind == "onnxruntime" and eager.kind == "checkpoint"
     (cached,) = cache.glob("*.onnx")
@@ -47,7 +48,7 @@ def test_onnxruntime_is_compiled_once_checked_and_reused(cache, monkeypatch):
 
     monkeypatch.setattr("landcover.interop.onnx.export_onnx", no_export)
     again = backends.with_backend(
-        load_model_reference(str(MODEL), device="cpu"), "onnxruntime", torch.device("cpu")
+        artifacts.load(str(MODEL), device="cpu"), "onnxruntime", torch.device("cpu")
     )
     assert again.kind == "onnxruntime" and cached.stat().st_mtime_ns == stamp
 
@@ -57,7 +58,7 @@ def test_a_failed_export_falls_back_to_pytorch_with_one_warning(cache, monkeypat
         raise RuntimeError("unsupported operator\nsecond line")
 
     monkeypatch.setattr("landcover.interop.onnx.export_onnx", broken)
-    eager = load_model_reference(str(MODEL), device="cpu")
+    eager = artifacts.load(str(MODEL), device="cpu")
     with caplog.at_level(logging.WARNING, logger="landcover.predict.backends"):
         model = backends.with_backend(eager, "onnxruntime", torch.device("cpu"))
     assert model is eager
@@ -67,7 +68,7 @@ def test_a_failed_export_falls_back_to_pytorch_with_one_warning(cache, monkeypat
 
 
 def test_auto_compiles_networks_on_cpu_and_leaves_the_gbm_alone(cache):
-    eager = load_model_reference(str(MODEL), device="cpu")
+    eager = artifacts.load(str(MODEL), device="cpu")
     assert backends.resolve("auto", eager, torch.device("cpu")) == "onnxruntime"
     assert backends.resolve("auto", eager, torch.device("cuda")) == "torch"
     from landcover.models import build_model
@@ -127,7 +128,7 @@ def test_predict_maps_alike_on_onnxruntime_and_torch(tmp_path):
 
 def test_precision_is_an_explicit_choice(cache):
     cpu = torch.device("cpu")
-    eager = load_model_reference(str(MODEL), device="cpu")
+    eager = artifacts.load(str(MODEL), device="cpu")
     assert backends.with_backend(eager, "torch", cpu) is eager  # auto: fp32 on CPU, untouched
     reduced = backends.with_backend(eager, "torch", cpu, precision="bf16")
     with torch.inference_mode():
@@ -152,7 +153,7 @@ def test_auto_is_the_default_and_a_compiled_graph_runs_a_tile_per_thread(cache, 
     assert backends.parallel_tiles(0) == (2, 1)  # two tiles at once, one thread each
     assert backends.parallel_tiles(1) == (1, 2)  # an explicit single tile gets both threads
     assert backends.parallel_tiles(8) == (2, 1)
-    eager = load_model_reference(str(MODEL), device="cpu")
+    eager = artifacts.load(str(MODEL), device="cpu")
     assert eager.preferred_batch == 1
     compiled = backends.with_backend(eager, "auto", torch.device("cpu"))
     assert compiled.kind == "onnxruntime" and compiled.preferred_batch == 2
@@ -168,7 +169,7 @@ def test_a_negative_batch_size_is_a_config_error():
     from landcover.errors import ConfigValueError
     from landcover.predict.predictor import tiles_per_batch
 
-    eager = load_model_reference(str(MODEL), device="cpu")
+    eager = artifacts.load(str(MODEL), device="cpu")
     assert tiles_per_batch(eager, PredictSettings.defaults(batch_size=0)) == 1
     assert tiles_per_batch(eager, PredictSettings.defaults(batch_size=3)) == 3
     with pytest.raises(ConfigValueError, match="predict.batch_size=-1"):
@@ -177,7 +178,7 @@ def test_a_negative_batch_size_is_a_config_error():
 
 def test_openvino_compiles_the_cached_graph_checked_against_torch(cache, monkeypatch):
     pytest.importorskip("openvino", reason="openvino is an optional extra (landcover[openvino])")
-    eager = load_model_reference(str(MODEL), device="cpu")
+    eager = artifacts.load(str(MODEL), device="cpu")
     compiled = backends.with_backend(eager, "openvino", torch.device("cpu"))
     assert compiled.kind == "openvino"
     with torch.inference_mode():
@@ -194,7 +195,7 @@ def test_openvino_compiles_the_cached_graph_checked_against_torch(cache, monkeyp
 
 def test_openvino_reduced_precision_only_where_the_cpu_has_it(cache):
     pytest.importorskip("openvino", reason="openvino is an optional extra (landcover[openvino])")
-    eager = load_model_reference(str(MODEL), device="cpu")
+    eager = artifacts.load(str(MODEL), device="cpu")
     cpu = torch.device("cpu")
     if "BF16" not in backends.openvino_capabilities():
         with pytest.raises(ConfigError, match="this CPU offers OpenVINO"):
@@ -208,7 +209,7 @@ def test_openvino_reduced_precision_only_where_the_cpu_has_it(cache):
 
 
 def test_an_uninstalled_backend_is_named_with_its_extra(monkeypatch):
-    eager = load_model_reference(str(MODEL), device="cpu")
+    eager = artifacts.load(str(MODEL), device="cpu")
     monkeypatch.setattr(backends, "installed", lambda name: name != "openvino")
     with pytest.raises(ConfigError, match=r"landcover\[openvino\]"):
         backends.resolve("openvino", eager, torch.device("cpu"))

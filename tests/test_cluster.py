@@ -24,8 +24,8 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from landcover.local_server import mlflow_server_command
 from tests.conftest import local_ray_turn
+from tests.local_server import mlflow_server_command
 from tests.ray_nodes import Cluster, two_node_cluster
 from tests.servers import HOST, free_port, running
 from tests.test_mapping_job import job_command, read_maps, tiles

@@ -18,8 +18,8 @@ import rasterio
 import torch
 import torch.nn.functional as F
 
-from landcover.interop.cntk_import import CntkImportError, import_cntk_seed, seed_from_dictionary
-from landcover.interop.cntk_proto import (
+from landcover.artifacts.cntk_graph import CntkImportError, import_cntk_seed, seed_from_dictionary
+from landcover.artifacts.cntk_proto import (
     CntkFormatError,
     decode_dictionary,
     read_model_dictionary,
@@ -206,7 +206,7 @@ def test_import_command_logs_a_model_every_command_takes(cntk_dir, shared, tmp_p
     from mlflow.tracking import MlflowClient
 
     from landcover.interop.import_cntk import run_import
-    from landcover.promote import run_promotion
+    from landcover.registry.promote import run_promotion
     from tests.conftest import compose_config
     from tests.test_mapping_e2e import predict
 
@@ -265,10 +265,10 @@ def test_import_cli_takes_the_file_as_its_argument_and_names_a_bad_one(tmp_path)
 
 
 def test_the_cntk_file_itself_is_a_model_reference(cntk_dir):
-    from landcover.predict.reference import load_model_reference
+    from landcover import artifacts
 
     path = cntk_dir / "250epochs.model"
-    loaded = load_model_reference(str(path), device="cpu")
+    loaded = artifacts.load(str(path), device="cpu")
     assert loaded.kind == "cntk" and loaded.output_margin == 64 and loaded.source_digest
     assert [c.name for c in loaded.schema.classes][1:] == [
         "water",

@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from landcover.artifacts.cntk_graph import import_cntk_seed
+from landcover.artifacts.cntk_proto import CntkFormatError, read_model_dictionary
 from landcover.errors import LandcoverError
-from landcover.interop.cntk_import import import_cntk_seed
-from landcover.interop.cntk_proto import CntkFormatError, read_model_dictionary
 from tests.conftest import shared_dir
 from tests.test_cntk import dictionary, field, ndarray, varint
 

@@ -11,7 +11,7 @@ from mlflow.entities import DatasetInput
 from mlflow.tracking import MlflowClient
 from sqlalchemy import event
 
-from landcover.dataset_records import ProfiledDataset, log_datasets, source_of
+from landcover.tracking.datasets import ProfiledDataset, log_datasets, source_of
 
 
 @pytest.fixture

@@ -58,7 +58,7 @@ def runs(tiny_synthetic, tmp_path_factory):
             "--standalone",
             "--nproc_per_node=2",
             "-m",
-            "landcover.train",
+            "landcover.training.train",
             *overrides(tiny_synthetic, double),
         ],
         double,

@@ -7,11 +7,11 @@ import rasterio
 import torch
 from torch import nn
 
+from landcover.artifacts.reference import from_module
 from landcover.data.scenes import validate_scene
 from landcover.data.schema import ClassSchema
 from landcover.evaluate import DISAGREE, UNLABELLED, evaluate_scene
 from landcover.predict.predictor import PredictSettings
-from landcover.predict.reference import from_module
 from tests.conftest import write_raster
 from tests.test_predict import SCHEMA
 

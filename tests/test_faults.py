@@ -15,12 +15,13 @@ import torch
 import yaml
 from mlflow.exceptions import MlflowException
 
-from landcover.checkpoint import load_checkpoint
+from landcover import artifacts
+from landcover.artifacts.checkpoint import load_checkpoint
+from landcover.artifacts.reference import ModelReferenceError
 from landcover.errors import ConfigError
 from landcover.models import build_model
 from landcover.models.pixel_gbm import PixelGBM
-from landcover.predict.reference import ModelReferenceError, load_model_reference
-from landcover.serving import ClassMapModel
+from landcover.serving.pyfunc import ClassMapModel
 
 BIN = Path(sys.executable).parent
 
@@ -45,7 +46,7 @@ def crafted_checkpoint(tmp: Path) -> tuple[Path, Path]:
 def test_a_crafted_checkpoint_runs_no_code(tmp_path):
     path, marker = crafted_checkpoint(tmp_path)
     with pytest.raises(ModelReferenceError, match="landcover-convert-model"):
-        load_model_reference(str(path))
+        artifacts.load(str(path))
     with pytest.raises(ConfigError, match="--trust"):
         load_checkpoint(path)  # trainer.resume_from
     assert not marker.exists()
@@ -67,12 +68,12 @@ def test_a_crafted_mlflow_model_runs_no_code(tmp_path):
         "metadata:\n  schema: {name: x, classes: []}\n  bands: 4\n"
     )
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    from landcover import tracking
+    from landcover.tracking import runs as tracking
 
     with tracking.start_run(uri, "crafted") as run:
         mlflow.log_artifacts(str(model_dir), "model")
     with pytest.raises(ModelReferenceError, match="landcover-convert-model"):
-        load_model_reference(run.info.run_id, tracking_uri=uri)
+        artifacts.load(run.info.run_id, tracking_uri=uri)
     assert not marker.exists()
 
 
@@ -137,12 +138,12 @@ def test_old_checkpoint_converts_with_trust(tmp_path):
     config = yaml.safe_dump({"model": GBM})
     torch.save({"model": state, "metadata": metadata, "config": config}, old)
     with pytest.raises(ModelReferenceError, match="--trust"):
-        load_model_reference(str(old))
+        artifacts.load(str(old))
     out = subprocess.run(
         [str(BIN / "landcover-convert-model"), str(old), "--trust"], capture_output=True, text=True
     )
     assert out.returncode == 0, out.stderr
-    loaded = load_model_reference(str(tmp_path / "old.safe.pt"))
+    loaded = artifacts.load(str(tmp_path / "old.safe.pt"))
     x = torch.from_numpy(rng.uniform(0, 255, (1, 4, 6, 6)).astype(np.float32))
     probabilities = np.exp(loaded.forward(x.numpy()))[0, 1].flatten()
     features = loaded.torch_module.net.features(x[0].permute(1, 2, 0).reshape(-1, 4).numpy())
@@ -164,7 +165,7 @@ def test_serving_refuses_oversized_and_non_finite_requests(monkeypatch):
 
 
 def test_artifacts_live_beside_a_sqlite_store(tmp_path, monkeypatch):
-    from landcover import tracking
+    from landcover.tracking import runs as tracking
 
     store = tmp_path / "store"
     elsewhere = tmp_path / "elsewhere"
@@ -222,7 +223,7 @@ def usable_scenes(root: Path, size: int = 96) -> None:
 
 def train_fails(root: Path, tmp: Path, *extra: str):
     from landcover.errors import LandcoverError
-    from landcover.train import train
+    from landcover.training.train import train
     from tests.conftest import compose_train
 
     with pytest.raises(LandcoverError) as failure:
@@ -479,10 +480,10 @@ def small_disk(tmp_path):
 
 
 def test_a_full_disk_is_named_and_earlier_files_survive(small_disk, tmp_path):
-    from landcover.checkpoint import save_checkpoint
+    from landcover import artifacts
+    from landcover.artifacts.checkpoint import save_checkpoint
     from landcover.errors import DiskFullError
     from landcover.predict.predictor import PredictSettings, predict_raster
-    from landcover.predict.reference import load_model_reference
 
     earlier = small_disk / "last.pt"
     save_checkpoint({"w": torch.zeros(200_000)}, earlier)  # 0.8 MB
@@ -494,7 +495,7 @@ def test_a_full_disk_is_named_and_earlier_files_survive(small_disk, tmp_path):
 
     free = os.statvfs(small_disk)
     (small_disk / "filler").write_bytes(b"\1" * (free.f_bavail * free.f_frsize - 150_000))
-    model = load_model_reference(str(tiny_model_checkpoint(tmp_path)))
+    model = artifacts.load(str(tiny_model_checkpoint(tmp_path)))
     scene = random_raster(tmp_path / "scene.tif", 1024)
     settings = PredictSettings.defaults(progress=False, confidence=True)
     with pytest.raises(DiskFullError, match="no space left"):
@@ -504,15 +505,15 @@ def test_a_full_disk_is_named_and_earlier_files_survive(small_disk, tmp_path):
 
 
 def test_an_input_truncated_under_prediction_is_one_error(tmp_path):
+    from landcover import artifacts
     from landcover.errors import SceneError
     from landcover.predict.predictor import PredictSettings, predict_raster
-    from landcover.predict.reference import load_model_reference
 
     scene = tmp_path / "scene.tif"
     tiled_image(scene, size=256)
     data = scene.read_bytes()
     scene.write_bytes(data[: len(data) // 2])  # the header survives, the tiles do not
-    model = load_model_reference(str(tiny_model_checkpoint(tmp_path)))
+    model = artifacts.load(str(tiny_model_checkpoint(tmp_path)))
     out = tmp_path / "maps"
     out.mkdir()
     with pytest.raises(SceneError, match=r"scene.tif: .*(truncated|corrupt)") as failure:
@@ -537,9 +538,9 @@ def test_a_file_name_that_is_not_utf8_is_one_line(tmp_path):
 def test_an_old_logged_model_is_refused_then_converted_with_trust(tmp_path, monkeypatch):
     """A run whose model was logged in MLflow's pickled PyTorch flavour (what older versions
     did): refused, then `landcover-convert-model <run> --trust` logs it safely in its run."""
-    from landcover import tracking
+    from landcover.artifacts.files import rebuild
     from landcover.interop.convert import main as convert
-    from landcover.models.files import rebuild
+    from landcover.tracking import runs as tracking
 
     monkeypatch.chdir(tmp_path)
     state = torch.load(tiny_model_checkpoint(tmp_path), weights_only=True)
@@ -553,9 +554,9 @@ def test_an_old_logged_model_is_refused_then_converted_with_trust(tmp_path, monk
             model, name="model", serialization_format="pickle", metadata=old_metadata
         )
     with pytest.raises(ModelReferenceError, match="--trust"):
-        load_model_reference(run.info.run_id, tracking_uri=uri)
+        artifacts.load(run.info.run_id, tracking_uri=uri)
     convert([run.info.run_id, "--trust", "--tracking-uri", uri])
-    loaded = load_model_reference(run.info.run_id, tracking_uri=uri)
+    loaded = artifacts.load(run.info.run_id, tracking_uri=uri)
     x = torch.rand(1, 4, 64, 64) * 255
     with torch.no_grad():
         expected = model.eval()(x).numpy()

@@ -192,8 +192,8 @@ def logged_tiny_model(tmp: Path) -> tuple[str, str]:
     """The tiny test U-Net logged as training logs a model; returns (tracking uri, run id)."""
     import torch
 
-    from landcover import tracking
     from landcover.models import build_model
+    from landcover.tracking import runs as tracking
 
     checkpoint = torch.load(tiny_model_checkpoint(tmp), weights_only=True)
     metadata = checkpoint["metadata"]
@@ -216,7 +216,7 @@ def logged_model_with_foreign_loader(tmp: Path) -> tuple[str, str, Path]:
     import mlflow
     import yaml
 
-    from landcover import tracking
+    from landcover.tracking import runs as tracking
 
     uri, run_id = logged_tiny_model(tmp)
     mlflow.set_tracking_uri(uri)
@@ -241,12 +241,12 @@ def logged_model_with_foreign_loader(tmp: Path) -> tuple[str, str, Path]:
 
 
 def test_a_model_naming_another_loader_is_refused_before_any_import(tmp_path):
-    from landcover.mlmodel_guard import ForeignModelError
-    from landcover.predict.reference import load_model_reference
+    from landcover import artifacts
+    from landcover.artifacts.mlmodel_guard import ForeignModelError
 
     uri, run_id, marker = logged_model_with_foreign_loader(tmp_path)
     with pytest.raises(ForeignModelError, match="loader_module 'evilmod'"):
-        load_model_reference(run_id, tracking_uri=uri)
+        artifacts.load(run_id, tracking_uri=uri)
     served = subprocess.run(
         [str(BIN / "landcover-serve"), f"runs:/{run_id}/model", "--port", "1"],
         cwd=tmp_path,
@@ -303,7 +303,7 @@ def test_serving_counts_what_it_computes_and_bounds_memory(tmp_path):
 
     import numpy as np
 
-    from landcover.serving import DEFAULT_MAX_PIXELS
+    from landcover.serving.pyfunc import DEFAULT_MAX_PIXELS
     from tests.servers import HOST, free_port, http, running
 
     patches = DEFAULT_MAX_PIXELS // (512 * 512)  # a request of exactly the budget
@@ -344,8 +344,8 @@ def test_serving_counts_what_it_computes_and_bounds_memory(tmp_path):
 def test_model_metadata_out_of_bounds_is_one_error_before_any_allocation(tmp_path, edit, expected):
     import mlflow
 
-    from landcover.models.bounds import StoredModelError
-    from landcover.predict.reference import load_model_reference
+    from landcover import artifacts
+    from landcover.artifacts.bounds import StoredModelError
 
     uri, run_id = logged_tiny_model(tmp_path)
     mlflow.set_tracking_uri(uri)
@@ -353,12 +353,12 @@ def test_model_metadata_out_of_bounds_is_one_error_before_any_allocation(tmp_pat
     metadata = json.loads((local / "landcover_model.json").read_text())
     edit(metadata)
     (local / "landcover_model.json").write_text(json.dumps(metadata))
-    from landcover import tracking
+    from landcover.tracking import runs as tracking
 
     with tracking.start_run(uri, "edited") as edited:
         mlflow.log_artifacts(str(local), "model")
     with pytest.raises(StoredModelError, match=expected):
-        load_model_reference(edited.info.run_id, tracking_uri=uri)
+        artifacts.load(edited.info.run_id, tracking_uri=uri)
 
 
 def loky_workers(parent: int) -> list[int]:
@@ -462,7 +462,7 @@ def test_a_temporary_file_of_a_killed_save_is_removed_by_the_next(tmp_path):
     assert [p for p in tmp_path.iterdir() if p.name.endswith(".tmp.pt")]  # what it left
     import torch
 
-    from landcover.checkpoint import save_checkpoint
+    from landcover.artifacts.checkpoint import save_checkpoint
 
     save_checkpoint({"w": torch.zeros(3)}, tmp_path / "last.pt")  # the next run's save
     assert sorted(p.name for p in tmp_path.iterdir()) == ["last.pt"]

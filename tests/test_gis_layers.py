@@ -16,11 +16,11 @@ from tests.test_faults import random_raster, tiny_model_checkpoint
 
 @pytest.fixture(scope="module")
 def mapped(tmp_path_factory):
+    from landcover import artifacts
     from landcover.predict.predictor import PredictSettings, predict_raster
-    from landcover.predict.reference import load_model_reference
 
     tmp = tmp_path_factory.mktemp("gis")
-    model = load_model_reference(str(tiny_model_checkpoint(tmp)))
+    model = artifacts.load(str(tiny_model_checkpoint(tmp)))
     scene = random_raster(tmp / "scene.tif", 128)
     settings = PredictSettings.defaults(
         progress=False, confidence=True, probabilities=True, backend="torch"

@@ -14,34 +14,29 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "landcover"
 # the layers, lowest first: a module may import its own layer and those below
 LAYERS = [
-    # local_server: loopback servers for tests and scripts, on errors alone
-    (
-        "errors",
-        "paths",
-        "ranks",
-        "atomic",
-        "locks",
-        "upgrade",
-        "mlmodel_guard",
-        "local_server",
-    ),
+    ("errors", "paths", "ranks", "atomic", "locks", "upgrade"),
     # what a model is made of and how a run is set up
-    ("data", "models", "metrics", "predict.prior", "config", "cluster", "distributed"),
-    ("system_metrics", "runtime", "checkpoint"),
-    # a model at rest and prediction
+    ("data", "models", "metrics", "predict.prior", "config", "cluster", "training.distributed"),
+    ("runtime", "tracking.system_metrics"),
+    # a model at rest: references, formats, the one loader
+    ("artifacts",),
+    # prediction and serving a loaded model
+    ("predict", "serving", "interop.onnx"),
+    # records
+    ("tracking",),
+    # training's parts, promotion, jobs over many rasters, evaluation
+    ("training", "registry", "mapping", "evaluate"),
+    # the jobs and commands
     (
-        "predict",
-        "serving",
-        "interop.onnx",
-        "interop.onnx_file",
-        "interop.cntk_proto",
-        "interop.cntk_import",
-        "interop.tutorial_model",
+        "training.train",
+        "sweep",
+        "interop",
+        "registry.promote",
+        "serving.server",
+        "tracking.team",
+        "commands",
+        "entrypoints",
     ),
-    # records, training, the commands
-    ("tracking", "dataset_records", "descriptions", "figures"),
-    ("engine", "optim", "best_epoch", "registry", "mapping", "evaluate"),
-    ("train", "sweep", "interop", "promote", "serve", "team", "commands", "entrypoints"),
 ]
 
 
@@ -161,3 +156,24 @@ def test_every_module_has_a_layer_and_upward_imports_are_counted():
     for module, target in upward:
         print(f"  {module} -> {target}")
     assert len(upward) <= 3, upward  # each one explained in docs/architecture.md
+
+
+# public functions named load* outside artifacts/ that load something other than a model
+NOT_MODEL_LOADERS = {"landcover.data.scenes.load_scenes"}
+
+
+def test_models_are_loaded_in_one_place():
+    """One public loader (`artifacts.load`): a `load*` function anywhere else would be a second
+    way in, with its own checks to keep in step."""
+    found = []
+    for path in PACKAGE.rglob("*.py"):
+        name = module_name(path)
+        if name.startswith("landcover.artifacts"):
+            continue
+        for node in ast.parse(path.read_text()).body:
+            is_function = isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef)
+            if is_function and node.name.startswith("load"):
+                found.append(f"{name}.{node.name}")
+    print(f"public load* functions outside artifacts/: {len(found)}")
+    assert sorted(set(found) - NOT_MODEL_LOADERS) == []
+    assert callable(__import__("landcover.artifacts", fromlist=["load"]).load)

@@ -13,9 +13,9 @@ import pytest
 import rasterio
 
 from landcover.config import PredictSettings
-from landcover.predict import backends
-from landcover.predict.loading import load_for_prediction, source_digest
+from landcover.predict import compile_cache
 from landcover.predict.predictor import predict_raster
+from landcover.predict.runnable import runnable_model, source_digest
 from tests.conftest import write_raster
 
 MODEL = Path(__file__).parent / "fixtures" / "pre_refactor" / "checkpoint.pt"
@@ -24,9 +24,9 @@ SETTINGS = {"tile_size": 64, "overlap": 16, "progress": False}
 MAP_IN_A_FRESH_PROCESS = """
 import sys
 from landcover.config import PredictSettings
-from landcover.predict.loading import load_for_prediction
+from landcover.predict.runnable import runnable_model
 from landcover.predict.predictor import predict_raster
-model = load_for_prediction(sys.argv[1], device="cpu")
+model = runnable_model(sys.argv[1], device="cpu")
 predict_raster(model, sys.argv[2], sys.argv[3], PredictSettings.defaults(**{settings}))
 loaded = [name in sys.modules for name in ("torch", "segmentation_models_pytorch")]
 print(model.kind, model.torch_module is None, *loaded)
@@ -46,7 +46,7 @@ def scene(tmp_path) -> Path:
 
 
 def test_a_compiled_model_maps_again_without_importing_torch(cache, scene, tmp_path):
-    first = load_for_prediction(str(MODEL), device="cpu")  # loads with torch, compiles
+    first = runnable_model(str(MODEL), device="cpu")  # loads with torch, compiles
     assert first.kind == "onnxruntime" and first.source_digest
     predict_raster(first, scene, tmp_path / "first.tif", PredictSettings.defaults(**SETTINGS))
     (record,) = (cache / "sources").glob("*.json")
@@ -85,26 +85,26 @@ def lean(model) -> bool:
 
 
 def test_what_the_cache_cannot_vouch_for_loads_through_torch(cache, tmp_path):
-    assert not lean(load_for_prediction(str(MODEL), device="cpu"))
-    assert lean(load_for_prediction(str(MODEL), device="cpu"))
+    assert not lean(runnable_model(str(MODEL), device="cpu"))
+    assert lean(runnable_model(str(MODEL), device="cpu"))
     # another precision, backend or device: the network itself is needed
-    assert load_for_prediction(str(MODEL), device="cpu", backend="torch").kind == "checkpoint"
+    assert runnable_model(str(MODEL), device="cpu", backend="torch").kind == "checkpoint"
     # a copy of the file is the same model: its digest finds the same graph
     copy = tmp_path / "copy.pt"
     copy.write_bytes(MODEL.read_bytes())
     assert source_digest(str(copy), None) == source_digest(str(MODEL), None)
-    assert lean(load_for_prediction(str(copy), device="cpu"))
+    assert lean(runnable_model(str(copy), device="cpu"))
     # a graph that disappeared, or a record that is not JSON: compiled again, no error
     (record,) = (cache / "sources").glob("*.json")
     for graph in cache.glob("*.onnx"):
         graph.unlink()
-    assert not lean(load_for_prediction(str(MODEL), device="cpu"))
+    assert not lean(runnable_model(str(MODEL), device="cpu"))
     record.write_text("{not json")
-    assert not lean(load_for_prediction(str(MODEL), device="cpu"))
+    assert not lean(runnable_model(str(MODEL), device="cpu"))
     assert json.loads(record.read_text())["graph"].endswith(".onnx")  # written again, whole
     # a record naming a file outside the cache is refused
     record.write_text(json.dumps({"graph": "../../elsewhere.onnx", "metadata": {"schema": {}}}))
-    assert backends.compiled_for_source(source_digest(str(MODEL), None), "x") is None
+    assert compile_cache.cached_graph(source_digest(str(MODEL), None), "x") is None
 
 
 def test_an_mlflow_model_has_one_digest_and_maps_from_its_cached_graph(
@@ -112,28 +112,28 @@ def test_an_mlflow_model_has_one_digest_and_maps_from_its_cached_graph(
 ):
     import mlflow
 
-    from landcover import tracking
-    from landcover.predict import reference as references
-    from landcover.predict.reference import load_model_reference
+    from landcover import artifacts
+    from landcover.artifacts import reference as references
+    from landcover.tracking import runs as tracking
 
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    eager = load_model_reference(str(MODEL), device="cpu")
+    eager = artifacts.load(str(MODEL), device="cpu")
     assert eager.torch_module is not None
     with tracking.start_run(uri, "lean") as run:
         tracking.log_landcover_model(eager.torch_module, metadata=eager.metadata)
     mlflow.end_run()
     run_id = run.info.run_id
-    loaded = load_model_reference(run_id, tracking_uri=uri, device="cpu")
+    loaded = artifacts.load(run_id, tracking_uri=uri, device="cpu")
     assert loaded.source_digest == source_digest(run_id, uri)
     assert loaded.source_digest != eager.source_digest  # another file, another record
     downloads: list[str] = []
     download = references._download
     monkeypatch.setattr(references, "_download", lambda *a: downloads.append(a[0]) or download(*a))
-    compiled = load_for_prediction(run_id, tracking_uri=uri, device="cpu")
+    compiled = runnable_model(run_id, tracking_uri=uri, device="cpu")
     assert not lean(compiled) and compiled.source_run_id == run_id
     assert downloads == [f"runs:/{run_id}/model"]  # a miss fetches the model once, not twice
     assert compiled.source_digest == loaded.source_digest
-    again = load_for_prediction(run_id, tracking_uri=uri, device="cpu")
+    again = runnable_model(run_id, tracking_uri=uri, device="cpu")
     assert lean(again) and again.source_run_id == run_id
     assert again.model_id == loaded.model_id and again.reference == run_id
     pixels = np.random.default_rng(0).uniform(0, 255, (2, 4, 64, 64)).astype(np.float32)

@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 from landcover.config import validate_config
 from landcover.data.schema import IGNORE_INDEX, ClassSchema
 from landcover.errors import ConfigError
-from landcover.optim import WeightedLoss, auto_class_weights, build_loss
+from landcover.training.optim import WeightedLoss, auto_class_weights, build_loss
 from tests.conftest import compose_train
 
 

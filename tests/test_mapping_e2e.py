@@ -12,7 +12,7 @@ from mlflow.tracking import MlflowClient
 from landcover.evaluate import run_evaluation
 from landcover.interop.export import run_export
 from landcover.mapping.job import run_predictions
-from landcover.train import train
+from landcover.training.train import train
 from tests.conftest import compose_config, compose_train
 from tests.test_train_e2e import tiny_overrides, train_with_nlcd_prior
 

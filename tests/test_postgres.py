@@ -19,10 +19,10 @@ import pytest
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from landcover.local_server import mlflow_server_command
-from landcover.predict.reference import load_model_reference
-from landcover.train import train
+from landcover import artifacts
+from landcover.training.train import train
 from tests.conftest import compose_train
+from tests.local_server import mlflow_server_command
 from tests.postgres import postgres_server, skip_reason
 from tests.servers import HOST, free_port, running
 from tests.test_sweep import run_workers, sweep_command
@@ -155,7 +155,7 @@ def test_training_run_lands_in_the_postgres_backed_server(team, tiny_synthetic):
     assert run.info.artifact_uri.startswith("mlflow-artifacts:")  # stored by the server
     assert {a.path for a in client.list_artifacts(run.info.run_id)} >= {"confusion_matrix"}
     assert list((tmp / "artifacts").rglob("confusion_matrix.png"))
-    model = load_model_reference(result.run_id, tracking_uri=url, device="cpu")
+    model = artifacts.load(result.run_id, tracking_uri=url, device="cpu")
     assert model.bands == 4
     # the rows are in PostgreSQL, not in a file beside us
     tables = subprocess.run(

@@ -11,10 +11,11 @@ import torch
 from rasterio.transform import from_origin
 from torch import nn
 
+from landcover import artifacts
+from landcover.artifacts.reference import ModelReferenceError, from_module
 from landcover.data.scenes import SceneError
 from landcover.models import SegmentationModel, build_model
 from landcover.predict.predictor import PredictSettings, predict_raster
-from landcover.predict.reference import ModelReferenceError, from_module, load_model_reference
 from landcover.predict.writer import NODATA, OutputError
 from tests.conftest import write_raster
 
@@ -260,10 +261,10 @@ def test_interrupted_prediction_leaves_nothing_behind(tmp_path):
 
 def test_missing_model_reference(tmp_path):
     with pytest.raises(ModelReferenceError, match="does not exist"):
-        load_model_reference(str(tmp_path / "nothing.pt"))
+        artifacts.load(str(tmp_path / "nothing.pt"))
     with pytest.raises(ModelReferenceError, match="ONNX file does not exist"):
-        load_model_reference(str(tmp_path / "nothing.onnx"))
+        artifacts.load(str(tmp_path / "nothing.onnx"))
     with pytest.raises(ModelReferenceError, match="cannot be loaded"):
-        load_model_reference(
+        artifacts.load(
             "models:/no-such-model@champion", tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}"
         )

@@ -10,12 +10,12 @@ import pytest
 import rasterio
 from rasterio.transform import from_origin
 
+from landcover.artifacts.reference import LoadedModel
 from landcover.config import validate_config
 from landcover.data.schema import ClassSchema
 from landcover.errors import ConfigError, ConfigValueError, SceneError
 from landcover.predict.predictor import PredictSettings, predict_raster, prior_layer_path
 from landcover.predict.prior import PriorLayer, literal_template, prior_table, with_prior
-from landcover.predict.reference import LoadedModel
 from tests.conftest import compose_train, write_raster
 
 SCHEMA = ClassSchema.from_config(

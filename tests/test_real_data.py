@@ -82,8 +82,8 @@ def test_prediction_on_the_real_georeferenced_tile_round_trips(shared, tmp_path)
     """CRS, transform, colour table and COG layout survive a prediction of the real tile."""
     import rasterio
 
+    from landcover.artifacts.reference import from_module
     from landcover.predict.predictor import PredictSettings, predict_raster
-    from landcover.predict.reference import from_module
     from tests.test_predict import metadata, small_fcn
 
     tile = shared / "data" / "chesapeake-sample" / "tiles" / "m_3907833_nw_17_1_naip-old.tif"
@@ -107,14 +107,14 @@ def test_the_nlcd_legend_lifts_the_2018_networks_rare_class_on_real_patches(shar
     developed (the val patches) barren + impervious is found far more often with OA intact;
     where it hardly does (the train patches) the map stays as it was."""
     from analysis.baselines import patch_pairs, score, scores_of
-    from landcover.interop.tutorial_model import load_schema
+    from landcover import artifacts
+    from landcover.artifacts.tutorial_model import load_schema
     from landcover.predict.prior import prior_table, with_prior
-    from landcover.predict.reference import load_model_reference
 
     cntk = shared / "models" / "seed-cntk" / "250epochs.model"
     if not cntk.is_file():
         pytest.skip(f"{cntk} is absent")
-    network = load_model_reference(str(cntk), device="cpu")
+    network = artifacts.load(str(cntk), device="cpu")
     fused = with_prior(network, prior_table("nlcd_legend"))
     scheme = load_schema("chesapeake_4class")
     scores = {}

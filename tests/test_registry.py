@@ -13,18 +13,18 @@ import pytest
 import rasterio
 from mlflow.tracking import MlflowClient
 
+from landcover import artifacts
 from landcover.data.synthetic import SyntheticSpec, generate
 from landcover.interop.export import run_export
-from landcover.promote import run_promotion
-from landcover.registry import (
+from landcover.registry.promote import run_promotion
+from landcover.registry.promotion import (
     PromotionError,
     candidate_of_run,
     find_best_run,
     metric_of,
     promote,
 )
-from landcover.serving import load_model
-from landcover.train import train
+from landcover.training.train import train
 from tests.conftest import compose_config, compose_train
 from tests.test_mapping_e2e import evaluate, predict
 from tests.test_train_e2e import tiny_overrides
@@ -167,7 +167,7 @@ def test_guard_previous_alias_lineage_and_idempotency(store, client):
     run = client.get_run(best)
     assert version.run_id == best
     assert version.tags["landcover.source_run_id"] == best
-    from landcover.registry import logged_model_id
+    from landcover.registry.promotion import logged_model_id
 
     model_id = logged_model_id(run)
     assert version.tags["landcover.model_id"] == model_id  # the SQL store keeps no model_id
@@ -179,7 +179,7 @@ def test_guard_previous_alias_lineage_and_idempotency(store, client):
     assert version.tags["git.commit"] == run.data.tags["git.commit"]
     assert best in version.description and "fingerprint" in version.description
     # run -> logged model -> registered version, both ways (what MLflow 3's UI shows)
-    from landcover.registry import logged_model_id
+    from landcover.registry.promotion import logged_model_id
 
     model_id = logged_model_id(run)
     # (MLflow's SQL registry keeps the logged model as the version's source, not as model_id)
@@ -187,8 +187,8 @@ def test_guard_previous_alias_lineage_and_idempotency(store, client):
     linked = json.loads(client.get_logged_model(model_id).tags["mlflow.modelVersions"])
     assert [(v["name"], str(v["version"])) for v in linked] == [("landcover", "2")]
     # what the registry serves is the run's model
-    loaded = load_model("models:/landcover@champion")
-    original = load_model(f"runs:/{best}/model")
+    loaded = artifacts.load("models:/landcover@champion", device="cpu").torch_module
+    original = artifacts.load(f"runs:/{best}/model", device="cpu").torch_module
     x = np.random.default_rng(0).uniform(0, 255, (1, 4, 64, 64)).astype(np.float32)
     import torch
 

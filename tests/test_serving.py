@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
-from landcover.local_server import mlflow_server_command
 from landcover.predict.writer import class_codes
-from landcover.registry import find_best_run, promote
-from landcover.train import train
+from landcover.registry.promotion import find_best_run, promote
+from landcover.training.train import train
 from tests.conftest import compose_train
+from tests.local_server import mlflow_server_command
 from tests.servers import BIN, HOST, free_port, http, http_json, running
 from tests.test_train_e2e import tiny_overrides, train_with_nlcd_prior
 
@@ -43,9 +43,9 @@ def patches(size: int = 48) -> np.ndarray:
 
 def expected_codes(uri: str, run_id: str, pixels: np.ndarray) -> np.ndarray:
     """The class codes the PyTorch face gives, decoded with the logged schema."""
-    from landcover.predict.reference import load_model_reference
+    from landcover import artifacts
 
-    model = load_model_reference(run_id, tracking_uri=uri, device="cpu")
+    model = artifacts.load(run_id, tracking_uri=uri, device="cpu")
     logits = model.forward(pixels)
     return class_codes(model.schema)[logits.argmax(1)]
 

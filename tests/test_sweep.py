@@ -277,7 +277,7 @@ def test_a_sweep_whose_every_trial_fails_exits_non_zero_saying_why(tmp_path):
 
 def test_a_sweep_at_a_cluster_that_is_not_there_stops_in_one_line(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="Ray launcher not installed")
-    from landcover.local_server import free_port
+    from tests.local_server import free_port
 
     address = f"127.0.0.1:{free_port()}"
     out = run_sweep(

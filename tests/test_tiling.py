@@ -2,8 +2,8 @@ import numpy as np
 import pytest
 
 from landcover.config import validate_config
-from landcover.engine import EarlyStopping, FitSettings
 from landcover.predict.tiling import StripAccumulator, TileLayout, blend_weights
+from landcover.training.loop import EarlyStopping, FitSettings
 from tests.conftest import compose_train
 
 

@@ -12,9 +12,9 @@ import pytest
 import torch
 from mlflow.tracking import MlflowClient
 
+from landcover import artifacts
 from landcover.data.scenes import dataset_fingerprint
-from landcover.serving import load_model
-from landcover.train import train
+from landcover.training.train import train
 from tests.conftest import compose_train
 
 pytestmark = pytest.mark.slow
@@ -164,7 +164,7 @@ def test_logged_model_holds_the_best_epochs_metrics(trained):
 def test_logged_model_reloads_and_runs_on_unseen_size(trained):
     result, tmp = trained
     mlflow.set_tracking_uri(f"sqlite:///{tmp / 'mlflow.db'}")
-    model = load_model(result.model_uri)
+    model = artifacts.load(result.model_uri, device="cpu").torch_module
     with torch.inference_mode():
         logits = model(torch.rand(1, 4, 320, 320) * 255)
     assert logits.shape == (1, 4, 320, 320)
@@ -264,7 +264,6 @@ def test_early_stopping_stops_the_run(tiny_synthetic, tmp_path):
 
 def test_pixel_gbm_baseline_is_a_run_like_any_other(tiny_synthetic, tmp_path):
     from landcover.interop.export import run_export
-    from landcover.predict.reference import load_model_reference
     from tests.conftest import compose_config
 
     cfg = compose_train(
@@ -284,9 +283,9 @@ def test_pixel_gbm_baseline_is_a_run_like_any_other(tiny_synthetic, tmp_path):
     assert run.data.metrics["train/pixels"] == 20000  # fitted once, on a sample of pixels
     assert run.data.metrics["val/overall_accuracy"] > 0.7  # spectra separate synthetic classes
     assert result.best_epoch == 0  # one epoch whatever trainer.max_epochs says
-    model = load_model_reference(result.run_id, tracking_uri=uri, device="cpu")
+    model = artifacts.load(result.run_id, tracking_uri=uri, device="cpu")
     pixels = torch.rand(1, 4, 40, 40) * 255
-    again = load_model_reference(str(result.checkpoint_dir / "best.pt"), device="cpu")
+    again = artifacts.load(str(result.checkpoint_dir / "best.pt"), device="cpu")
     assert np.array_equal(model.forward(pixels.numpy()), again.forward(pixels.numpy()))
     with pytest.raises(Exception, match="scikit-learn model"):
         run_export(
@@ -302,7 +301,7 @@ def test_pixel_gbm_baseline_is_a_run_like_any_other(tiny_synthetic, tmp_path):
 def test_training_starts_from_another_model_with_its_encoder_frozen(
     trained, tiny_synthetic, tmp_path
 ):
-    from landcover.checkpoint import read_checkpoint
+    from landcover.artifacts.checkpoint import read_checkpoint
 
     result, tmp = trained
     source = tmp / "checkpoints" / "best.pt"
@@ -334,7 +333,7 @@ def test_training_starts_from_another_model_with_its_encoder_frozen(
 def test_keep_start_keeps_the_starting_weights_when_fine_tuning_only_hurts(
     trained, tiny_synthetic, tmp_path
 ):
-    from landcover.checkpoint import read_checkpoint
+    from landcover.artifacts.checkpoint import read_checkpoint
 
     result, tmp = trained
     source = tmp / "checkpoints" / "best.pt"
@@ -357,11 +356,10 @@ def test_keep_start_keeps_the_starting_weights_when_fine_tuning_only_hurts(
     weights = [k for k in kept if k.endswith("weight")]
     assert all(torch.equal(kept[k], before[k]) for k in weights)
     assert any(not torch.equal(last[k], before[k]) for k in weights)  # the epoch did run
-    from landcover.predict.reference import load_model_reference
 
     pixels = torch.rand(1, 4, 64, 64) * 255
-    start = load_model_reference(str(source), device="cpu")
-    logged = load_model_reference(
+    start = artifacts.load(str(source), device="cpu")
+    logged = artifacts.load(
         started.model_uri, tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}", device="cpu"
     )
     np.testing.assert_allclose(

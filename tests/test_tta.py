@@ -7,11 +7,11 @@ import pytest
 import rasterio
 import torch
 
+from landcover.artifacts.reference import from_module
 from landcover.config import PredictSettings
 from landcover.errors import ConfigValueError
 from landcover.predict import tta
 from landcover.predict.predictor import predict_raster
-from landcover.predict.reference import from_module
 from tests.conftest import write_raster
 
 SCHEMA = {

@@ -8,8 +8,8 @@ import mlflow
 import numpy as np
 import torch
 
-from landcover import serving
-from landcover.predict.reference import load_model_reference
+from landcover import artifacts
+from landcover.artifacts import flavour
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_refactor"
 
@@ -20,13 +20,13 @@ def pixels() -> torch.Tensor:
 
 
 def test_pre_refactor_checkpoint_predicts_the_same_logits() -> None:
-    model = load_model_reference(str(FIXTURE / "checkpoint.pt"), device="cpu")
+    model = artifacts.load(str(FIXTURE / "checkpoint.pt"), device="cpu")
     logits = model.forward(pixels().numpy())
     np.testing.assert_allclose(logits, np.load(FIXTURE / "expected_logits.npy"), atol=1e-5)
 
 
 def test_pre_refactor_logged_model_predicts_the_same_logits() -> None:
-    module = serving.load_module(FIXTURE / "logged_model")
+    module = flavour.load_module(FIXTURE / "logged_model")
     with torch.no_grad():
         logits = module(pixels()).numpy()
     np.testing.assert_allclose(logits, np.load(FIXTURE / "expected_logits.npy"), atol=1e-5)
@@ -40,7 +40,7 @@ def test_a_format_1_training_config_upgrades_to_a_valid_config_of_today() -> Non
     import pytest
     from omegaconf import OmegaConf
 
-    from landcover.checkpoint import read_checkpoint
+    from landcover.artifacts.checkpoint import read_checkpoint
     from landcover.config import validate_config
     from landcover.errors import LandcoverError
     from landcover.upgrade import CONFIG_VERSION, upgrade_train_config

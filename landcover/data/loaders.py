@@ -15,13 +15,13 @@ from landcover.data.sampling import GridPatchDataset, RandomPatchDataset, RareCl
 from landcover.data.scenes import Scene, dataset_fingerprint, find_pairs, load_scenes
 from landcover.data.schema import ClassSchema
 from landcover.data.synthetic import SyntheticSpec, generate
-from landcover.distributed import (
+from landcover.errors import ConfigError
+from landcover.training.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
     GlobalBatchShard,
     StridedShard,
 )
-from landcover.errors import ConfigError
 
 
 @dataclass

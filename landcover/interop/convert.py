@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from landcover.checkpoint import save_checkpoint
+from landcover.artifacts.checkpoint import save_checkpoint
 from landcover.errors import LandcoverError
 
 
@@ -62,8 +62,8 @@ def convert_logged_model(reference: str, tracking_uri: str | None) -> str:
     """Log the old model's weights again, in the safe flavour, into its own run."""
     import mlflow
 
-    from landcover import tracking
-    from landcover.models.files import rebuild
+    from landcover.artifacts.files import rebuild
+    from landcover.tracking import runs as tracking
 
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)

@@ -8,11 +8,11 @@ from pathlib import Path
 import mlflow
 from omegaconf import DictConfig
 
-from landcover import tracking
+from landcover import artifacts
 from landcover.errors import LandcoverError
 from landcover.interop.onnx import export_onnx, max_abs_difference
-from landcover.predict.reference import load_model_reference
 from landcover.predict.writer import check_writable
+from landcover.tracking import runs as tracking
 
 log = logging.getLogger("landcover.export")
 
@@ -41,7 +41,7 @@ def run_export(cfg: DictConfig) -> tuple[Path, float]:
     """`landcover-export`: the model as ONNX, checked against PyTorch before it is kept."""
     output = Path(cfg.output)
     check_writable(output)
-    model = load_model_reference(str(cfg.model), tracking_uri=cfg.tracking.uri, device="cpu")
+    model = artifacts.load(str(cfg.model), tracking_uri=cfg.tracking.uri, device="cpu")
     if model.torch_module is None:
         raise LandcoverError(f"{cfg.model}: only PyTorch models can be exported")
     if getattr(model.torch_module, "fitted_once", False):

@@ -21,16 +21,16 @@ import numpy as np
 import torch
 from omegaconf import DictConfig
 
-from landcover import tracking
+from landcover.artifacts.cntk_graph import import_cntk_seed
+from landcover.artifacts.reference import from_module
+from landcover.artifacts.tutorial_model import load_schema, tutorial_metadata, tutorial_model
 from landcover.data.loaders import split_scenes
 from landcover.data.scenes import dataset_fingerprint
 from landcover.data.schema import ClassSchema
 from landcover.errors import ConfigError
-from landcover.interop.cntk_import import import_cntk_seed
-from landcover.interop.tutorial_model import load_schema, tutorial_metadata, tutorial_model
 from landcover.metrics import scores_from_matrix
 from landcover.predict.predictor import PredictSettings
-from landcover.predict.reference import from_module
+from landcover.tracking import runs as tracking
 
 log = logging.getLogger("landcover.import_cntk")
 

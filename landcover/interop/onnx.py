@@ -17,8 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from landcover.artifacts.onnx_file import METADATA_KEY, load_onnx
 from landcover.atomic import atomic_target
-from landcover.interop.onnx_file import METADATA_KEY, load_onnx
 
 if TYPE_CHECKING:  # importing smp costs seconds; an ONNX model never needs it
     from landcover.models import SegmentationModel

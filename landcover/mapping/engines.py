@@ -70,13 +70,13 @@ class MapWorker:
     ) -> None:
         from landcover.config import PredictSettings
         from landcover.data.scenes import quiet_georeferencing_warnings
-        from landcover.predict.loading import load_for_prediction
+        from landcover.predict.runnable import runnable_model
 
         if environment is not None:
             environment.apply()  # credentials and paths of the driver, before loading
         quiet_georeferencing_warnings()
         self.settings = PredictSettings(**settings)
-        self.model = load_for_prediction(
+        self.model = runnable_model(
             model,
             backend=self.settings.backend,
             precision=self.settings.precision,

@@ -38,7 +38,7 @@ from landcover.mapping.manifest import (
     job_lock,
     output_is_complete,
 )
-from landcover.system_metrics import SystemSamples, sampling
+from landcover.tracking.system_metrics import SystemSamples, sampling
 
 log = logging.getLogger("landcover.predict")
 
@@ -293,8 +293,8 @@ def _record_job(
 ) -> str:
     """One MLflow run for the whole job (and a child per input only when asked), with the
     rasters it read as a dataset and the system metrics sampled while it worked."""
-    from landcover import tracking
-    from landcover.dataset_records import inputs_dataset, log_datasets
+    from landcover.tracking import runs as tracking
+    from landcover.tracking.datasets import inputs_dataset, log_datasets
 
     reference = summary.model_reference or str(cfg.model)
     pixels = sum(row.pixels for row in summary.mapped)

@@ -167,7 +167,7 @@ def totals_csv(totals: dict[str, list[dict]]) -> str:
 
 def mosaic_quicklook(mosaic: Path, size: int, title: str) -> Figure:
     """A small picture of the whole region, in the maps' colours, with class names."""
-    from landcover.figures import quicklook_figure
+    from landcover.tracking.figures import quicklook_figure
 
     with rasterio.open(mosaic) as src:
         scale = max(src.width, src.height) / size

@@ -1,7 +1,7 @@
 """The 2018 CNTK land cover tutorial's network, re-implemented in PyTorch.
 
 Its layers follow the graph decoded from the published model files
-(`landcover.interop.cntk_import`), so the trained CNTK weights load into it tensor by tensor:
+(`landcover.artifacts.cntk_graph`), so the trained CNTK weights load into it tensor by tensor:
 
 - the input's R, G and B are centred on the patch's own mean (NIR is not);
 - encoder: four levels of 3 x 3 convolution + batch norm (+ ReLU), 5 convolutions at 64

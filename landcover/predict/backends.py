@@ -2,27 +2,18 @@
 run by ONNX Runtime or OpenVINO (1.8-2x eager PyTorch per tile at float32 on a 2-core CPU,
 `experiments/bench_predict.py`).
 
-A PyTorch model is exported once per identity (its weights, its metadata, the export
-settings, the torch version) into a cache folder, checked against PyTorch before it is kept
-(the file appears only after the check passes), and reused by every later job. OpenVINO reads
-that same file and is checked against PyTorch again each time it compiles it (its CPU plugin
-picks its own kernels and, unless told otherwise, bf16 on CPUs that have it). A failed export
-or check falls back to PyTorch with one warning line: the map is made either way.
-
-The cache also remembers which model files each graph came from (`sources/<digest>.json`:
-the graph, the model's metadata and lineage). A job whose model was compiled before then maps
-without importing PyTorch at all (`load_for_prediction`): on a CPU-only machine that is
-about 1 GiB less resident memory (this machine's torch wheel is a CUDA build, and the
-architectures pull in timm, torchvision and triton).
+A PyTorch model is compiled once into the cache (`landcover.predict.compile_cache`) and
+reused by every later job. OpenVINO reads that same file and is checked against PyTorch again
+each time it compiles it (its CPU plugin picks its own kernels and, unless told otherwise, bf16
+on CPUs that have it). A failed export or check falls back to PyTorch with one warning line:
+the map is made either way.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import importlib.metadata
 import importlib.util
-import json
 import logging
 import os
 import sys
@@ -32,9 +23,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from landcover.artifacts.reference import LoadedModel
 from landcover.errors import ConfigError
-from landcover.predict.compile_cache import cache_dir, prune, touch
-from landcover.predict.reference import LoadedModel
+from landcover.predict.compile_cache import TOLERANCE, compiled_onnx
 
 if TYPE_CHECKING:
     import torch
@@ -47,25 +38,7 @@ BACKENDS = ("auto", "torch", "onnxruntime", "openvino")
 COMPILED = ("onnxruntime", "openvino")
 PRECISIONS = {"fp32": None, "bf16": "bfloat16", "fp16": "float16"}  # torch dtype names
 OPENVINO_PRECISIONS = {"fp32": "f32", "bf16": "bf16", "fp16": "f16"}
-OPSET = 17
-TOLERANCE = 1e-3  # max |compiled - PyTorch| logit difference accepted, as landcover-export
 PROBE = (1, 96, 160)  # batch, height, width of the input a compiled graph is checked on
-
-
-def model_key(model: LoadedModel) -> str:
-    """What makes two compiled graphs the same: the weights, the metadata that shapes the
-    graph, the export settings and the torch version that traced it."""
-    import torch
-
-    assert model.torch_module is not None
-    digest = hashlib.blake2b(digest_size=16)
-    for name, tensor in sorted(model.torch_module.state_dict().items()):
-        digest.update(name.encode())
-        if isinstance(tensor, torch.Tensor):
-            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
-    shaping = {k: model.metadata.get(k) for k in ("model", "bands", "normalize", "output_margin")}
-    digest.update(json.dumps([shaping, OPSET, torch.__version__], sort_keys=True).encode())
-    return digest.hexdigest()
 
 
 def installed(backend: str) -> bool:
@@ -117,10 +90,10 @@ def with_backend(
             return model
         import torch
 
-        from landcover.predict.reference import _torch_forward
+        from landcover.artifacts.reference import torch_forward
 
         dtype = PRECISIONS[precision]
-        forward = _torch_forward(
+        forward = torch_forward(
             model.torch_module,
             device,
             device.type == "cuda",
@@ -190,95 +163,6 @@ def openvino_capabilities() -> set[str]:
     import openvino as ov
 
     return set(ov.Core().get_property("CPU", "OPTIMIZATION_CAPABILITIES"))
-
-
-def compiled_onnx(model: LoadedModel) -> Path:
-    """The cached ONNX file of `model`, exported and checked on first use."""
-    from landcover.atomic import atomic_target
-    from landcover.interop.onnx import export_onnx, max_abs_difference
-
-    assert model.torch_module is not None
-    folder = cache_dir()
-    folder.mkdir(parents=True, exist_ok=True)
-    path = folder / f"{model_key(model)}.onnx"
-    if not path.is_file():
-        module = model.torch_module.cpu().eval()
-        with atomic_target(path) as tmp:  # the file appears only once exported and checked
-            export_onnx(module, dict(model.metadata), tmp, opset=OPSET)
-            difference = max_abs_difference(module, tmp)
-            if difference > TOLERANCE:
-                raise ValueError(f"|ONNX - PyTorch| = {difference:.2e} above {TOLERANCE:g}")
-        log.info(
-            "compiled %s to ONNX (max |ONNX - PyTorch| %.1e): %s",
-            model.reference,
-            difference,
-            path,
-        )
-        prune()  # the cache keeps to its size, oldest use first
-    else:
-        touch(path)
-    if model.source_digest:
-        remember_source(model, path)
-    return path
-
-
-def source_record(digest: str) -> Path:
-    """Where the cache says which graph the model files with this digest compiled to."""
-    return cache_dir() / "sources" / f"{digest}-opset{OPSET}-torch{torch_version()}.json"
-
-
-def torch_version() -> str:
-    """The installed torch's version, read without importing it (a graph traced by another
-    torch is traced again)."""
-    try:
-        return importlib.metadata.version("torch")
-    except importlib.metadata.PackageNotFoundError:
-        return "none"
-
-
-def remember_source(model: LoadedModel, graph: Path) -> None:
-    """Record that `model`'s files compile to `graph`, with what a job needs to map with it."""
-    from landcover.atomic import write_text
-
-    assert model.source_digest is not None
-    record = {
-        "graph": graph.name,
-        "metadata": model.metadata,
-        "source_run_id": model.source_run_id,
-        "model_id": model.model_id,
-    }
-    target = source_record(model.source_digest)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    write_text(target, json.dumps(record, sort_keys=True, default=str))
-
-
-def compiled_for_source(digest: str, reference: str) -> tuple[LoadedModel, Path] | None:
-    """The model with these files as its cached graph (no forward yet), or None when it was
-    never compiled here (or its record or graph is gone or unreadable)."""
-    record_path = source_record(digest)
-    try:
-        record = json.loads(record_path.read_text())
-        graph = cache_dir() / str(record["graph"])
-        metadata = dict(record["metadata"])
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    if not graph.is_file() or "schema" not in metadata or "/" in str(record["graph"]):
-        return None
-    touch(graph)
-    model = LoadedModel(
-        forward=_not_compiled,
-        metadata=metadata,
-        reference=reference,
-        kind="compiled",
-        source_run_id=record.get("source_run_id"),
-        model_id=record.get("model_id"),
-        source_digest=digest,
-    )
-    return model, graph
-
-
-def _not_compiled(pixels: np.ndarray) -> np.ndarray:
-    raise RuntimeError("a cached graph's model runs only once its backend is chosen")
 
 
 def available_threads(threads: int | None = None) -> int:

@@ -1,7 +1,15 @@
-"""Where compiled models are kept, and the cache's size: least recently used graphs go first.
+"""Compiled models, kept: each model's ONNX graph, which model files it came from, and the
+cache's size (least recently used graphs go first).
 
-Every model a machine maps is compiled once into `LANDCOVER_CACHE_DIR` (see
-`landcover.predict.backends`); left alone the folder only grows (278 MB after one afternoon of
+A PyTorch model is exported once per identity (its weights, its metadata, the export
+settings, the torch version) into `LANDCOVER_CACHE_DIR`, checked against PyTorch before it is
+kept (the file appears only after the check passes), and reused by every later job. The cache
+also remembers which model files each graph came from (`sources/<digest>.json`: the graph,
+the model's metadata and lineage): a job whose model was compiled before maps without
+importing PyTorch at all (`cached_graph`), about 1 GiB less resident memory on a CPU-only
+machine.
+
+Left alone the folder only grows (278 MB after one afternoon of
 sweeps and mapping). After each new graph the cache is cut back to `LANDCOVER_CACHE_MAX_MB`
 (default 2048), oldest use first, with the records that point to removed graphs;
 `landcover-cache show` and `landcover-cache prune [--max-mb N]` do it by hand.
@@ -11,17 +19,25 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
+import importlib.metadata
 import json
 import logging
 import os
 import time
 from pathlib import Path
 
+import numpy as np
+
+from landcover.artifacts.reference import LoadedModel
+
 log = logging.getLogger("landcover.cache")
 
 MAX_MB_ENV = "LANDCOVER_CACHE_MAX_MB"
 DEFAULT_MAX_MB = 2048
 GRAPH_SUFFIXES = (".onnx", ".xml", ".bin", ".blob")
+OPSET = 17
+TOLERANCE = 1e-3  # max |compiled - PyTorch| logit difference accepted, as landcover-export
 
 
 def cache_dir() -> Path:
@@ -75,6 +91,111 @@ def prune(limit: int | None = None, folder: Path | None = None) -> tuple[int, in
                 record.unlink(missing_ok=True)  # an unreadable record vouches for nothing
         log.info("compile cache: %d graph(s) removed, %.1f MB freed", len(removed), freed / 1e6)
     return len(removed), freed
+
+
+def model_key(model: LoadedModel) -> str:
+    """What makes two compiled graphs the same: the weights, the metadata that shapes the
+    graph, the export settings and the torch version that traced it."""
+    import torch
+
+    assert model.torch_module is not None
+    digest = hashlib.blake2b(digest_size=16)
+    for name, tensor in sorted(model.torch_module.state_dict().items()):
+        digest.update(name.encode())
+        if isinstance(tensor, torch.Tensor):
+            digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    shaping = {k: model.metadata.get(k) for k in ("model", "bands", "normalize", "output_margin")}
+    digest.update(json.dumps([shaping, OPSET, torch.__version__], sort_keys=True).encode())
+    return digest.hexdigest()
+
+
+def compiled_onnx(model: LoadedModel) -> Path:
+    """The cached ONNX file of `model`, exported and checked on first use."""
+    from landcover.atomic import atomic_target
+    from landcover.interop.onnx import export_onnx, max_abs_difference
+
+    assert model.torch_module is not None
+    folder = cache_dir()
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{model_key(model)}.onnx"
+    if not path.is_file():
+        module = model.torch_module.cpu().eval()
+        with atomic_target(path) as tmp:  # the file appears only once exported and checked
+            export_onnx(module, dict(model.metadata), tmp, opset=OPSET)
+            difference = max_abs_difference(module, tmp)
+            if difference > TOLERANCE:
+                raise ValueError(f"|ONNX - PyTorch| = {difference:.2e} above {TOLERANCE:g}")
+        log.info(
+            "compiled %s to ONNX (max |ONNX - PyTorch| %.1e): %s",
+            model.reference,
+            difference,
+            path,
+        )
+        prune()  # the cache keeps to its size, oldest use first
+    else:
+        touch(path)
+    if model.source_digest:
+        remember_source(model, path)
+    return path
+
+
+def source_record(digest: str) -> Path:
+    """Where the cache says which graph the model files with this digest compiled to."""
+    return cache_dir() / "sources" / f"{digest}-opset{OPSET}-torch{torch_version()}.json"
+
+
+def torch_version() -> str:
+    """The installed torch's version, read without importing it (a graph traced by another
+    torch is traced again)."""
+    try:
+        return importlib.metadata.version("torch")
+    except importlib.metadata.PackageNotFoundError:
+        return "none"
+
+
+def remember_source(model: LoadedModel, graph: Path) -> None:
+    """Record that `model`'s files compile to `graph`, with what a job needs to map with it."""
+    from landcover.atomic import write_text
+
+    assert model.source_digest is not None
+    record = {
+        "graph": graph.name,
+        "metadata": model.metadata,
+        "source_run_id": model.source_run_id,
+        "model_id": model.model_id,
+    }
+    target = source_record(model.source_digest)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    write_text(target, json.dumps(record, sort_keys=True, default=str))
+
+
+def cached_graph(digest: str, reference: str) -> tuple[LoadedModel, Path] | None:
+    """The model with these files as its cached graph (no forward yet), or None when it was
+    never compiled here (or its record or graph is gone or unreadable)."""
+    record_path = source_record(digest)
+    try:
+        record = json.loads(record_path.read_text())
+        graph = cache_dir() / str(record["graph"])
+        metadata = dict(record["metadata"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if not graph.is_file() or "schema" not in metadata or "/" in str(record["graph"]):
+        return None
+    touch(graph)
+    model = LoadedModel(
+        forward=_not_compiled,
+        metadata=metadata,
+        reference=reference,
+        kind="compiled",
+        source_run_id=record.get("source_run_id"),
+        model_id=record.get("model_id"),
+        source_digest=digest,
+    )
+    return model, graph
+
+
+def _not_compiled(pixels: np.ndarray) -> np.ndarray:
+    raise RuntimeError("a cached graph's model runs only once its backend is chosen")
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -24,12 +24,12 @@ from rasterio.errors import RasterioIOError
 from rasterio.windows import Window
 from tqdm.auto import tqdm
 
+from landcover.artifacts.reference import LoadedModel
 from landcover.config import PredictSettings as PredictSettings  # the schema is the settings
 from landcover.data.scenes import check_same_grid, open_raster
 from landcover.data.schema import IGNORE_INDEX
 from landcover.errors import ConfigValueError, SceneError
 from landcover.predict.prior import PriorLayer, prior_of
-from landcover.predict.reference import LoadedModel
 from landcover.predict.tiling import Reweight, StripAccumulator, TileLayout
 from landcover.predict.tta import averaged_probabilities, check_mode
 from landcover.predict.writer import AreaTable, ClassMapWriter

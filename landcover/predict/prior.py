@@ -30,7 +30,7 @@ from landcover.errors import ConfigValueError
 from landcover.paths import CONFIG_DIR
 
 if TYPE_CHECKING:
-    from landcover.predict.reference import LoadedModel
+    from landcover.artifacts.reference import LoadedModel
 
 CODES = 256  # the layer is uint8
 

@@ -1,7 +1,7 @@
 """What sweeps write to MLflow: the parent run, records of trials that never reported, and
 the summary (best values, every trial as CSV, Optuna's plots, the Pareto front).
 
-It lives beside the sweeper rather than in `landcover.tracking` because only sweeps use it,
+It lives beside the sweeper rather than in `landcover.tracking.runs` because only sweeps use it,
 and it talks to MLflow through the client (never the fluent API): trial runs of the same
 process open fluent runs of their own.
 """
@@ -18,7 +18,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
-from landcover.tracking import PARAM_VALUE_LIMIT, experiment_id
+from landcover.tracking.runs import PARAM_VALUE_LIMIT, experiment_id
 
 log = logging.getLogger(__name__)
 
@@ -235,7 +235,7 @@ def final_report(
     """The lines a sweep ends with (the best trial, the page to open, the command that
     promotes it), also written as the parent run's description with the budget, the space,
     the sampler and pruner, and the best trials."""
-    from landcover.tracking import browse_command
+    from landcover.tracking.runs import browse_command
 
     client = MlflowClient(uri)
     trials = study.get_trials(deepcopy=False)

@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from landcover import locks
 from landcover.errors import LandcoverError
 
-log = logging.getLogger("landcover.registry")
+log = logging.getLogger("landcover.registry.promotion")
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 FINGERPRINT_TAG = "dataset_fingerprint"
@@ -241,7 +241,7 @@ def _lineage(candidate: Candidate, experiment: str, direction: str) -> dict[str,
     run_tags = candidate.run.data.tags
     tags.update({key: run_tags[key] for key in LINEAGE_RUN_TAGS if key in run_tags})
     if "best/epoch" in candidate.run.data.metrics:
-        tags["landcover.best_epoch"] = str(int(candidate.run.data.metrics["best/epoch"]))
+        tags["landcover.training.best_epoch"] = str(int(candidate.run.data.metrics["best/epoch"]))
     return tags
 
 

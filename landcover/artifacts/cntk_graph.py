@@ -28,8 +28,8 @@ from typing import Any, cast
 import numpy as np
 import torch
 
+from landcover.artifacts.cntk_proto import NDArray, read_model_dictionary
 from landcover.errors import LandcoverError
-from landcover.interop.cntk_proto import NDArray, read_model_dictionary
 from landcover.models.seed import SeedNet
 
 PARAMETER, CONSTANT = 2, 3

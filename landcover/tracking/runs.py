@@ -4,10 +4,10 @@ beside it (mapping/job.py, evaluate.py, interop/export.py, sweep/records.py).
 
 A run records the resolved config (flattened params plus the YAML), provenance tags, metrics
 per epoch, figures, and the trained model. The model is logged in landcover's own flavour
-(`landcover.serving`: safetensors weights plus JSON, never a pickle, so loading it runs no code
-from the file; MLflow's "pt2" format would be safe too but freezes input shapes, and a land
-cover model must run on any tile size). Explicit pip requirements skip MLflow's dependency
-inference (~13 s per log).
+(`landcover.artifacts.flavour`: safetensors weights plus JSON, never a pickle, so loading it
+runs no code from the file; MLflow's "pt2" format would be safe too but freezes input shapes,
+and a land cover model must run on any tile size). Explicit pip requirements skip MLflow's
+dependency inference (~13 s per log).
 """
 
 from __future__ import annotations
@@ -36,12 +36,12 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from landcover.errors import RunPrunedError
-from landcover.system_metrics import system_monitors_available
+from landcover.tracking.system_metrics import system_monitors_available
 
 if TYPE_CHECKING:  # a mapping job records its run without ever loading PyTorch
     import torch
 
-log = logging.getLogger("landcover.tracking")
+log = logging.getLogger("landcover.tracking.runs")
 
 PARAM_VALUE_LIMIT = 500
 MODEL_REQUIREMENTS = (
@@ -128,7 +128,8 @@ def model_signature(bands: int) -> ModelSignature:
     """The pyfunc (serving) face: (-1, bands, -1, -1) raw pixels -> (-1, -1, -1) class codes
     (a model with a prior layer: one band more, the layer's codes).
 
-    Any batch, any height and width; the PyTorch face returns logits (see landcover.serving).
+    Any batch, any height and width; the PyTorch face returns logits
+    (see landcover.artifacts.flavour).
     """
     return ModelSignature(
         inputs=Schema([TensorSpec(np.dtype(np.float32), (-1, bands, -1, -1), "pixels")]),
@@ -138,7 +139,7 @@ def model_signature(bands: int) -> ModelSignature:
 
 def start_run(
     uri: str, experiment: str, run_name: str | None = None, tags: Mapping[str, str] | None = None
-):
+) -> mlflow.ActiveRun:
     """A plain run for commands other than training (prediction, evaluation, export)."""
     use_experiment(uri, experiment)
     return mlflow.start_run(run_name=run_name, tags=dict(tags or {}))
@@ -377,7 +378,7 @@ class Tracker:
 
     def log_datasets(self, name: str, root: str, data: Any) -> None:
         """The train and val scenes as the run's input datasets (the run page's Datasets)."""
-        from landcover.dataset_records import log_datasets, scenes_dataset
+        from landcover.tracking.datasets import log_datasets, scenes_dataset
 
         if not self.enabled:
             return
@@ -508,14 +509,14 @@ def _log_model(
     model: torch.nn.Module, metadata: Mapping[str, Any], run_id: str | None, step: int
 ) -> Any:
     """MLflow's `Model.log` with landcover's flavour and signature."""
-    from landcover import serving  # the flavor module needs PyTorch: imported where used
+    from landcover.artifacts import flavour  # needs PyTorch: imported where used
     from landcover.predict.prior import records_prior
 
     return Model.log(
         artifact_path=None,
         name="model",
         step=step,
-        flavor=serving,
+        flavor=flavour,
         run_id=run_id,
         pytorch_model=model,
         model_metadata=dict(metadata),

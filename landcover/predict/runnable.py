@@ -1,9 +1,9 @@
-"""The model a mapping command runs: loaded from its reference onto its backend, and without
-PyTorch where it can be.
+"""The model a mapping command runs, on its backend: fetch, cache, load, backend, in that order,
+and without PyTorch where it can be.
 
 Every command that maps (`landcover-predict`, the mapping job's workers, `landcover-evaluate`)
-loads through `load_for_prediction`. When the model's files were compiled before (the cache in
-`landcover.predict.backends` records which graph each set of model files became) and the map
+loads through `runnable_model`. When the model's files were compiled before (the cache in
+`landcover.predict.compile_cache` records which graph each set of model files became) and the map
 is made on a CPU at float32 by ONNX Runtime (what `predict.backend=auto` picks there), the
 cached graph runs as it is: PyTorch, the architectures and their dependencies are never
 imported, which keeps about 1 GiB out of each mapping process (the figures in
@@ -17,18 +17,13 @@ import os
 import tempfile
 from pathlib import Path
 
-from landcover.predict.backends import (
-    COMPILED,
-    compiled_for_source,
-    installed,
-    onnx_model,
-    with_backend,
-)
-from landcover.predict.reference import (
+from landcover import artifacts
+from landcover.artifacts.reference import (
     LoadedModel,
     fetch_model_files,
-    load_model_reference,
 )
+from landcover.predict.backends import COMPILED, installed, onnx_model, with_backend
+from landcover.predict.compile_cache import cached_graph
 
 log = logging.getLogger(__name__)
 
@@ -41,7 +36,7 @@ def gpu_possible() -> bool:
     return any(os.path.exists(path) for path in GPU_DRIVER_FILES)
 
 
-def load_for_prediction(
+def runnable_model(
     reference: str,
     *,
     backend: str = "auto",
@@ -60,10 +55,10 @@ def load_for_prediction(
     reference = str(reference)
     lean = lean_possible(backend, precision, device)
     if lean and reference.endswith(".onnx"):  # an exported file is its own graph
-        return onnx_model(load_model_reference(reference), Path(reference), batch_size, threads)
+        return onnx_model(artifacts.load(reference), Path(reference), batch_size, threads)
     with tempfile.TemporaryDirectory(prefix="landcover-model-") as folder:
         fetched = fetch_model_files(reference, tracking_uri, folder) if lean else None
-        hit = compiled_for_source(fetched.digest, reference) if fetched else None
+        hit = cached_graph(fetched.digest, reference) if fetched else None
         if hit is not None:
             model, graph = hit
             log.info("%s: mapping with its cached ONNX graph %s (no PyTorch)", reference, graph)
@@ -74,7 +69,7 @@ def load_for_prediction(
 
         if threads:
             torch.set_num_threads(threads)
-        loaded = load_model_reference(
+        loaded = artifacts.load(
             reference, tracking_uri=tracking_uri, device=device, fetched=fetched
         )
     return with_backend(loaded, backend, select_device(device), precision, batch_size, threads)
@@ -93,7 +88,7 @@ def lean_possible(backend: str, precision: str, device: str) -> bool:
 
 
 def source_digest(reference: str, tracking_uri: str | None) -> str | None:
-    """The digest of the files `reference` names (as `load_model_reference` computes it), or
+    """The digest of the files `reference` names (as `artifacts.load` computes it), or
     None for an ONNX file or anything that names no model files."""
     with tempfile.TemporaryDirectory(prefix="landcover-model-") as folder:
         fetched = fetch_model_files(reference, tracking_uri, folder)

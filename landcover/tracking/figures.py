@@ -210,7 +210,11 @@ def quicklook_figure(
     return fig
 
 
-def evaluation_panels_figure(rows, schema: ClassSchema) -> plt.Figure:
+# one evaluated scene: name, image (bands, H, W), labels RGB, prediction RGB, disagreement mask
+PanelRow = tuple[str, np.ndarray, np.ndarray, np.ndarray, np.ndarray]
+
+
+def evaluation_panels_figure(rows: Sequence[PanelRow], schema: ClassSchema) -> plt.Figure:
     """One row per scene: image | labels | prediction | confident disagreement (magenta)."""
     fig, axes = plt.subplots(len(rows), 4, figsize=(12, 3 * len(rows) + 0.6), squeeze=False)
     for ax_row, (name, image, labels_rgb, predicted_rgb, disagree) in zip(axes, rows, strict=True):

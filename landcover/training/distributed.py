@@ -1,8 +1,8 @@
 """Data parallelism with torch.distributed, launched by torchrun.
 
-    torchrun --nproc_per_node=4 -m landcover.train data=chesapeake_sample model=unet
+    torchrun --nproc_per_node=4 -m landcover.training.train data=chesapeake_sample model=unet
     torchrun --nnodes=2 --node_rank=0 --rdzv-endpoint=host:29500 --nproc_per_node=8 \
-        -m landcover.train ...
+        -m landcover.training.train ...
 
 torchrun sets RANK, WORLD_SIZE and LOCAL_RANK; without them everything here is a no-op and the
 code runs as one process. `data.batch_size` and `data.patches_per_epoch` stay *global*: each of
@@ -15,6 +15,7 @@ same reason; torch's SyncBatchNorm is CUDA-only, this one works with gloo and NC
 from __future__ import annotations
 
 from collections.abc import Iterator
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -25,6 +26,8 @@ from torch.utils.data import Sampler
 from landcover.ranks import SINGLE_PROCESS as SINGLE_PROCESS  # re-exported
 from landcover.ranks import DistributedContext as DistributedContext
 from landcover.ranks import context_from_env as context_from_env
+
+T = TypeVar("T")
 
 
 def init(device_type: str) -> DistributedContext:
@@ -56,7 +59,7 @@ def barrier() -> None:
         dist.barrier()
 
 
-def broadcast_object(value):
+def broadcast_object(value: T) -> T:
     """Rank 0's value on every rank."""
     if not dist.is_initialized():
         return value

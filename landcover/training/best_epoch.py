@@ -9,13 +9,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from landcover.engine import Trainer
-from landcover.figures import (
+from landcover.tracking.figures import (
     confusion_matrix_figure,
     learning_curves_figure,
     panels_figure,
     per_class_scores_figure,
 )
+from landcover.training.loop import Trainer
 
 
 def window_title(trainer: Trainer, item: int) -> str:

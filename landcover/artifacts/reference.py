@@ -69,7 +69,7 @@ class LoadedModel:
         return int(self.metadata.get("size_divisor", 32))
 
 
-def _torch_forward(
+def torch_forward(
     module: torch.nn.Module,
     device: torch.device,
     channels_last: bool,
@@ -115,33 +115,23 @@ def _from_checkpoint(
 ) -> LoadedModel:
     from omegaconf import OmegaConf
 
-    from landcover.checkpoint import read_checkpoint
-    from landcover.models import build_model
+    from landcover.artifacts.checkpoint import read_checkpoint
+    from landcover.artifacts.files import rebuild
 
     state = read_checkpoint(path, ModelReferenceError)
     if not isinstance(state, dict) or "metadata" not in state or "config" not in state:
         raise ModelReferenceError(f"{path}: not a landcover training checkpoint")
     cfg = OmegaConf.create(state["config"])
     metadata = state["metadata"]
-    from landcover.models.bounds import check_stored_model
-
     model_config = OmegaConf.to_container(cfg.model, resolve=True) if "model" in cfg else None
-    check_stored_model(metadata, model_config, str(path))  # before anything is built
-    model = build_model(
-        cfg.model,
-        in_channels=metadata["bands"],
-        num_classes=len(metadata["schema"]["classes"]),
-        mean=metadata["normalize"]["mean"],
-        std=metadata["normalize"]["std"],
-        config_version=int(metadata.get("config_version", 1)),
-    )
+    model = rebuild({**metadata, "model": model_config or metadata.get("model")}, str(path))
     try:
         model.load_state_dict(state["model"])
     except (RuntimeError, LandcoverError) as err:
         first = str(err).splitlines()[0]
         raise ModelReferenceError(f"{path}: weights do not fit its model config ({first})") from err
     return LoadedModel(
-        _torch_forward(model, device, channels_last),
+        torch_forward(model, device, channels_last),
         metadata,
         str(path),
         "checkpoint",
@@ -152,7 +142,7 @@ def _from_checkpoint(
 
 
 def _from_onnx(path: Path) -> LoadedModel:
-    from landcover.interop.onnx_file import load_onnx
+    from landcover.artifacts.onnx_file import load_onnx
 
     session, metadata = load_onnx(path)
     input_name = session.get_inputs()[0].name
@@ -168,11 +158,11 @@ def _from_cntk(
     path: Path, device: torch.device, channels_last: bool, digest: str | None = None
 ) -> LoadedModel:
     """A 2018 tutorial CNTK file, decoded by landcover's bounded reader (no CNTK, no code run)."""
-    from landcover.interop.tutorial_model import load_cntk_file
+    from landcover.artifacts.tutorial_model import load_cntk_file
 
     module, metadata = load_cntk_file(path)
     return LoadedModel(
-        _torch_forward(module, device, channels_last),
+        torch_forward(module, device, channels_last),
         metadata,
         str(path),
         "cntk",
@@ -208,7 +198,7 @@ def _download(uri: str, tracking_uri: str | None, folder: str | Path) -> ModelFi
             f"model reference {uri!r} cannot be loaded from {mlflow.get_tracking_uri()}: "
             f"{first_line}"
         ) from err
-    from landcover.mlmodel_guard import check_mlmodel
+    from landcover.artifacts.mlmodel_guard import check_mlmodel
 
     check_mlmodel(path)
     return ModelFiles(path, files_digest(path), info)
@@ -238,8 +228,8 @@ def _from_mlflow(
 ) -> LoadedModel:
     import tempfile
 
-    from landcover.models.files import UnsafeModelError, convert_hint
-    from landcover.serving import load_module
+    from landcover.artifacts.files import UnsafeModelError, convert_hint
+    from landcover.artifacts.flavour import load_module
 
     with tempfile.TemporaryDirectory() as tmp:
         files = fetched or _download(uri, tracking_uri, tmp)
@@ -256,7 +246,7 @@ def _from_mlflow(
             f"model {uri!r} was not logged by landcover (no class schema in its metadata)"
         )
     return LoadedModel(
-        _torch_forward(module, device, channels_last),
+        torch_forward(module, device, channels_last),
         metadata,
         uri,
         "mlflow",
@@ -274,7 +264,7 @@ def model_uri(reference: str) -> str | None:
     return reference if reference.startswith(("runs:/", "models:/")) else None
 
 
-def load_model_reference(
+def load(
     reference: str,
     *,
     tracking_uri: str | None = None,
@@ -319,7 +309,7 @@ def from_module(
     import torch
 
     return LoadedModel(
-        _torch_forward(module, torch.device(device), False),
+        torch_forward(module, torch.device(device), False),
         metadata,
         reference,
         "module",

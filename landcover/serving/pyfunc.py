@@ -1,12 +1,4 @@
-"""The MLflow flavour of landcover models: safe to load, and servable by `mlflow models serve`.
-
-A trained model is logged once, with two faces: the `landcover` flavour (weights in
-safetensors, architecture and class schema in JSON: loading rebuilds the network from this
-package's code and never unpickles anything; see `landcover.models.files`) and a
-`python_function` flavour whose loader is this module, so that a REST client that posts 4-band
-patches gets class codes back, not raw logits it would have to decode with a schema it does not
-have. Models logged by older versions (MLflow's pickled PyTorch flavour) are refused with the
-command that converts them.
+"""The pyfunc face of a landcover model: what `mlflow models serve` and `landcover-serve` answer.
 
 Request (JSON, `POST /invocations`): `{"inputs": [[[[...]]]]}`, raw digital numbers shaped
 (patches, bands, height, width), any height and width. Response: `{"predictions": [...]}`,
@@ -26,7 +18,6 @@ same grid.
 from __future__ import annotations
 
 import os
-import platform
 import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
@@ -35,100 +26,18 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
-import yaml
 from mlflow.exceptions import MlflowException
-from mlflow.models import Model
 from mlflow.protos.databricks_pb2 import INVALID_PARAMETER_VALUE
 
+from landcover.artifacts import files
+from landcover.artifacts.flavour import load_module_and_metadata
 from landcover.data.schema import ClassSchema
-from landcover.mlmodel_guard import check_mlmodel
-from landcover.models import files
 from landcover.predict.prior import PriorLayer, prior_of
 
-FLAVOR = "landcover"
-PYFUNC = "python_function"
 MAX_PIXELS_ENV = "LANDCOVER_SERVE_MAX_PIXELS"
 # eight 512 x 512 patches: parsing a request's JSON costs the worker about 100 MiB per
 # patch of that size; with sixteen its peak passed 2.5 GiB
 DEFAULT_MAX_PIXELS = 8 * 512 * 512
-
-
-def save_model(
-    pytorch_model: torch.nn.Module,
-    path: str,
-    *,
-    mlflow_model: Model | None = None,
-    model_metadata: Mapping[str, Any],
-    class_codes: Sequence[int],
-    output_margin: int,
-    pip_requirements: Sequence[str] = (),
-    signature: Any = None,
-    **kwargs: Any,
-) -> None:
-    """Write the model directory: weights, metadata, requirements and the MLmodel file.
-
-    Called by `mlflow.models.Model.log(flavor=landcover.serving, ...)`.
-    """
-    import mlflow.pyfunc
-
-    del kwargs
-    directory = Path(path)
-    files.save(pytorch_model, directory, model_metadata)
-    (directory / "requirements.txt").write_text("\n".join(pip_requirements) + "\n")
-    python_env = {
-        "python": platform.python_version(),
-        "build_dependencies": ["pip"],
-        "dependencies": ["-r requirements.txt"],
-    }
-    (directory / "python_env.yaml").write_text(yaml.safe_dump(python_env))
-    mlflow_model = mlflow_model if mlflow_model is not None else Model()
-    if signature is not None:
-        mlflow_model.signature = signature
-    mlflow_model.add_flavor(
-        FLAVOR,
-        format=files.FORMAT,
-        weights=files.WEIGHTS_FILE,
-        metadata=files.METADATA_FILE,
-    )
-    mlflow.pyfunc.add_to_model(
-        mlflow_model,
-        loader_module=__name__,
-        python_env="python_env.yaml",
-        model_config={
-            "class_codes": [int(code) for code in class_codes],
-            "output_margin": int(output_margin),
-        },
-    )
-    mlflow_model.save(os.path.join(path, "MLmodel"))
-
-
-def load_module_and_metadata(path: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """The network of a downloaded model directory, rebuilt without unpickling, and its
-    metadata."""
-    directory = Path(path)
-    check_mlmodel(directory)  # before MLflow reads anything it could run
-    mlmodel = Model.load(str(directory / "MLmodel")) if (directory / "MLmodel").is_file() else None
-    if mlmodel is not None and FLAVOR not in mlmodel.flavors:
-        raise files.UnsafeModelError(files.convert_hint(str(path)))
-    return files.load(directory)
-
-
-def load_module(path: str | Path) -> torch.nn.Module:
-    """The network of a downloaded model directory, rebuilt without unpickling."""
-    return load_module_and_metadata(path)[0]
-
-
-def load_model(model_uri: str) -> torch.nn.Module:
-    """A logged landcover model as a PyTorch module (`runs:/...`, `models:/name@alias`):
-    raw pixels in, class logits out. Replaces `mlflow.pytorch.load_model`, which unpickles."""
-    import tempfile
-
-    import mlflow
-
-    with tempfile.TemporaryDirectory() as tmp:
-        return load_module(mlflow.artifacts.download_artifacts(model_uri, dst_path=tmp))
-
-
 FORWARD_PIXELS_ENV = "LANDCOVER_SERVE_FORWARD_PIXELS"
 DEFAULT_FORWARD_PIXELS = 512 * 512  # pixels one forward pass may process: bounds memory
 MAX_PATCHES_ENV = "LANDCOVER_SERVE_MAX_PATCHES"
@@ -248,8 +157,9 @@ def _bad_request(message: str) -> MlflowException:
     return MlflowException(message, error_code=INVALID_PARAMETER_VALUE)
 
 
-def _load_pyfunc(path: str, model_config: Mapping[str, Any] | None = None) -> ClassMapModel:
-    """MLflow's pyfunc entry point (`loader_module: landcover.serving` in MLmodel)."""
+def class_map_model(path: str, model_config: Mapping[str, Any] | None = None) -> ClassMapModel:
+    """The pyfunc face of the model saved in `path`; MLflow reaches it through
+    `landcover.serving._load_pyfunc` (the `loader_module` every landcover MLmodel names)."""
     config = dict(model_config or {})
     directory = Path(path).parent if Path(path).name == files.WEIGHTS_FILE else Path(path)
     module, metadata = load_module_and_metadata(directory)

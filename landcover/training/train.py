@@ -20,28 +20,29 @@ import torch
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from landcover import distributed as dist
-from landcover import tracking
-from landcover.best_epoch import log_best_epoch
-from landcover.checkpoint import CheckpointManager, load_checkpoint
+from landcover import artifacts
+from landcover.artifacts.checkpoint import CheckpointManager, load_checkpoint
+from landcover.artifacts.reference import LoadedModel
 from landcover.commands import ending_in_one_line, run_hydra_app, stop_on_signal
 from landcover.config import plain_dict, validate_config
 from landcover.data.loaders import TrainingData, build_training_data
 from landcover.data.scenes import class_pixel_totals
-from landcover.engine import EpochCallback, FitResult, FitSettings, Trainer
 from landcover.errors import ConfigError, LandcoverError, RunPrunedError
 from landcover.models import SegmentationModel, build_model
 from landcover.models.transfer import TransferReport, parameter_groups, transfer_weights
-from landcover.optim import build_loss, build_optimizer, build_scheduler
 from landcover.paths import CONFIG_DIR
-from landcover.predict.reference import LoadedModel
 from landcover.runtime import Runtime
 from landcover.runtime import start as start_runtime
 from landcover.sweep import multirun
-from landcover.tracking import Tracker
+from landcover.tracking import runs as tracking
+from landcover.tracking.runs import Tracker
+from landcover.training import distributed as dist
+from landcover.training.best_epoch import log_best_epoch
+from landcover.training.loop import EpochCallback, FitResult, FitSettings, Trainer
+from landcover.training.optim import build_loss, build_optimizer, build_scheduler
 from landcover.upgrade import CONFIG_VERSION
 
-log = logging.getLogger("landcover.train")
+log = logging.getLogger("landcover.training.train")
 
 
 def output_dir() -> Path:
@@ -100,12 +101,11 @@ def run_tags(
     }
 
 
-def load_init_source(cfg: DictConfig) -> LoadedModel:
+def init_source(cfg: DictConfig) -> LoadedModel:
     """The model `init.model` names, on the CPU; its input normalisation becomes this run's
     (the copied weights expect what they were trained on), so the config says so too."""
-    from landcover.predict.reference import load_model_reference
 
-    source = load_model_reference(str(cfg.init.model), tracking_uri=cfg.tracking.uri, device="cpu")
+    source = artifacts.load(str(cfg.init.model), tracking_uri=cfg.tracking.uri, device="cpu")
     if source.torch_module is None or getattr(source.torch_module, "fitted_once", False):
         raise ConfigError(f"config value init.model={cfg.init.model}: not a network to start from")
     if int(source.metadata["bands"]) != int(cfg.data.bands):
@@ -126,7 +126,7 @@ def start_from(
     where the run started; nothing without `init.model`."""
     if source is None:
         return None, {}
-    assert source.torch_module is not None  # load_init_source refuses anything else
+    assert source.torch_module is not None  # init_source refuses anything else
     report = transfer_weights(
         model,
         source.torch_module.state_dict(),
@@ -214,7 +214,7 @@ def train(
     runtime = start_runtime(cfg.trainer, cfg.seed)
     resume = cfg.trainer.resume_from
     checkpoint = load_checkpoint(resume) if resume else None
-    source = load_init_source(cfg) if cfg.init.model and checkpoint is None else None
+    source = init_source(cfg) if cfg.init.model and checkpoint is None else None
     model = build_model(
         cfg.model,
         in_channels=cfg.data.bands,
@@ -295,7 +295,7 @@ def describe_run(
     static: Mapping[str, float],
 ) -> str:
     """The run's description: command, data, model, best epoch, headline metrics."""
-    from landcover.descriptions import command_line, training_description
+    from landcover.tracking.descriptions import command_line, training_description
 
     model = str(cfg.model.arch)
     if cfg.model.get("encoder_name"):
@@ -343,7 +343,7 @@ _hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name
 
 
 def main() -> None:
-    """`python -m landcover.train` (what torchrun starts); the console script is
+    """`python -m landcover.training.train` (what torchrun starts); the console script is
     `landcover.entrypoints:train`, which imports this module only when a job runs."""
     run_hydra_app(_hydra_main)
 

@@ -15,9 +15,9 @@ from pathlib import Path
 
 from omegaconf import OmegaConf
 
+from landcover.artifacts.cntk_graph import import_cntk_seed
 from landcover.data.schema import ClassSchema
 from landcover.errors import ConfigError
-from landcover.interop.cntk_import import import_cntk_seed
 from landcover.models import SegmentationModel
 from landcover.models.seed import SeedNet
 from landcover.paths import CONFIG_DIR

@@ -23,21 +23,22 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch.nn.parallel import DistributedDataParallel
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from landcover.checkpoint import CheckpointManager
+from landcover.artifacts.checkpoint import CheckpointManager
 from landcover.data.loaders import TrainingData
 from landcover.data.schema import IGNORE_INDEX
-from landcover.distributed import (
+from landcover.errors import LandcoverError
+from landcover.metrics import ConfusionMatrix, metric_names, scores_from_matrix
+from landcover.models import SegmentationModel
+from landcover.tracking.runs import Tracker
+from landcover.training.distributed import (
     SINGLE_PROCESS,
     DistributedContext,
     all_reduce_sum,
     sync_batchnorm,
 )
-from landcover.errors import LandcoverError
-from landcover.metrics import ConfusionMatrix, metric_names, scores_from_matrix
-from landcover.models import SegmentationModel
-from landcover.tracking import Tracker
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,12 @@ class Trainer:
             target = target[..., margin:-margin, margin:-margin]
         return image, target
 
-    def _batches(self, loader, limit: int | None, description: str):
+    def _batches(
+        self,
+        loader: DataLoader,
+        limit: int | None,
+        description: str,
+    ) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         """Batches on the device, at most `limit` of them, behind a progress bar."""
         total = min(limit or len(loader), len(loader))
         self.progress_bar = tqdm(

@@ -16,7 +16,7 @@ import sys
 from pathlib import Path
 
 from landcover.errors import LandcoverError
-from landcover.serving import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
+from landcover.serving.pyfunc import DEFAULT_MAX_PIXELS, MAX_PIXELS_ENV
 
 
 def serve_command(model: str, host: str, port: int, workers: int) -> list[str]:
@@ -71,7 +71,7 @@ def checked_copy(model: str) -> Path:
 
     import mlflow
 
-    from landcover.mlmodel_guard import check_mlmodel
+    from landcover.artifacts.mlmodel_guard import check_mlmodel
 
     folder = Path(tempfile.mkdtemp(prefix="landcover-serve-"))
     local = Path(mlflow.artifacts.download_artifacts(model, dst_path=str(folder)))

@@ -8,13 +8,14 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 from landcover.errors import LandcoverError
 
 METADATA_KEY = "landcover"
 
 
-def load_onnx(path: Path):
+def load_onnx(path: Path) -> tuple[Any, dict[str, Any]]:
     """An onnxruntime session and the landcover metadata stored in the file."""
     import onnxruntime as ort
 

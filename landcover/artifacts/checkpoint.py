@@ -15,9 +15,9 @@ from typing import Any
 
 import torch
 
+from landcover.artifacts.files import convert_hint
 from landcover.atomic import atomic_target
 from landcover.errors import ConfigError, LandcoverError
-from landcover.models.files import convert_hint
 
 
 def save_checkpoint(state: dict[str, Any], path: Path) -> None:

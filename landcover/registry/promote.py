@@ -13,9 +13,9 @@ from omegaconf import DictConfig
 
 from landcover.config import plain_dict
 from landcover.errors import ConfigError
-from landcover.registry import Promotion, candidate_of_run, find_best_run, promote
+from landcover.registry.promotion import Promotion, candidate_of_run, find_best_run, promote
 
-log = logging.getLogger("landcover.promote")
+log = logging.getLogger("landcover.registry.promote")
 
 
 def run_promotion(cfg: DictConfig) -> Promotion:

@@ -39,8 +39,12 @@ def convert_hint(reference: str) -> str:
     )
 
 
-def rebuild(metadata: Mapping[str, Any]) -> torch.nn.Module:
-    """The network the metadata describes, with fresh weights (this package's code only)."""
+def rebuild(
+    metadata: Mapping[str, Any], where: str = "the model's landcover_model.json"
+) -> torch.nn.Module:
+    """The network the metadata describes, with fresh weights (this package's code only): the
+    one place a saved model (a logged model's JSON, a checkpoint's metadata and config) becomes
+    a network again. `where` names the file in errors."""
     from landcover.models import build_model
 
     if "model" not in metadata:
@@ -48,9 +52,9 @@ def rebuild(metadata: Mapping[str, Any]) -> torch.nn.Module:
             "model metadata has no 'model' config (architecture and its settings): "
             "it was not saved by this version of landcover"
         )
-    from landcover.models.bounds import check_stored_model
+    from landcover.artifacts.bounds import check_stored_model
 
-    check_stored_model(metadata, metadata["model"], "the model's landcover_model.json")
+    check_stored_model(metadata, metadata["model"], where)  # before anything is built
     config = dict(metadata["model"])
     if config.get("encoder_weights"):
         config["encoder_weights"] = None  # the saved tensors replace them: no download
@@ -83,7 +87,7 @@ def load(directory: Path) -> tuple[torch.nn.Module, dict[str, Any]]:
         raise LandcoverError(f"{directory}: unreadable model files ({err})") from err
     if not isinstance(metadata, dict) or "model" not in metadata:
         raise LandcoverError(f"{meta}: not landcover model metadata (no 'model' config)")
-    from landcover.models.bounds import check_stored_model
+    from landcover.artifacts.bounds import check_stored_model
 
     check_stored_model(metadata, metadata["model"], str(meta))  # before any allocation
     try:
