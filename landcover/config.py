@@ -692,6 +692,23 @@ def validate_config(cfg: DictConfig) -> DictConfig:
     return typed
 
 
+def train_settings(cfg: DictConfig) -> TrainConfig:
+    """The validated config as its schema's objects, made once where the job starts.
+
+    What the job hands down is then typed (mypy checks `settings.trainer.max_epochs` where it is
+    used, not only where it is declared); the DictConfig stays for what records the config as
+    written (run params, the checkpoint's YAML). A sweep trial's `trial:` block is the
+    sweeper's, read from the DictConfig."""
+    plain = cfg.copy()
+    with open_dict(plain):
+        plain.pop("trial", None)
+        plain.pop("hydra", None)
+    settings = OmegaConf.to_object(plain)
+    if not isinstance(settings, TrainConfig):
+        raise ConfigError(f"not a training config (it is {type(settings).__name__}): validate it")
+    return settings
+
+
 def _check_prior(cfg: DictConfig) -> None:
     """A prior table must name the data's classes with shares in range, before any training."""
     from landcover.data.schema import ClassSchema

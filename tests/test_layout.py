@@ -177,3 +177,32 @@ def test_models_are_loaded_in_one_place():
     print(f"public load* functions outside artifacts/: {len(found)}")
     assert sorted(set(found) - NOT_MODEL_LOADERS) == []
     assert callable(__import__("landcover.artifacts", fromlist=["load"]).load)
+
+
+def test_the_type_checker_sees_the_settings_a_job_passes_down(tmp_path):
+    """`train_settings` hands typed objects down: a wrong use of `trainer.max_epochs` is a
+    type error, not a surprise at epoch 0 (it was `Any` when every signature took DictConfig)."""
+    import subprocess
+    import sys
+
+    scratch = tmp_path / "wrong_type.py"
+    scratch.write_text(
+        "from landcover.config import TrainConfig\n\n\n"
+        "def epochs_label(settings: TrainConfig) -> str:\n"
+        "    return settings.trainer.max_epochs\n"
+    )
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "mypy",
+            "--config-file",
+            str(PACKAGE.parent / "pyproject.toml"),
+            str(scratch),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE.parent,
+    )
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert 'Incompatible return value type (got "int", expected "str")' in done.stdout

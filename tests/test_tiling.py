@@ -1,9 +1,9 @@
 import numpy as np
 import pytest
 
-from landcover.config import validate_config
+from landcover.config import TrainConfig, TrainerConfig, train_settings, validate_config
 from landcover.predict.tiling import StripAccumulator, TileLayout, blend_weights
-from landcover.training.loop import EarlyStopping, FitSettings
+from landcover.training.loop import EarlyStopping
 from tests.conftest import compose_train
 
 
@@ -61,9 +61,9 @@ def test_early_stopping_and_improvement_logic():
     assert not lower.should_stop(1000)  # no patience: never
 
 
-def test_fit_settings_come_from_the_trainer_config():
+def test_the_job_passes_typed_settings_down():
     cfg = validate_config(compose_train("trainer.early_stopping.patience=3"))
-    settings = FitSettings.from_config(cfg.trainer)
-    assert settings.stopping == EarlyStopping(str(cfg.trainer.monitor_mode), 0.0, 3)
-    assert settings.max_epochs == cfg.trainer.max_epochs
-    assert FitSettings.from_config(cfg.trainer, fitted_once=True).max_epochs == 1
+    settings = train_settings(cfg)
+    assert isinstance(settings, TrainConfig) and isinstance(settings.trainer, TrainerConfig)
+    assert settings.trainer.early_stopping.patience == 3
+    assert settings.trainer.max_epochs == cfg.trainer.max_epochs

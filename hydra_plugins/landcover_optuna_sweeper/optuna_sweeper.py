@@ -9,45 +9,43 @@ No `from __future__ import annotations` here: Hydra imports plugin modules witho
 them in sys.modules, and dataclasses then cannot resolve string annotations.
 """
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
 from hydra.core.config_store import ConfigStore
 from hydra.plugins.sweeper import Sweeper
 from hydra.types import HydraContext, TaskFunction
-from omegaconf import DictConfig
+from omegaconf import MISSING, DictConfig
 
 
 @dataclass
 class OptunaSweeperConf:
-    """`hydra/sweeper=optuna` settings (the search space is the `params` of a sweep config)."""
+    """`hydra/sweeper=optuna` settings: types only. The values are in
+    `conf/hydra/sweeper/optuna.yaml` (one place, as for every other config group); the
+    search space is the `params` of a sweep config."""
 
-    _target_: str = "hydra_plugins.landcover_optuna_sweeper.optuna_sweeper.LandcoverOptunaSweeper"
-    study_name: str | None = None
-    storage: str | None = None  # default: sqlite:///optuna.db in the working directory
-    n_trials: int = 20
-    n_jobs: int = 1  # trials in flight at once; > 1 needs a parallel Hydra launcher
-    direction: Any = "maximize"  # or a list, one per metric: a multi-objective study
-    metric: Any = "val/mIoU"  # or a list, e.g. [val/mIoU, model/gflops_per_tile]
-    max_failure_rate: float = 0.5
-    min_trials_for_failure_rate: int = 3
-    heartbeat_interval: int = 30  # seconds between a running trial's heartbeats
-    grace_period: int = 120  # a RUNNING trial silent this long is failed and replaced
-    # when the budget is used, stay until other workers' trials end (replacing any that die),
-    # so that no trial is left RUNNING once every worker has exited
-    wait_for_others: bool = True
-    sampler: dict[str, Any] = field(default_factory=lambda: {"name": "tpe", "seed": 0})
-    pruner: dict[str, Any] = field(default_factory=lambda: {"name": "median"})
-    params: dict[str, Any] = field(default_factory=dict)
-    enqueue: list[dict[str, Any]] = field(default_factory=list)
-    # Ray launcher: names of further variables the trials need from this shell (MLFLOW_*,
-    # LANDCOVER_*, PG*, AWS_*, those the config reads by oc.env and the libpq password file
-    # always travel; see landcover.cluster)
-    carry_env: list[str] = field(default_factory=list)
+    _target_: str = MISSING
+    study_name: str | None = MISSING
+    storage: str | None = MISSING  # null: sqlite:///optuna.db in the working directory
+    n_trials: int = MISSING
+    n_jobs: int = MISSING  # trials in flight at once; > 1 needs a parallel Hydra launcher
+    direction: Any = MISSING  # maximize | minimize, or a list: a multi-objective study
+    metric: Any = MISSING  # or a list, e.g. [val/mIoU, model/gflops_per_tile]
+    max_failure_rate: float = MISSING
+    min_trials_for_failure_rate: int = MISSING
+    heartbeat_interval: int = MISSING  # seconds between a running trial's heartbeats
+    grace_period: int = MISSING  # a RUNNING trial silent this long is failed and replaced
+    wait_for_others: bool = MISSING
+    sampler: dict[str, Any] = MISSING
+    pruner: dict[str, Any] = MISSING
+    params: dict[str, Any] = MISSING
+    enqueue: list[dict[str, Any]] = MISSING
+    carry_env: list[str] = MISSING
 
 
+# the schema under its own name; `optuna` itself is the YAML, which starts from it
 ConfigStore.instance().store(
-    group="hydra/sweeper", name="optuna", node=OptunaSweeperConf, provider="landcover"
+    group="hydra/sweeper", name="optuna_types", node=OptunaSweeperConf, provider="landcover"
 )
 
 

@@ -27,6 +27,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from landcover.artifacts.checkpoint import CheckpointManager
+from landcover.config import TrainerConfig
 from landcover.data.loaders import TrainingData
 from landcover.data.schema import IGNORE_INDEX
 from landcover.errors import LandcoverError
@@ -97,38 +98,6 @@ class EarlyStopping:
         return self.patience is not None and epochs_without_improvement >= self.patience
 
 
-@dataclass(frozen=True)
-class FitSettings:
-    """What the loop needs from `trainer:` (and nothing it does not)."""
-
-    max_epochs: int
-    monitor: str
-    stopping: EarlyStopping
-    num_panels: int
-    progress: bool
-    limit_train_batches: int | None
-    limit_val_batches: int | None
-    keep_start: bool = False  # the starting weights are a candidate (best epoch -1)
-
-    @classmethod
-    def from_config(cls, trainer: Any, *, fitted_once: bool = False) -> FitSettings:
-        """From the validated `trainer` config; a model fitted once gets one epoch."""
-        return cls(
-            max_epochs=1 if fitted_once else trainer.max_epochs,
-            monitor=trainer.monitor,
-            stopping=EarlyStopping(
-                str(trainer.monitor_mode),
-                trainer.early_stopping.min_delta,
-                trainer.early_stopping.patience,
-            ),
-            num_panels=trainer.num_panels,
-            progress=trainer.progress,
-            limit_train_batches=trainer.limit_train_batches,
-            limit_val_batches=trainer.limit_val_batches,
-            keep_start=bool(trainer.keep_start),
-        )
-
-
 class Trainer:
     """The fit loop over one model, its data and optimiser; checkpoints, stopping and recording are
     handed to their own objects."""
@@ -144,7 +113,7 @@ class Trainer:
         device: torch.device,
         bf16: bool,
         channels_last: bool,
-        settings: FitSettings,
+        settings: TrainerConfig,
         checkpoints: CheckpointManager,
         tracker: Tracker,
         epoch_callback: EpochCallback | None = None,
@@ -163,6 +132,13 @@ class Trainer:
         if channels_last:
             self.model.to(memory_format=torch.channels_last)
         self.settings = settings
+        # a model fitted rather than trained (the per-pixel GBM) is fitted in one epoch
+        self.max_epochs = 1 if model.fitted_once else settings.max_epochs
+        self.stopping = EarlyStopping(
+            str(settings.monitor_mode),
+            settings.early_stopping.min_delta,
+            settings.early_stopping.patience,
+        )
         self.checkpoints = checkpoints
         self.tracker = tracker
         self.epoch_callback = epoch_callback
@@ -370,14 +346,14 @@ class Trainer:
         metrics: dict[str, float] = {}
         if settings.keep_start and self.state.epoch < 0 and self.state.best_value is None:
             self.score_start()
-        for epoch in range(self.state.epoch + 1, settings.max_epochs):
+        for epoch in range(self.state.epoch + 1, self.max_epochs):
             started = time.perf_counter()
             metrics = self.train_epoch(epoch)
             val_metrics, counts = self.validate(epoch)
             metrics.update(val_metrics)
             metrics["epoch_seconds"] = time.perf_counter() - started
             value = self.monitored(metrics)
-            improved = settings.stopping.improved(value, self.state.best_value)
+            improved = self.stopping.improved(value, self.state.best_value)
             self.state.epoch = epoch
             if improved:
                 self.state.best_value, self.state.best_epoch = value, epoch
@@ -403,11 +379,11 @@ class Trainer:
             )
             if self.epoch_callback and self.distributed.is_main:
                 self.epoch_callback(epoch, metrics)
-            if settings.stopping.should_stop(self.state.epochs_without_improvement):
+            if self.stopping.should_stop(self.state.epochs_without_improvement):
                 log.info(
                     "early stopping: %s did not improve for %d epochs",
                     settings.monitor,
-                    settings.stopping.patience,
+                    self.stopping.patience,
                 )
                 break
         if self.checkpoints.enabled and self.checkpoints.directory.is_dir():

@@ -24,7 +24,7 @@ from landcover import artifacts
 from landcover.artifacts.checkpoint import CheckpointManager, load_checkpoint
 from landcover.artifacts.reference import LoadedModel
 from landcover.commands import ending_in_one_line, run_hydra_app, stop_on_signal
-from landcover.config import plain_dict, validate_config
+from landcover.config import TrainConfig, plain_dict, train_settings, validate_config
 from landcover.data.loaders import TrainingData, build_training_data
 from landcover.data.scenes import class_pixel_totals
 from landcover.errors import ConfigError, LandcoverError, RunPrunedError
@@ -38,7 +38,7 @@ from landcover.tracking import runs as tracking
 from landcover.tracking.runs import Tracker
 from landcover.training import distributed as dist
 from landcover.training.best_epoch import log_best_epoch
-from landcover.training.loop import EpochCallback, FitResult, FitSettings, Trainer
+from landcover.training.loop import EpochCallback, FitResult, Trainer
 from landcover.training.optim import build_loss, build_optimizer, build_scheduler
 from landcover.upgrade import CONFIG_VERSION
 
@@ -153,6 +153,7 @@ def default_run_name(cfg: DictConfig) -> str | None:
 
 def build_trainer(
     cfg: DictConfig,
+    settings: TrainConfig,
     runtime: Runtime,
     model: SegmentationModel,
     data: TrainingData,
@@ -174,24 +175,25 @@ def build_trainer(
         device=runtime.device,
         bf16=runtime.bf16,
         channels_last=runtime.channels_last,
-        settings=FitSettings.from_config(cfg.trainer, fitted_once=model.fitted_once),
+        settings=settings.trainer,
         checkpoints=CheckpointManager(
-            output_dir() / cfg.trainer.checkpoint_dir,  # an absolute dir replaces the base
-            keep_epochs=cfg.trainer.keep_epoch_checkpoints,
+            output_dir() / settings.trainer.checkpoint_dir,  # an absolute dir replaces the base
+            keep_epochs=settings.trainer.keep_epoch_checkpoints,
             enabled=runtime.distributed.is_main,
         ),
         tracker=tracker,
         epoch_callback=epoch_callback,
         distributed=runtime.distributed,
-        compile_model=cfg.trainer.compile,
+        compile_model=settings.trainer.compile,
         checkpoint_extra={
             "config": OmegaConf.to_yaml(cfg),
             "metadata": model_metadata(cfg, data, model),
         },
     )
-    if cfg.trainer.monitor not in trainer.metric_names():
+    if settings.trainer.monitor not in trainer.metric_names():
         raise ConfigError(
-            f"config value trainer.monitor={cfg.trainer.monitor!r} is never logged by training; "
+            f"config value trainer.monitor={settings.trainer.monitor!r} is never logged by "
+            "training; "
             f"choose one of {sorted(trainer.metric_names())}"
         )
     return trainer
@@ -211,8 +213,9 @@ def train(
     `model/gflops_per_tile`.
     """
     cfg = validate_config(cfg)
-    runtime = start_runtime(cfg.trainer, cfg.seed)
-    resume = cfg.trainer.resume_from
+    settings = train_settings(cfg)  # typed from here down
+    runtime = start_runtime(settings.trainer, settings.seed)
+    resume = settings.trainer.resume_from
     checkpoint = load_checkpoint(resume) if resume else None
     source = init_source(cfg) if cfg.init.model and checkpoint is None else None
     model = build_model(
@@ -239,7 +242,7 @@ def train(
         system_metrics=bool(cfg.tracking.system_metrics),
         system_metrics_interval=float(cfg.tracking.system_metrics_interval),
     )
-    trainer = build_trainer(cfg, runtime, model, data, tracker, epoch_callback)
+    trainer = build_trainer(cfg, settings, runtime, model, data, tracker, epoch_callback)
     if checkpoint is not None:
         trainer.restore(checkpoint)
         log.info("resuming from %s after epoch %d", resume, trainer.state.epoch)
@@ -267,7 +270,7 @@ def train(
             if cfg.trial is not None:  # a pruned trial is never resumed either
                 trainer.checkpoints.remove()
             raise
-        at_best = tracker.record_best(trainer.state, cfg.trainer.monitor)
+        at_best = tracker.record_best(trainer.state, settings.trainer.monitor)
         result.summary = {**at_best, **static}
         log_best_epoch(trainer)
         if cfg.tracking.log_model:
@@ -276,12 +279,15 @@ def train(
                 cpu_copy(trainer.model), metadata=metadata, step=max(int(result.best_epoch or 0), 0)
             )
         tracker.describe(describe_run(cfg, data, trainer, at_best, static), result.model_uri)
-        if cfg.trial is not None and result.model_uri and not cfg.trainer.keep_epoch_checkpoints:
+        keep = settings.trainer.keep_epoch_checkpoints
+        if cfg.trial is not None and result.model_uri and not keep:
             # a finished trial is never resumed, and its logged model holds the best weights
             freed = trainer.checkpoints.remove()
             log.info("trial's local checkpoints removed (%.1f MB)", freed / 1e6)
         best = f"{result.best_value:.4f}" if result.best_value is not None else "none"
-        log.info("done: best %s = %s at epoch %s", cfg.trainer.monitor, best, result.best_epoch)
+        log.info(
+            "done: best %s = %s at epoch %s", settings.trainer.monitor, best, result.best_epoch
+        )
     if tracker.enabled and tracker.run_id and cfg.trial is None:
         log.info("%s", tracking.browse_command(str(cfg.tracking.uri), tracker.run_id))
     return result
