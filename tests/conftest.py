@@ -49,6 +49,14 @@ def local_ray_turn() -> Iterator[None]:
             fcntl.flock(handle, fcntl.LOCK_UN)
 
 
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """A test that reads ../shared is marked `shared` by the fixture it asks for, not by hand:
+    `make test-fast` (-m "not shared") then leaves out every one of them, wherever it lives."""
+    for item in items:
+        if "shared" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.shared)
+
+
 def shared_dir() -> Path | None:
     """../shared beside the checkout, or $LANDCOVER_SHARED_DIR."""
     candidate = Path(os.environ.get("LANDCOVER_SHARED_DIR", REPO.parent / "shared"))
