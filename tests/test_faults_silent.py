@@ -247,6 +247,8 @@ def test_a_model_naming_another_loader_is_refused_before_any_import(tmp_path):
     uri, run_id, marker = logged_model_with_foreign_loader(tmp_path)
     with pytest.raises(ForeignModelError, match="loader_module 'evilmod'"):
         artifacts.load(run_id, tracking_uri=uri)
+    with pytest.raises(ForeignModelError, match="loader_module 'evilmod'"):
+        artifacts.load(str(tmp_path / "edited"))  # the same folder handed over on disk
     served = subprocess.run(
         [str(BIN / "landcover-serve"), f"runs:/{run_id}/model", "--port", "1"],
         cwd=tmp_path,

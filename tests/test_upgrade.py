@@ -9,7 +9,6 @@ import numpy as np
 import torch
 
 from landcover import artifacts
-from landcover.artifacts import flavour
 
 FIXTURE = Path(__file__).parent / "fixtures" / "pre_refactor"
 
@@ -26,9 +25,9 @@ def test_pre_refactor_checkpoint_predicts_the_same_logits() -> None:
 
 
 def test_pre_refactor_logged_model_predicts_the_same_logits() -> None:
-    module = flavour.load_module(FIXTURE / "logged_model")
-    with torch.no_grad():
-        logits = module(pixels()).numpy()
+    model = artifacts.load(str(FIXTURE / "logged_model"), device="cpu")  # a model folder
+    assert model.kind == "mlflow" and model.schema.names
+    logits = model.forward(pixels().numpy())
     np.testing.assert_allclose(logits, np.load(FIXTURE / "expected_logits.npy"), atol=1e-5)
     pyfunc = mlflow.pyfunc.load_model(str(FIXTURE / "logged_model"))
     codes = pyfunc.predict(pixels().numpy())

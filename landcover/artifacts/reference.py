@@ -1,10 +1,11 @@
 """One resolver for every command that takes a model.
 
 A reference may be an MLflow run id, a `runs:/` or `models:/` URI (`models:/name/3`,
-`models:/name@champion`), a training checkpoint (`.pt`), an ONNX file, or a 2018 tutorial
-CNTK file (`.model`). Whatever it is, the
-result carries the class schema, band count and output margin logged with the model at
-training time, so prediction needs no settings repeated and can refuse a wrong input early.
+`models:/name@champion`), a logged model's folder on disk (downloaded or copied: its MLmodel
+inside), a training checkpoint (`.pt`), an ONNX file, or a 2018 tutorial CNTK file (`.model`).
+Whatever it is, the result carries the class schema, band count and output margin logged with
+the model at training time, so prediction needs no settings repeated and can refuse a wrong
+input early.
 """
 
 from __future__ import annotations
@@ -215,8 +216,25 @@ def fetch_model_files(
         return None
     if path.is_file():
         return ModelFiles(path, files_digest(path))
+    if is_model_folder(path):
+        return _local_model_folder(path)
     uri = model_uri(reference)
     return _download(uri, tracking_uri, folder) if uri else None
+
+
+def is_model_folder(path: Path) -> bool:
+    """A logged model downloaded or copied to a folder (its MLmodel file inside)."""
+    return path.is_dir() and (path / "MLmodel").is_file()
+
+
+def _local_model_folder(path: Path) -> ModelFiles:
+    """A model folder on disk read as MLflow would read it, guarded the same way."""
+    from mlflow.models import Model
+
+    from landcover.artifacts.mlmodel_guard import check_mlmodel
+
+    check_mlmodel(path)  # before MLflow parses anything it could run
+    return ModelFiles(path, files_digest(path), Model.load(str(path / "MLmodel")))
 
 
 def _from_mlflow(
@@ -290,12 +308,15 @@ def load(
         return _from_cntk(path, torch_device, channels_last, digest)
     if path.is_file():
         return _from_checkpoint(path, torch_device, channels_last, digest)
+    if is_model_folder(path):
+        files = fetched or _local_model_folder(path)
+        return _from_mlflow(str(path), None, torch_device, channels_last, files)
     uri = model_uri(reference)
     if uri is not None:
         return _from_mlflow(uri, tracking_uri, torch_device, channels_last, fetched)
     raise ModelReferenceError(
-        f"model reference {reference!r} does not exist: it is not a file, an MLflow run id, "
-        "a runs:/ URI or a models:/ URI"
+        f"model reference {reference!r} does not exist: it is not a file, a model folder, an "
+        "MLflow run id, a runs:/ URI or a models:/ URI"
     )
 
 
