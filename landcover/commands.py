@@ -1,4 +1,5 @@
-"""What every console script shares: a Hydra app whose user errors end as one line.
+"""The console scripts, and what every one of them shares: a Hydra app whose user errors end
+as one line.
 
 Each command is a Hydra app over `conf/commands/` whose user errors (bad input, missing model,
 bad config value) end as one clear line and a non-zero exit instead of a traceback. This module
@@ -11,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -21,7 +23,7 @@ from omegaconf import DictConfig
 
 from landcover import ranks
 from landcover.errors import LandcoverError, Stopped, access_refused
-from landcover.paths import COMMANDS_CONFIG_DIR
+from landcover.paths import COMMANDS_CONFIG_DIR, CONFIG_DIR
 
 
 def imported(target: str) -> Callable[..., object]:
@@ -122,7 +124,11 @@ def run_hydra_app(
                 "encoding?): Hydra reads UTF-8 only; rename the file or link it under a UTF-8 name"
             )
     if help_for is not None and {"--help", "-h"} & set(sys.argv[1:]):
-        print_help(*help_for)
+        try:
+            print_help(*help_for)
+            sys.stdout.flush()
+        except BrokenPipeError:  # `landcover-train --help | head`: the reader has what it wanted
+            os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
         return
     import landcover.config  # noqa: F401  (registers the schemas composition checks against)
 
@@ -181,3 +187,38 @@ def quiet_georeferencing_warnings() -> None:
     from landcover.data.scenes import quiet_georeferencing_warnings as quiet
 
     quiet()
+
+
+# -- the console scripts ([project.scripts] in pyproject.toml) ------------------------------
+
+
+@hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
+def _train_app(cfg: DictConfig) -> float | None:
+    from landcover.config import validate_config
+    from landcover.errors import ConfigError
+
+    try:
+        validate_config(cfg)  # a typo fails in a fraction of a second, before torch loads
+    except ConfigError as err:
+        sys.exit(f"error: {err}")
+    return imported("landcover.training.train:run_job")(cfg)  # type: ignore[return-value]
+
+
+def train() -> None:
+    """`landcover-train`."""
+    run_hydra_app(_train_app, help_for=(CONFIG_DIR, "train"))
+
+
+predict = command_main("landcover.mapping.job:run_predictions", "predict")
+evaluate = command_main("landcover.evaluate:run_evaluation", "evaluate")
+export = command_main("landcover.interop.export:run_export", "export")
+promote = command_main("landcover.registry.promote:run_promotion", "promote")
+_import_cntk = command_main("landcover.interop.import_cntk:run_import", "import_cntk")
+
+
+def import_cntk() -> None:
+    """`landcover-import-cntk x.model [key=value ...]`: the model file may come first, bare."""
+    arguments = sys.argv[1:]
+    if arguments and "=" not in arguments[0] and not arguments[0].startswith("-"):
+        sys.argv = [sys.argv[0], f"file={arguments[0]}", *arguments[1:]]
+    _import_cntk()

@@ -35,7 +35,6 @@ LAYERS = [
         "serving.server",
         "tracking.team",
         "commands",
-        "entrypoints",
     ),
 ]
 

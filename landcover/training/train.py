@@ -350,7 +350,7 @@ _hydra_main = hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name
 
 def main() -> None:
     """`python -m landcover.training.train` (what torchrun starts); the console script is
-    `landcover.entrypoints:train`, which imports this module only when a job runs."""
+    `landcover.commands:train`, which imports this module only when a job runs."""
     run_hydra_app(_hydra_main)
 
 
