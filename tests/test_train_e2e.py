@@ -154,6 +154,11 @@ def test_logged_model_holds_the_best_epochs_metrics(trained):
     for key in ("val/mIoU", "val/overall_accuracy", "val/loss", "train/loss"):
         assert linked[key].value == pytest.approx(best[key]), key
         assert linked[key].step == result.best_epoch and linked[key].run_id == result.run_id
+    # each linked metric names the data it was computed on: the model page's "Datasets used"
+    inputs = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
+    for key, split in (("val/mIoU", "val"), ("train/loss", "train")):
+        (name,) = [n for n in inputs if n.endswith(f"/{split}")]
+        assert (linked[key].dataset_name, linked[key].dataset_digest) == (name, inputs[name]), key
     (output,) = run.outputs.model_outputs
     assert output.model_id == model_id and output.step == result.best_epoch
     described = client.get_logged_model(model_id).tags["mlflow.note.content"]

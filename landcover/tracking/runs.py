@@ -13,6 +13,7 @@ dependency inference (~13 s per log).
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import logging
 import math
@@ -253,6 +254,16 @@ def browse_command(uri: str, run_id: str) -> str:
     )
 
 
+@dataclasses.dataclass(frozen=True)
+class LoggedPoint:
+    """One metric point this process logged, and the dataset it was computed on."""
+
+    value: float
+    timestamp: int
+    dataset_name: str | None = None
+    dataset_digest: str | None = None
+
+
 class Tracker:
     """A thin, explicit face on mlflow for one training run.
 
@@ -276,8 +287,11 @@ class Tracker:
         self.system_metrics = system_metrics and system_monitors_available()
         self.system_metrics_interval = system_metrics_interval
         self.run_id: str | None = None
-        # step -> {metric: (value, timestamp)} of what this process logged
-        self.logged: dict[int, dict[str, tuple[float, int]]] = {}
+        # step -> {metric: point} of what this process logged
+        self.logged: dict[int, dict[str, LoggedPoint]] = {}
+        # split (train, val) -> (dataset name, digest): what a `train/*` or `val/*` metric was
+        # computed on, carried to the logged model (its page lists "Datasets used")
+        self.datasets: dict[str, tuple[str, str]] = {}
 
     @contextlib.contextmanager
     def start(
@@ -382,12 +396,12 @@ class Tracker:
 
         if not self.enabled:
             return
-        log_datasets(
-            {
-                split: scenes_dataset(f"{name}/{split}", root, scenes, data.schema)
-                for split, scenes in (("train", data.train_scenes), ("val", data.val_scenes))
-            }
-        )
+        datasets = {
+            split: scenes_dataset(f"{name}/{split}", root, scenes, data.schema)
+            for split, scenes in (("train", data.train_scenes), ("val", data.val_scenes))
+        }
+        log_datasets(datasets)
+        self.datasets = {split: (d.name, d.digest) for split, d in datasets.items()}
 
     def log_params(self, params: Mapping[str, str]) -> None:
         """Parameters of the open run."""
@@ -400,7 +414,14 @@ class Tracker:
             finite = {k: float(v) for k, v in metrics.items() if np.isfinite(v)}
             stamp = int(time.time() * 1000)
             mlflow.log_metrics(finite, step=step, timestamp=stamp)
-            self.logged.setdefault(step, {}).update({k: (v, stamp) for k, v in finite.items()})
+            self.logged.setdefault(step, {}).update(
+                {k: LoggedPoint(v, stamp, *self.dataset_of(k)) for k, v in finite.items()}
+            )
+
+    def dataset_of(self, metric: str) -> tuple[str | None, str | None]:
+        """(name, digest) of the dataset a metric was computed on: `val/*` the val scenes,
+        `train/*` the train scenes, others (best/*, model/*, timings) none."""
+        return self.datasets.get(metric.partition("/")[0], (None, None))
 
     def describe(self, text: str, model_uri: str | None = None) -> None:
         """The run's description (`mlflow.note.content`): what a person reads first; the
@@ -456,12 +477,12 @@ def log_landcover_model(
     metadata: Mapping[str, Any],
     run_id: str | None = None,
     step: int = 0,
-    step_metrics: Mapping[str, tuple[float, int]] | None = None,
+    step_metrics: Mapping[str, LoggedPoint] | None = None,
 ) -> str:
     """The model in landcover's flavour (safetensors + JSON, pyfunc face) in the active run or
     `run_id`, holding the run's metrics of `step` (MLflow links them); returns its URI.
 
-    `step_metrics`: what this process logged at `step` (value, timestamp), when it knows;
+    `step_metrics`: what this process logged at `step` (value, timestamp, dataset), when it knows;
     MLflow then links them
     without fetching every metric's whole history (one request per metric: on a team server
     with password checks, minutes of a sweep trial)."""
@@ -474,15 +495,15 @@ _HISTORY_LOCK = threading.Lock()
 
 
 @contextlib.contextmanager
-def _history_from_memory(
-    step: int, metrics: Mapping[str, tuple[float, int]] | None
-) -> Iterator[None]:
+def _history_from_memory(step: int, metrics: Mapping[str, LoggedPoint] | None) -> Iterator[None]:
     """While a model is logged, answer MLflow's per-metric history fetches from `metrics`.
 
     `mlflow.models.Model.log` links a run's metrics of `step` to the new logged model by
     fetching the full history of every metric of the run and keeping the points of that step;
-    we know those points already. Metrics this process did not log at `step` (a resumed run's
-    earlier epochs) are still fetched."""
+    we know those points already, and which dataset each was computed on (a run's metric
+    history does not keep it: MLflow stores datasets on a logged model's metrics only), so the
+    model's page lists its datasets. Metrics this process did not log at `step` (a resumed
+    run's earlier epochs) are still fetched."""
     if not metrics:
         yield
         return
@@ -493,8 +514,18 @@ def _history_from_memory(
 
     def known(self: MlflowClient, run_id: str, key: str) -> list[Metric]:
         if key in metrics:  # the same point (its timestamp too): linking adds no new one
-            value, stamp = metrics[key]
-            return [Metric(key, float(value), stamp, step, run_id=run_id)]
+            point = metrics[key]
+            return [
+                Metric(
+                    key,
+                    float(point.value),
+                    point.timestamp,
+                    step,
+                    dataset_name=point.dataset_name,
+                    dataset_digest=point.dataset_digest,
+                    run_id=run_id,
+                )
+            ]
         return original(self, run_id, key)
 
     with _HISTORY_LOCK:
