@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import logging
 import os
+import shutil
 import signal
 import sys
 from collections.abc import Callable, Iterator
@@ -65,6 +66,7 @@ def ending_in_one_line(log: logging.Logger) -> Iterator[None]:
         yield
     except LandcoverError as err:
         log.error("%s", err)
+        discard_run_dir()  # kept if the command had logged anything before its error
         sys.exit(f"error: {err}")
     except Exception as err:
         refused = access_refused(err)
@@ -72,6 +74,34 @@ def ending_in_one_line(log: logging.Logger) -> Iterator[None]:
             raise
         log.error("%s", refused)
         sys.exit(f"error: {refused}")
+
+
+def discard_run_dir() -> None:
+    """Remove the Hydra run folder (`outputs/<date>/<time>/`) of a command refused before any
+    work: it holds only Hydra's copy of the config and a log whose only lines are the error the
+    terminal showed. A log with anything before the error (a job that ran), or any other file
+    (a checkpoint, a map), keeps it; multiruns keep theirs."""
+    from hydra.core.hydra_config import HydraConfig
+    from hydra.types import RunMode
+
+    if not HydraConfig.initialized() or HydraConfig.get().mode != RunMode.RUN:
+        return
+    folder = Path(HydraConfig.get().runtime.output_dir)
+    files = [p for p in folder.rglob("*") if p.is_file()]
+    if any(".hydra" not in p.relative_to(folder).parts and p.suffix != ".log" for p in files):
+        return
+    for log_file in (p for p in files if p.suffix == ".log"):
+        with contextlib.suppress(OSError):
+            if any("[ERROR]" not in line for line in log_file.read_text().splitlines() if line):
+                return
+    logging.shutdown()  # the log file is closed before it goes
+    shutil.rmtree(folder, ignore_errors=True)
+    base = Path.cwd().resolve()
+    for parent in folder.resolve().parents:  # outputs/<date>/ and outputs/, if left empty
+        if parent == base or base not in parent.parents:
+            break
+        with contextlib.suppress(OSError):
+            parent.rmdir()
 
 
 def stop_on_signal(signum: int, frame: object) -> None:
@@ -200,6 +230,7 @@ def _train_app(cfg: DictConfig) -> float | None:
     try:
         validate_config(cfg)  # a typo fails in a fraction of a second, before torch loads
     except ConfigError as err:
+        discard_run_dir()
         sys.exit(f"error: {err}")
     return imported("landcover.training.train:run_job")(cfg)  # type: ignore[return-value]
 

@@ -73,6 +73,28 @@ def test_mapping_commands_report_a_missing_model_in_one_line(tmp_path, command):
     assert "Traceback" not in out.stderr
 
 
+def test_a_failed_command_leaves_no_empty_folders(tmp_path):
+    """Refused before any work: no `outputs/<date>/<time>/` holding only the config and the
+    error, no output folder holding only its lock (the job's FAILED run stays in MLflow)."""
+    refused = run("trainer.max_epochs=-3", cwd=tmp_path)
+    assert refused.returncode != 0 and "max_epochs" in refused.stderr
+    predicted = subprocess.run(
+        [
+            str(SCRIPT.parent / "landcover-predict"),
+            f"model={tmp_path / 'missing.pt'}",
+            f"input={SCRIPT}",
+            "output=maps/deep/",
+        ],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert predicted.returncode != 0 and "missing.pt" in predicted.stderr
+    left = sorted(p.name for p in tmp_path.iterdir())
+    assert "outputs" not in left and "maps" not in left, left
+
+
 BAD_VALUES = {
     "landcover-predict": ["model=x", "input=y", "output=z", "predict.tile_size=abc"],
     "landcover-evaluate": ["model=x", "data=synthetic", "data.root=nowhere", "predict.overlap=abc"],

@@ -10,6 +10,7 @@ to it, recorded the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -81,10 +82,38 @@ def run_predictions(cfg: DictConfig) -> JobSummary:
         raise ConfigError(f"config value output={output}: a map is a .tif (or give a folder/)")
     started = time.perf_counter()
     _refuse_overwriting_inputs(inputs, folder if folder_mode else Path(output), folder_mode)
+    created = [p for p in (folder, *folder.parents) if not p.exists()]
     try:
         folder.mkdir(parents=True, exist_ok=True)
     except OSError as err:
         raise LandcoverError(f"{folder}: cannot create the output folder ({err.strerror})") from err
+    try:
+        return _run_in_folder(cfg, spec, inputs, output, folder, folder_mode, started)
+    except BaseException:
+        _remove_if_untouched(created)
+        raise
+
+
+def _remove_if_untouched(created: list[Path]) -> None:
+    """The folders this job created, removed again when it failed before writing anything in
+    them but its lock: a failed command leaves no empty output folder behind."""
+    for folder in created:  # innermost first
+        with contextlib.suppress(OSError):
+            if {p.name for p in folder.iterdir()} <= {".job.lock"}:
+                (folder / ".job.lock").unlink(missing_ok=True)
+                folder.rmdir()
+
+
+def _run_in_folder(
+    cfg: DictConfig,
+    spec: str | list[str],
+    inputs: list[MapInput],
+    output: str,
+    folder: Path,
+    folder_mode: bool,
+    started: float,
+) -> JobSummary:
+    """The job once its output folder exists: lock, manifest, mapping, records."""
     with (
         job_lock(folder) if folder_mode else nullcontext(),
         sampling(
