@@ -83,3 +83,38 @@ def test_vectorize_polygons_add_up_to_the_area_table(mapped, tmp_path):
         assert columns["area_ha"][mine].sum() == pytest.approx(total / 1e4)
     _, _, _, bigger = pyogrio.raw.read(vectorize_map(class_map, min_area=20.0))
     assert (bigger[2] >= 20.0).all()
+
+
+def test_the_region_overview_opens_on_its_own(mapped, tmp_path):
+    """What the job's run holds of the region: a COG, not a VRT naming maps it does not hold."""
+    from landcover.mapping import region
+
+    result, classes = mapped
+    class_map = Path(result.outputs["classes"])
+    mosaic = region.write_mosaics(tmp_path, [class_map])["EPSG:26918"]
+    overview = region.write_overview(mosaic, class_map, max_size=32)
+    with rasterio.open(mosaic) as full, rasterio.open(overview) as small:
+        assert small.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
+        assert (small.width, small.height) == (32, 32) and small.crs == full.crs
+        assert small.bounds == pytest.approx(full.bounds)
+        codes = {c["codes"][0] for c in classes}
+        assert set(small.read(1).ravel().tolist()) <= codes | {small.nodata}
+        assert small.colorinterp[0] == ColorInterp.palette
+    names = region.category_names(Path(f"{overview}.aux.xml"))
+    assert [names[c["codes"][0]] for c in classes] == [c["name"] for c in classes]
+    assert overview.with_suffix(".qml").is_file()
+
+
+def test_the_quicklook_has_the_regions_shape_and_a_scale_bar():
+    import numpy as np
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    from landcover.tracking.figures import quicklook_figure
+
+    codes = np.ones((40, 100), dtype=np.uint8)  # pixels twice as tall as wide on the ground
+    colours = {1: (0, 128, 0, 255)}
+    figure = quicklook_figure(codes, colours, {1: "trees"}, "t", (0, 100, 0, 80), metres=True)
+    width, height = figure.get_size_inches()
+    assert (height - 0.8) / width == pytest.approx(0.8)  # 100 m wide, 80 m tall
+    (bar,) = [a for a in figure.axes[0].artists if isinstance(a, AnchoredSizeBar)]
+    assert bar.txt_label.get_text() == "20 m"

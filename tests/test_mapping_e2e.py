@@ -80,7 +80,7 @@ def test_predict_by_run_id_records_a_linked_run(model_run, tiny_synthetic):
     runs = client.search_runs([client.get_experiment_by_name("predictions").experiment_id])
     assert runs[0].data.tags["landcover.source_run_id"] == result.run_id
     artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id, "region")}
-    assert {"region/mosaic.vrt", "region/mosaic.png", "region/manifest.csv"} <= artifacts
+    assert {"region/mosaic_overview.tif", "region/mosaic.png", "region/manifest.csv"} <= artifacts
 
 
 def test_checkpoint_and_run_give_the_same_map(model_run, tiny_synthetic):

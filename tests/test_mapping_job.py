@@ -16,6 +16,7 @@ from functools import partial
 from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pytest
 import rasterio
@@ -123,12 +124,23 @@ def test_a_corrupt_input_fails_alone_and_a_rerun_maps_only_it(tmp_path):
     assert len(runs) == 2  # one per job, not one per map
     last = max(runs, key=lambda r: r.info.start_time)
     assert last.data.metrics["mapped"] == 1 and last.data.metrics["skipped"] == 11
-    assert {a.path for a in client.list_artifacts(last.info.run_id, "region")} >= {
+    logged = {a.path for a in client.list_artifacts(last.info.run_id, "region")}
+    assert logged >= {
         "region/manifest.csv",
         "region/area_totals.csv",
-        "region/mosaic.vrt",
+        "region/mosaic_overview.tif",
+        "region/mosaic_overview.tif.aux.xml",
+        "region/mosaic_overview.qml",
         "region/mosaic.png",
     }
+    assert "region/mosaic.vrt" not in logged  # it names maps the run does not hold
+    downloaded = mlflow.artifacts.download_artifacts(
+        f"runs:/{last.info.run_id}/region/mosaic_overview.tif",
+        dst_path=str(tmp_path / "down"),
+        tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}",
+    )
+    with rasterio.open(downloaded) as alone, rasterio.open(out / "mosaic.vrt") as mosaic:
+        assert alone.bounds == pytest.approx(mosaic.bounds) and alone.crs == mosaic.crs
 
 
 def test_a_killed_job_resumes_to_the_same_maps_as_one_shot(tmp_path):

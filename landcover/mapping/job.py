@@ -41,6 +41,9 @@ from landcover.mapping.manifest import (
 )
 from landcover.tracking.system_metrics import SystemSamples, sampling
 
+# the longer side of the region's overview COG (what the job's run holds of the region)
+OVERVIEW_SIZE = 4096
+
 log = logging.getLogger("landcover.predict")
 
 
@@ -302,7 +305,9 @@ def _region_outputs(folder: Path, done: list[Row], quicklook_size: int) -> dict[
     totals = region.area_totals(tables)
     write_text(folder / "area_totals.json", json.dumps(totals, indent=2))
     write_text(folder / "area_totals.csv", region.totals_csv(totals))
+    first_of = {crs: paths[0] for crs, paths in region.by_crs(maps).items()} if mosaics else {}
     for crs, mosaic in mosaics.items():
+        region.write_overview(mosaic, first_of[crs], OVERVIEW_SIZE)
         figure = region.mosaic_quicklook(mosaic, quicklook_size, f"{mosaic.name} ({crs})")
         # replaced, never written through: a link planted at that name is not followed
         with atomic_target(mosaic.with_suffix(".png")) as staged:
@@ -389,9 +394,16 @@ def _record_job(
         if folder and (summary.folder / "manifest.csv").exists():
             mlflow.log_artifact(str(summary.folder / "manifest.csv"), "region")
         for mosaic in summary.mosaics.values():
-            mlflow.log_artifact(str(mosaic), "region")
-            if mosaic.with_suffix(".png").exists():
-                mlflow.log_artifact(str(mosaic.with_suffix(".png")), "region")
+            # the overview, not the VRT: a VRT names maps the run does not hold
+            overview = mosaic.with_name(f"{mosaic.stem}_overview.tif")
+            for path in (
+                overview,
+                Path(f"{overview}.aux.xml"),
+                overview.with_suffix(".qml"),
+                mosaic.with_suffix(".png"),
+            ):
+                if path.exists():
+                    mlflow.log_artifact(str(path), "region")
         if not folder:  # a job folder has its totals instead
             for row in done:
                 mlflow.log_artifact(str(Path(row.output).with_suffix(".areas.json")), "area")

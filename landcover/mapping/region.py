@@ -2,13 +2,16 @@
 
 The mosaic is a GDAL VRT over the job's maps (no pixels copied): QGIS or `gdal_translate`
 open the region as one raster, with the maps' colours and class names. Maps in different CRSs
-get one mosaic each; maps without a CRS cannot be placed and are left out of mosaics.
+get one mosaic each; maps without a CRS cannot be placed and are left out of mosaics. A VRT
+only points at the maps, so what travels (the job's MLflow run) is an overview instead: the
+region downsampled to a COG of its own, with its colours, class names and QGIS style.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import shutil
 from collections import defaultdict
 from collections.abc import Sequence
 from pathlib import Path
@@ -16,9 +19,10 @@ from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
+import rasterio.shutil
 from matplotlib.figure import Figure
 
-from landcover.atomic import write_text
+from landcover.atomic import atomic_target, write_text
 from landcover.predict.style import write_style_of
 from landcover.predict.writer import NODATA
 
@@ -166,7 +170,8 @@ def totals_csv(totals: dict[str, list[dict]]) -> str:
 
 
 def mosaic_quicklook(mosaic: Path, size: int, title: str) -> Figure:
-    """A small picture of the whole region, in the maps' colours, with class names."""
+    """A small picture of the whole region, in the maps' colours, with class names, at its
+    ground shape and with a scale bar where the CRS is in metres."""
     from landcover.tracking.figures import quicklook_figure
 
     with rasterio.open(mosaic) as src:
@@ -174,6 +179,66 @@ def mosaic_quicklook(mosaic: Path, size: int, title: str) -> Figure:
         shape = (max(1, int(src.height / max(scale, 1))), max(1, int(src.width / max(scale, 1))))
         codes = src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.nearest)
         colors = src.colormap(1)
+        left, bottom, right, top = src.bounds
+        metres = bool(src.crs and src.crs.is_projected and is_metres(src.crs.linear_units))
     names = dict(enumerate(category_names(mosaic)))
     names = {code: name for code, name in names.items() if name and code != NODATA}
-    return quicklook_figure(np.asarray(codes, dtype=np.uint8), colors, names, title)
+    return quicklook_figure(
+        np.asarray(codes, dtype=np.uint8),
+        colors,
+        names,
+        title,
+        extent=(left, right, bottom, top),
+        metres=metres,
+    )
+
+
+def is_metres(units: str | None) -> bool:
+    """Whether a CRS's linear units are metres (GDAL spells them several ways)."""
+    return (units or "").lower() in ("metre", "meter", "metres", "meters", "m")
+
+
+def write_overview(mosaic: Path, first_map: Path, max_size: int) -> Path:
+    """`<mosaic>_overview.tif`: the region at most `max_size` pixels on its longer side, as a
+    COG that opens on its own (colour table, class names, QML beside it), each pixel the most
+    frequent class under it (GDAL's mode: classes are not averaged)."""
+    from affine import Affine
+
+    target = mosaic.with_name(f"{mosaic.stem}_overview.tif")
+    with rasterio.open(mosaic) as src:
+        step = max(1, math.ceil(max(src.width, src.height) / max_size))
+        shape = (max(1, src.height // step), max(1, src.width // step))
+        codes = src.read(1, out_shape=shape, resampling=rasterio.enums.Resampling.mode)
+        transform = src.transform * Affine.scale(src.width / shape[1], src.height / shape[0])
+        profile = {
+            "driver": "GTiff",
+            "width": shape[1],
+            "height": shape[0],
+            "count": 1,
+            "dtype": "uint8",
+            "crs": src.crs,
+            "transform": transform,
+            "nodata": NODATA,
+            "photometric": "palette",
+        }
+        colors = src.colormap(1)
+    with rasterio.open(first_map) as model_map:
+        tags = {k: v for k, v in model_map.tags().items() if k.startswith("class_")}
+    with atomic_target(target) as staged:
+        plain = Path(f"{staged}.plain.tif")
+        try:
+            with rasterio.open(plain, "w", **profile) as dst:
+                dst.write(codes, 1)
+                dst.write_colormap(1, colors)
+                dst.update_tags(**tags, source=mosaic.name, downsampled_by=str(step))
+            rasterio.shutil.copy(
+                plain, staged, driver="COG", compress="DEFLATE", overview_resampling="MODE"
+            )
+        finally:
+            plain.unlink(missing_ok=True)
+    sidecar = Path(f"{first_map}.aux.xml")  # the class names, as the writer put them
+    if sidecar.is_file():
+        with atomic_target(Path(f"{target}.aux.xml")) as staged:
+            shutil.copyfile(sidecar, staged)
+    write_style_of(first_map, target)
+    return target

@@ -192,22 +192,51 @@ def quicklook_figure(
     code_colors: dict[int, tuple[int, int, int, int]],
     names_by_code: dict[int, str],
     title: str,
+    extent: tuple[float, float, float, float] | None = None,
+    metres: bool = False,
 ) -> plt.Figure:
-    """A downsampled class map with the map's own colour table and a legend."""
+    """A downsampled class map with the map's own colour table and a legend.
+
+    `extent` (left, right, bottom, top in the CRS's units) draws it at its ground shape (a
+    6.1 x 7.7 km tile is taller than wide, whatever its pixels); `metres`: those units are
+    metres, and a scale bar says how far is how far."""
     lut = np.zeros((256, 4), dtype=np.uint8)
     for code, rgba in code_colors.items():
         lut[code] = rgba
     height, width = codes.shape
-    fig, ax = plt.subplots(figsize=(8, 8 * height / max(width, 1) + 0.8))
-    ax.imshow(lut[codes], interpolation="nearest")
+    if extent is not None:
+        width, height = extent[1] - extent[0], extent[3] - extent[2]
+    fig, ax = plt.subplots(figsize=(8, 8 * height / max(width, 1e-9) + 0.8))
+    ax.imshow(lut[codes], interpolation="nearest", extent=extent)
     ax.set_title(title)
     ax.axis("off")
+    if extent is not None and metres:
+        add_scale_bar(ax, width)
     handles = [
         plt.Rectangle((0, 0), 1, 1, color=np.array(code_colors[c][:3]) / 255) for c in names_by_code
     ]
     fig.legend(handles, list(names_by_code.values()), loc="lower center", ncol=min(len(handles), 6))
     fig.tight_layout(rect=(0, 0.06, 1, 1))
     return fig
+
+
+def scale_bar_length(width_m: float) -> float:
+    """A round length (1, 2 or 5 x 10^k metres) near a fifth of the picture's width."""
+    target = max(width_m / 5, 1e-9)
+    power = 10 ** np.floor(np.log10(target))  # at most target: 1 x power always fits
+    return float(max(step * power for step in (1, 2, 5) if step * power <= target))
+
+
+def add_scale_bar(ax: plt.Axes, width_m: float) -> None:
+    """A scale bar at the lower left, in m or km."""
+    from mpl_toolkits.axes_grid1.anchored_artists import AnchoredSizeBar
+
+    length = scale_bar_length(width_m)
+    label = f"{length / 1000:g} km" if length >= 1000 else f"{length:g} m"
+    bar = AnchoredSizeBar(
+        ax.transData, length, label, "lower left", pad=0.4, frameon=True, size_vertical=0
+    )
+    ax.add_artist(bar)
 
 
 # one evaluated scene: name, image (bands, H, W), labels RGB, prediction RGB, disagreement mask
