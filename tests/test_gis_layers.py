@@ -118,3 +118,60 @@ def test_the_quicklook_has_the_regions_shape_and_a_scale_bar():
     assert (height - 0.8) / width == pytest.approx(0.8)  # 100 m wide, 80 m tall
     (bar,) = [a for a in figure.axes[0].artists if isinstance(a, AnchoredSizeBar)]
     assert bar.txt_label.get_text() == "20 m"
+
+
+SYSTEM_PYTHON = Path("/usr/bin/python3")
+
+
+def qgis_available() -> str | None:
+    """Why PyQGIS cannot run here, or None (Debian's python3-qgis; `.ci/run` installs it)."""
+    import subprocess
+
+    if not SYSTEM_PYTHON.exists():
+        return f"{SYSTEM_PYTHON} is absent"
+    probe = subprocess.run(
+        [str(SYSTEM_PYTHON), "-c", "import qgis.core"], capture_output=True, text=True
+    )
+    return None if probe.returncode == 0 else "PyQGIS is not installed (apt install python3-qgis)"
+
+
+def test_qgis_draws_the_map_and_its_region_with_the_models_legend(mapped, tmp_path):
+    import json
+    import os
+    import subprocess
+
+    import numpy as np
+    from PIL import Image
+
+    from landcover.mapping import region
+
+    reason = qgis_available()
+    if reason:
+        pytest.skip(reason)
+    result, classes = mapped
+    class_map = Path(result.outputs["classes"])
+    mosaic = region.write_mosaics(tmp_path, [class_map])["EPSG:26918"]
+    overview = region.write_overview(mosaic, class_map, max_size=64)
+    colours = {tuple(int(c["color"][i : i + 2], 16) for i in (1, 3, 5)) for c in classes}
+    for raster in (class_map, mosaic, overview):
+        png = tmp_path / f"{raster.name}.png"
+        done = subprocess.run(
+            [
+                str(SYSTEM_PYTHON),
+                str(Path(__file__).with_name("qgis_render.py")),
+                str(raster),
+                str(png),
+            ],
+            capture_output=True,
+            text=True,
+            timeout=120,
+            env={**os.environ, "QT_QPA_PLATFORM": "offscreen"},
+        )
+        assert done.returncode == 0, done.stderr[-2000:]
+        said = json.loads(done.stdout.strip().splitlines()[-1])
+        assert said["style"] and said["renderer"] == "paletted", (raster.name, said)
+        assert [label for label, _ in said["legend"]] == [c["name"] for c in classes]
+        assert [colour for _, colour in said["legend"]] == [c["color"].lower() for c in classes]
+        drawn = {tuple(p) for p in np.asarray(Image.open(png).convert("RGB")).reshape(-1, 3)}
+        assert drawn <= colours | {(255, 255, 255)}, (raster.name, drawn - colours)
+        assert len(drawn & colours) >= 2  # the map itself, in the model's colours
