@@ -7,6 +7,7 @@ at the page, writes a PNG and stops the server. For the README; it needs Chromiu
     .venv/bin/python analysis/screenshot_run.py --run-id <run id> --out docs/run.png
     .venv/bin/python analysis/screenshot_run.py --model landcover --out docs/model.png
     .venv/bin/python analysis/screenshot_run.py --logged-model m-... --out docs/logged.png
+    .venv/bin/python analysis/screenshot_run.py --models-of landcover --out docs/models.png
 """
 
 from __future__ import annotations
@@ -39,8 +40,17 @@ CHROMIUM_FLAGS = (
 
 
 def page_path(
-    client: MlflowClient, run_id: str | None, model: str | None, logged_model: str | None = None
+    client: MlflowClient,
+    run_id: str | None,
+    model: str | None,
+    logged_model: str | None = None,
+    models_of: str | None = None,
 ) -> str:
+    if models_of:  # the experiment's Models list (its logged models)
+        experiment = client.get_experiment_by_name(models_of)
+        if experiment is None:
+            sys.exit(f"error: no experiment named {models_of!r}")
+        return f"/#/experiments/{experiment.experiment_id}/models"
     if model:
         return f"/#/models/{model}"
     if logged_model:
@@ -57,6 +67,7 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--run-id")
     target.add_argument("--model", help="a registered model name")
     target.add_argument("--logged-model", help="an MLflow 3 logged model id (m-...)")
+    target.add_argument("--models-of", help="an experiment name: its Models list")
     parser.add_argument("--out", type=Path, default=Path("mlflow_page.png"))
     parser.add_argument("--size", default="1600,1000", help="window width,height")
     parser.add_argument("--render-ms", type=int, default=20000)
@@ -65,7 +76,9 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.chromium).exists():
         sys.exit(f"error: {args.chromium} not found (apt-get install chromium)")
 
-    path = page_path(MlflowClient(args.tracking_uri), args.run_id, args.model, args.logged_model)
+    path = page_path(
+        MlflowClient(args.tracking_uri), args.run_id, args.model, args.logged_model, args.models_of
+    )
     port = free_port()
     server = mlflow_server_command(args.tracking_uri, port)
     with tempfile.TemporaryDirectory() as profile:

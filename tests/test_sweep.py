@@ -324,6 +324,9 @@ def test_a_trial_is_never_pruned_at_its_last_epoch_and_the_sweep_reports_its_win
         "promote the best: landcover-promote experiment=sweeps sweep=ends metric=val/mIoU" in said
     )
     assert "Heartbeat of storage" not in said
+    launched = [line for line in said.splitlines() if "\t#0 : " in line]
+    assert launched and "++trial." not in launched[0], launched  # the study's choices only
+    assert "trainer.max_epochs=" in launched[0]
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     runs = client.search_runs([client.get_experiment_by_name("sweeps").experiment_id])
     (parent,) = [r for r in runs if r.data.tags.get("landcover.kind") == "sweep"]

@@ -41,6 +41,36 @@ from landcover.sweep import study as studies
 from landcover.sweep.trial import METRICS_ATTR, PARENT_ATTR, PRUNER_ATTR, heartbeat
 
 log = logging.getLogger(__name__)
+
+# the loggers that print each job's overrides as it is launched ("#0 : lr=... ++trial.number=0")
+LAUNCHER_LOGGERS = (
+    "hydra._internal.core_plugins.basic_launcher",
+    "hydra_plugins.hydra_joblib_launcher._core",
+    "hydra_plugins.hydra_ray_launcher._core",
+    "hydra_plugins.hydra_submitit_launcher.submitit_launcher",
+)
+
+
+class InternalOverridesHidden(logging.Filter):
+    """Drops the sweeper's own `++trial.*` overrides (study, storage, heartbeat, number) from
+    the launchers' "#N : ..." lines: the user reads the parameters the study chose; the full
+    overrides stay in each trial's Hydra config and the run's params."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        """Rewrite the record's message without the internal overrides; never drops it."""
+        message = record.getMessage()
+        if "++trial." in message:
+            kept = [word for word in message.split(" ") if not word.startswith("++trial.")]
+            record.msg, record.args = " ".join(kept), None
+        return True
+
+
+def hide_internal_overrides() -> None:
+    """Attach the filter once to every launcher's logger."""
+    for name in LAUNCHER_LOGGERS:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, InternalOverridesHidden) for f in logger.filters):
+            logger.addFilter(InternalOverridesHidden())
 # fail_stale_trials and the matplotlib plots are marked experimental; we rely on them knowingly
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
@@ -129,6 +159,7 @@ class OptunaSweep:
     ) -> None:
         """Keep Hydra's context and build the launcher the trials run on."""
         self.config = config
+        hide_internal_overrides()
         if _is_ray(config):
             # trials on a cluster started apart run with the worker's environment and
             # working directory: the driver's travel with each job (landcover.cluster)
