@@ -1,8 +1,9 @@
 """Screenshot MLflow's page of a run (or of a registered model) in headless Chromium.
 
-Starts `mlflow server` on the given store on a free loopback port, points Debian's `chromium`
-at the page, writes a PNG and stops the server. For the README; it needs Chromium
-(`apt-get install chromium`) and is not part of CI.
+Starts `mlflow server` on the given store on a free loopback port, drives Debian's `chromium`
+at the page through Playwright (`pip install -e '.[screenshots]'`; Debian's browser, nothing
+downloaded), switches MLflow's sidebar to "Model training", writes a PNG and stops the server.
+For the docs and closing notes; it needs Chromium (`apt-get install chromium`), not part of CI.
 
     .venv/bin/python analysis/screenshot_run.py --run-id <run id> --out docs/run.png
     .venv/bin/python analysis/screenshot_run.py --model landcover --out docs/model.png
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import shutil
-import subprocess
 import sys
 import tempfile
 from pathlib import Path
@@ -25,9 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: te
 from tests.local_server import HOST, free_port, mlflow_server_command, running  # noqa: E402
 
 # Without the background-networking flags Chromium keeps dialling Google's hosts, which this
-# kind of machine refuses; --virtual-time-budget lets the single-page app render before the shot.
+# kind of machine refuses (Playwright adds --headless itself).
 CHROMIUM_FLAGS = (
-    "--headless",
     "--no-sandbox",
     "--disable-gpu",
     "--disable-quic",
@@ -60,6 +59,26 @@ def page_path(
     return f"/#/experiments/{run.info.experiment_id}/runs/{run_id}"
 
 
+def shoot(chromium: str, url: str, out: Path, size: tuple[int, int]) -> None:
+    """Open `url` in headless Chromium (driven by Playwright, the system browser), switch
+    MLflow 3.17's sidebar to "Model training" (a fresh browser opens on its GenAI side, where
+    these runs look like evaluations), let the page settle, and save a PNG."""
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as driver:
+        browser = driver.chromium.launch(executable_path=chromium, args=list(CHROMIUM_FLAGS))
+        page = browser.new_page(viewport={"width": size[0], "height": size[1]})
+        # MLflow's page keeps polling (never network-idle): wait for its sidebar instead
+        page.goto(url, wait_until="load")
+        switch = page.get_by_text("Model training", exact=True)
+        switch.first.wait_for(timeout=60_000)
+        switch.first.click()
+        page.goto(url, wait_until="load")  # the page again, in that view
+        page.wait_for_timeout(4000)
+        page.screenshot(path=str(out.resolve()))
+        browser.close()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
@@ -70,7 +89,6 @@ def main(argv: list[str] | None = None) -> int:
     target.add_argument("--models-of", help="an experiment name: its Models list")
     parser.add_argument("--out", type=Path, default=Path("mlflow_page.png"))
     parser.add_argument("--size", default="1600,1000", help="window width,height")
-    parser.add_argument("--render-ms", type=int, default=20000)
     parser.add_argument("--chromium", default=shutil.which("chromium") or "/usr/bin/chromium")
     args = parser.parse_args(argv)
     if not Path(args.chromium).exists():
@@ -81,23 +99,11 @@ def main(argv: list[str] | None = None) -> int:
     )
     port = free_port()
     server = mlflow_server_command(args.tracking_uri, port)
+    width, height = (int(n) for n in args.size.split(","))
     with tempfile.TemporaryDirectory() as profile:
         log = Path(profile) / "server.log"
         with running(server, f"http://{HOST}:{port}/health", log, {}):
-            subprocess.run(
-                [
-                    args.chromium,
-                    *CHROMIUM_FLAGS,
-                    f"--user-data-dir={profile}/chromium",
-                    f"--window-size={args.size}",
-                    f"--virtual-time-budget={args.render_ms}",
-                    f"--screenshot={args.out.resolve()}",
-                    f"http://{HOST}:{port}{path}",
-                ],
-                check=True,
-                capture_output=True,
-                timeout=180,
-            )
+            shoot(args.chromium, f"http://{HOST}:{port}{path}", args.out, (width, height))
     print(f"wrote {args.out} ({path})")
     return 0
 

@@ -307,7 +307,13 @@ def _region_outputs(folder: Path, done: list[Row], quicklook_size: int) -> dict[
     write_text(folder / "area_totals.csv", region.totals_csv(totals))
     first_of = {crs: paths[0] for crs, paths in region.by_crs(maps).items()} if mosaics else {}
     for crs, mosaic in mosaics.items():
-        region.write_overview(mosaic, first_of[crs], OVERVIEW_SIZE)
+        try:
+            region.write_overview(mosaic, first_of[crs], OVERVIEW_SIZE)
+        except Exception as err:
+            # a copy for the run's records: the maps and the mosaic stand without it, so any
+            # failure is a warning (a full disk reaches GDAL's COG writer as a seek error, a
+            # CPLE exception that is not even a RasterioError)
+            log.warning("no overview of %s: %s", mosaic.name, first_line(err))
         figure = region.mosaic_quicklook(mosaic, quicklook_size, f"{mosaic.name} ({crs})")
         # replaced, never written through: a link planted at that name is not followed
         with atomic_target(mosaic.with_suffix(".png")) as staged:

@@ -22,7 +22,7 @@ import rasterio
 import rasterio.shutil
 from matplotlib.figure import Figure
 
-from landcover.atomic import atomic_target, write_text
+from landcover.atomic import atomic_target, naming_full_disk, write_text
 from landcover.predict.style import write_style_of
 from landcover.predict.writer import NODATA
 
@@ -224,13 +224,13 @@ def write_overview(mosaic: Path, first_map: Path, max_size: int) -> Path:
         colors = src.colormap(1)
     with rasterio.open(first_map) as model_map:
         tags = {k: v for k, v in model_map.tags().items() if k.startswith("class_")}
-    with atomic_target(target) as staged:
+    with naming_full_disk(target), atomic_target(target) as staged:
         plain = Path(f"{staged}.plain.tif")
         try:
             with rasterio.open(plain, "w", **profile) as dst:
-                dst.write(codes, 1)
-                dst.write_colormap(1, colors)
+                dst.write_colormap(1, colors)  # before the pixels: GDAL fixes the palette then
                 dst.update_tags(**tags, source=mosaic.name, downsampled_by=str(step))
+                dst.write(codes, 1)
             rasterio.shutil.copy(
                 plain, staged, driver="COG", compress="DEFLATE", overview_resampling="MODE"
             )

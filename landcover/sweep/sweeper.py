@@ -71,6 +71,8 @@ def hide_internal_overrides() -> None:
         logger = logging.getLogger(name)
         if not any(isinstance(f, InternalOverridesHidden) for f in logger.filters):
             logger.addFilter(InternalOverridesHidden())
+
+
 # fail_stale_trials and the matplotlib plots are marked experimental; we rely on them knowingly
 warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
 
