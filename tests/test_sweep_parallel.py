@@ -104,12 +104,12 @@ def test_a_killed_worker_is_replaced(tmp_path):
         """hydra:
   sweeper:
     study_name: crash
-    n_trials: 4
+    n_trials: 3
     heartbeat_interval: 1
     grace_period: 4
     pruner: {name: none}
     params:
-      trainer.max_epochs: choice(4)
+      trainer.max_epochs: choice(3)
       optimizer.lr: tag(log, interval(1e-4, 1e-2))
 """,
     )
@@ -154,7 +154,7 @@ def test_a_killed_worker_is_replaced(tmp_path):
     assert len(replacement) == 1 and replacement[0].state in FINISHED
     assert replacement[0].params == by_number[killed_trial].params
     assert not [t for t in trials if t.state == TrialState.RUNNING]
-    assert len([t for t in trials if t.state in FINISHED]) == 4
+    assert len([t for t in trials if t.state in FINISHED]) == 3
     assert not [r for r in all_runs(tmp_path) if r.info.status == "RUNNING"]
     dead_runs = [
         r for r in children(tmp_path) if r.data.tags["sweep.trial_number"] == str(killed_trial)
