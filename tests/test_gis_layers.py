@@ -135,6 +135,7 @@ def qgis_available() -> str | None:
     return None if probe.returncode == 0 else "PyQGIS is not installed (apt install python3-qgis)"
 
 
+@pytest.mark.slow  # starts QGIS three times
 def test_qgis_draws_the_map_and_its_region_with_the_models_legend(mapped, tmp_path):
     import json
     import os

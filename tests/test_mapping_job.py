@@ -176,6 +176,7 @@ def test_a_killed_job_resumes_to_the_same_maps_as_one_shot(tmp_path):
         np.testing.assert_array_equal(pixels, resumed[name])
 
 
+@pytest.mark.slow  # starts a local Ray
 def test_ray_engine_maps_pixel_for_pixel_like_local_in_one_run(tmp_path):
     pytest.importorskip("ray", reason="the ray extra is not installed")
     tiles(tmp_path / "in", 4)
