@@ -91,7 +91,7 @@ def test_the_region_overview_opens_on_its_own(mapped, tmp_path):
 
     result, classes = mapped
     class_map = Path(result.outputs["classes"])
-    mosaic = region.write_mosaics(tmp_path, [class_map])["EPSG:26918"]
+    mosaic = region.write_mosaics(tmp_path, region.by_crs([class_map]))["EPSG:26918"]
     overview = region.write_overview(mosaic, class_map, max_size=32)
     with rasterio.open(mosaic) as full, rasterio.open(overview) as small:
         assert small.tags(ns="IMAGE_STRUCTURE").get("LAYOUT") == "COG"
@@ -151,7 +151,7 @@ def test_qgis_draws_the_map_and_its_region_with_the_models_legend(mapped, tmp_pa
         pytest.skip(reason)
     result, classes = mapped
     class_map = Path(result.outputs["classes"])
-    mosaic = region.write_mosaics(tmp_path, [class_map])["EPSG:26918"]
+    mosaic = region.write_mosaics(tmp_path, region.by_crs([class_map]))["EPSG:26918"]
     overview = region.write_overview(mosaic, class_map, max_size=64)
     colours = {tuple(int(c["color"][i : i + 2], 16) for i in (1, 3, 5)) for c in classes}
     for raster in (class_map, mosaic, overview):

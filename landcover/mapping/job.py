@@ -293,7 +293,8 @@ def _record_outcome(row: Row, outcome: Outcome) -> Row:
 def _region_outputs(folder: Path, done: list[Row], quicklook_size: int) -> dict[str, Path]:
     """Mosaics, area totals and a quicklook over every map the folder holds."""
     maps = [Path(row.output) for row in done]
-    mosaics = region.write_mosaics(folder, maps) if maps else {}
+    groups = region.by_crs(maps) if maps else {}  # every map opened once for its CRS
+    mosaics = region.write_mosaics(folder, groups)
     without_crs = [row.input for row in done if not row.crs]
     if without_crs:
         log.warning(
@@ -305,10 +306,9 @@ def _region_outputs(folder: Path, done: list[Row], quicklook_size: int) -> dict[
     totals = region.area_totals(tables)
     write_text(folder / "area_totals.json", json.dumps(totals, indent=2))
     write_text(folder / "area_totals.csv", region.totals_csv(totals))
-    first_of = {crs: paths[0] for crs, paths in region.by_crs(maps).items()} if mosaics else {}
     for crs, mosaic in mosaics.items():
         try:
-            region.write_overview(mosaic, first_of[crs], OVERVIEW_SIZE)
+            region.write_overview(mosaic, groups[crs][0], OVERVIEW_SIZE)
         except Exception as err:
             # a copy for the run's records: the maps and the mosaic stand without it, so any
             # failure is a warning (a full disk reaches GDAL's COG writer as a seek error, a

@@ -44,9 +44,9 @@ def by_crs(maps: Sequence[Path]) -> dict[str, list[Path]]:
     return dict(groups)
 
 
-def write_mosaics(folder: Path, maps: Sequence[Path]) -> dict[str, Path]:
-    """`mosaic.vrt` (or `mosaic_<epsg>.vrt` per CRS) over the maps; CRS -> VRT path."""
-    groups = by_crs(maps)
+def write_mosaics(folder: Path, groups: dict[str, list[Path]]) -> dict[str, Path]:
+    """`mosaic.vrt` (or `mosaic_<epsg>.vrt` per CRS) over the maps grouped `by_crs`; CRS -> VRT
+    path."""
     written = {}
     for index, (crs, paths) in enumerate(sorted(groups.items())):
         target = folder / f"mosaic{_crs_label(crs, index, len(groups))}.vrt"
