@@ -1,0 +1,111 @@
+"""Learning a person's corrections: a regularised fit of the head on kept features.
+
+The corrected pixels pull the head towards the painted classes; anchor pixels, sampled outside
+the corrections and labelled with the current map's own classes (uniformly, plus a few of every
+class so a rare one is held too), hold the rest of the map where it was, and a penalty on the
+distance to the starting weights keeps the change small. The map elsewhere may still change:
+that is what the retrain's metrics report.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from landcover.studio.head import Head, SceneFeatures
+
+UNIFORM_ANCHORS = 6000
+ANCHORS_PER_CLASS = 300
+STEPS = 300
+LEARNING_RATE = 0.01
+ANCHOR_WEIGHT = 1.0
+PROXIMAL_WEIGHT = 1e-3
+
+
+@dataclass(frozen=True)
+class FitReport:
+    """What a retrain did, for its MLflow run and the page."""
+
+    corrected_pixels: int
+    anchor_pixels: int
+    corrected_accuracy_before: float
+    corrected_accuracy_after: float
+    changed_pixels: int  # pixels of the scene whose class changed
+    steps: int
+
+
+def anchor_pixels(
+    classes: np.ndarray, corrected: np.ndarray, seed: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rows, cols and classes of pixels that keep the current map's class: a uniform sample of
+    the uncorrected pixels (each class by its area), plus a few of every class present so
+    that a rare one is held too."""
+    rng = np.random.default_rng(seed)
+    free_rows, free_cols = np.nonzero(~corrected)
+    pick = rng.choice(len(free_rows), size=min(len(free_rows), UNIFORM_ANCHORS), replace=False)
+    rows, cols = [free_rows[pick]], [free_cols[pick]]
+    for value in np.unique(classes[free_rows, free_cols]):
+        r, c = np.nonzero(~corrected & (classes == value))
+        few = rng.choice(len(r), size=min(len(r), ANCHORS_PER_CLASS), replace=False)
+        rows.append(r[few])
+        cols.append(c[few])
+    all_rows, all_cols = np.concatenate(rows), np.concatenate(cols)
+    return all_rows, all_cols, classes[all_rows, all_cols].astype(np.int64)
+
+
+def fit_head(
+    scene: SceneFeatures,
+    start: Head,
+    corrections: np.ndarray,
+    ignore_value: int,
+    seed: int = 0,
+) -> tuple[Head, FitReport]:
+    """A new head that maps the corrected pixels (class indices in `corrections`, `ignore_value`
+    elsewhere) to their classes while keeping the rest of `start`'s map."""
+    torch.manual_seed(seed)
+    corrected = corrections != ignore_value
+    rows, cols = np.nonzero(corrected)
+    targets = torch.from_numpy(corrections[rows, cols].astype(np.int64))
+    current, _ = scene.classes_and_confidence(start)
+    a_rows, a_cols, a_targets = anchor_pixels(current, corrected, seed)
+    x_fix = torch.from_numpy(scene.neighbourhoods(rows, cols).astype(np.float32))
+    x_anchor = torch.from_numpy(scene.neighbourhoods(a_rows, a_cols).astype(np.float32))
+    y_anchor = torch.from_numpy(a_targets)
+
+    w0 = start.weight.reshape(start.weight.shape[0], -1)
+    weight = w0.clone().requires_grad_(True)
+    bias = start.bias.clone().requires_grad_(True)
+    optimiser = torch.optim.Adam([weight, bias], lr=LEARNING_RATE)
+
+    def logits(x: torch.Tensor) -> torch.Tensor:
+        out = x @ weight.T + bias
+        return torch.relu(out) if start.relu else out
+
+    with torch.no_grad():
+        before = float((logits(x_fix).argmax(1) == targets).float().mean()) if len(rows) else 1.0
+    for _ in range(STEPS):
+        optimiser.zero_grad()
+        loss = F.cross_entropy(logits(x_fix), targets)
+        if len(a_rows):
+            loss = loss + ANCHOR_WEIGHT * F.cross_entropy(logits(x_anchor), y_anchor)
+        loss = loss + PROXIMAL_WEIGHT * (weight - w0).pow(2).sum()
+        loss.backward()
+        optimiser.step()
+    with torch.no_grad():
+        after = float((logits(x_fix).argmax(1) == targets).float().mean()) if len(rows) else 1.0
+    head = Head(
+        weight.detach().reshape(start.weight.shape).clone(), bias.detach().clone(), start.relu
+    )
+    new_classes, _ = scene.classes_and_confidence(head)
+    report = FitReport(
+        corrected_pixels=len(rows),
+        anchor_pixels=len(a_rows),
+        corrected_accuracy_before=before,
+        corrected_accuracy_after=after,
+        changed_pixels=int((new_classes != current).sum()),
+        steps=STEPS,
+    )
+    return head, report

@@ -1,0 +1,388 @@
+"""Corrections as an append-only log and the label raster it implies.
+
+Every stroke a person makes is one or more rows appended to a GeoPackage (`edits.gpkg`, layer
+`edits`: geometry on the image's grid, time, author, class, kind); an undo is one more row naming
+the stroke it takes back. Nothing is ever rewritten in place, so two browser tabs (or two
+people) editing the same scene only add rows, under one lock. The label raster
+(`<image>_corrections.tif`: the class's label code where corrected, the schema's no-data code
+elsewhere) is derived from the log and replaced atomically after each change; if a process dies
+between the two, the next start sees the raster's recorded row count disagree and replays the
+log. A browser that crashes loses at most the stroke it had not sent.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import threading
+import uuid
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+import shapely
+from affine import Affine
+from rasterio.features import rasterize, shapes
+from shapely.geometry import LineString, Point, Polygon, shape
+
+from landcover.atomic import atomic_target
+from landcover.data.schema import ClassSchema, hex_to_rgb
+from landcover.errors import LandcoverError
+
+LAYER = "edits"
+FIELDS = ["stroke", "time", "author", "tab", "kind", "class_name", "class_code", "undoes"]
+MAX_BRUSH = 256  # pixels: a stroke wider than this is a mistake, not an edit
+MAX_POINTS = 10_000
+
+
+class EditError(LandcoverError):
+    """An edit that cannot be applied (unknown class, empty or oversized geometry)."""
+
+
+@dataclass(frozen=True)
+class Grid:
+    """The image's pixel grid: corrections are drawn and stored on it."""
+
+    width: int
+    height: int
+    transform: Affine
+    crs: Any  # rasterio CRS or None (the real sample patches carry none)
+
+    @classmethod
+    def of(cls, path: str | Path) -> Grid:
+        """The grid of a raster file."""
+        with rasterio.open(path) as src:
+            return cls(src.width, src.height, src.transform, src.crs)
+
+    def to_map(self, geometry: shapely.Geometry) -> shapely.Geometry:
+        """Pixel (col, row) coordinates -> the raster's own coordinates (its CRS, if any)."""
+        t = self.transform
+        return shapely.affinity.affine_transform(geometry, [t.a, t.b, t.d, t.e, t.c, t.f])
+
+
+def nodata_code(schema: ClassSchema) -> int:
+    """The label code meaning "not corrected": the schema's first ignored code."""
+    if schema.ignore_codes:
+        return int(schema.ignore_codes[0])
+    for info in schema.classes:
+        if info.ignore and info.codes:
+            return int(info.codes[0])
+    if 255 not in schema.known_codes:
+        return 255
+    raise EditError(f"class schema {schema.name!r} has no code left for 'not corrected'")
+
+
+@dataclass(frozen=True)
+class Row:
+    """One row of the log."""
+
+    stroke: str
+    time: str
+    author: str
+    tab: str
+    kind: str
+    class_name: str
+    class_code: int
+    undoes: str
+    geometry: bytes | None  # WKB in the raster's coordinates; None for an undo
+
+
+def stroke_geometry(
+    kind: str, points: Sequence[Sequence[float]], radius: float
+) -> shapely.Geometry:
+    """The area a stroke covers, in pixel coordinates: a brush line of `radius` pixels, or a
+    polygon (also the region of "accept the model's class")."""
+    if not points or len(points) > MAX_POINTS:
+        raise EditError(f"a stroke needs 1 to {MAX_POINTS} points, not {len(points)}")
+    coords = [(float(x), float(y)) for x, y in points]
+    if not all(np.isfinite(coords).ravel()):
+        raise EditError("a stroke's coordinates must be finite numbers")
+    if kind == "paint":
+        if not 0 < radius <= MAX_BRUSH:
+            raise EditError(f"brush radius {radius} is outside (0, {MAX_BRUSH}] pixels")
+        line = Point(coords[0]) if len(coords) == 1 else LineString(coords)
+        return line.buffer(radius)
+    if len(coords) < 3:
+        raise EditError("a polygon needs at least 3 points")
+    polygon = Polygon(coords)
+    return polygon if polygon.is_valid else polygon.buffer(0)
+
+
+class EditLog:
+    """The corrections of one scene: a GeoPackage log and its label raster, kept in step."""
+
+    def __init__(
+        self, folder: Path, image: Path, schema: ClassSchema, base_labels: Path | None = None
+    ) -> None:
+        self.folder = folder
+        self.folder.mkdir(parents=True, exist_ok=True)
+        self.grid = Grid.of(image)
+        self.schema = schema
+        self.nodata = nodata_code(schema)
+        self.gpkg = folder / "edits.gpkg"
+        self.raster = folder / f"{image.stem}_corrections.tif"
+        self.base_labels = base_labels
+        self.mixed = folder / f"{image.stem}_mixed.tif"
+        if base_labels is not None:
+            _check_same_grid(base_labels, image, self.grid)
+        self._thread_lock = threading.Lock()
+        with self.locked():
+            stale = self._raster_rows() != len(self.rows())
+            if stale or not self.raster.exists() or (base_labels and not self.mixed.exists()):
+                self._write_raster(self.rows())
+
+    @contextlib.contextmanager
+    def locked(self) -> Iterator[None]:
+        """One writer at a time, threads of this server and other processes alike (an flock
+        the kernel releases when a process dies)."""
+        with self._thread_lock, open(self.folder / ".edits.lock", "a") as handle:
+            fcntl.flock(handle, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(handle, fcntl.LOCK_UN)
+
+    # -- reading -------------------------------------------------------------------------
+    def rows(self) -> list[Row]:
+        """Every row of the log, in the order written."""
+        if not self.gpkg.exists():
+            return []
+        from pyogrio.raw import read
+
+        meta, _fids, geometry, values = read(self.gpkg, layer=LAYER)
+        columns = dict(zip(meta["fields"], values, strict=True))
+        return [
+            Row(
+                **{name: _plain(columns[name][i]) for name in FIELDS},
+                geometry=None if columns["kind"][i] == "undo" else geometry[i],
+            )
+            for i in range(len(geometry))
+        ]
+
+    def active(self, rows: list[Row] | None = None) -> list[Row]:
+        """The drawing rows not taken back by an undo, oldest first."""
+        rows = self.rows() if rows is None else rows
+        undone = {row.undoes for row in rows if row.kind == "undo"}
+        return [row for row in rows if row.kind != "undo" and row.stroke not in undone]
+
+    def labels(self) -> np.ndarray:
+        """The label raster's codes (the no-data code where uncorrected)."""
+        if not self.raster.exists():
+            return np.full((self.grid.height, self.grid.width), self.nodata, np.uint8)
+        with rasterio.open(self.raster) as src:
+            return src.read(1)
+
+    def digest(self) -> str:
+        """A hash over the active edits (geometry, class, order): the corrections dataset's
+        digest, the same whoever made them and whenever."""
+        import hashlib
+
+        h = hashlib.sha256()
+        for row in self.active():
+            h.update(row.stroke.encode() + b"|" + str(row.class_code).encode() + b"|")
+            h.update(row.geometry or b"")
+        return h.hexdigest()[:16]
+
+    # -- writing -------------------------------------------------------------------------
+    def add(
+        self,
+        geometry_px: shapely.Geometry,
+        class_index: int,
+        *,
+        author: str,
+        tab: str,
+        kind: str = "paint",
+    ) -> tuple[str, int]:
+        """Append one stroke of one class; returns its id and the pixels it covers."""
+        info = self._class(class_index)
+        geometry = self.grid.to_map(geometry_px)
+        stroke = uuid.uuid4().hex[:12]
+        row = Row(stroke, _now(), author, tab, kind, info.name, info.codes[0], "", geometry.wkb)
+        with self.locked():
+            labels = self.labels()
+            mask = self._mask(geometry)
+            if not mask.any():
+                raise EditError("the stroke covers no pixel of the image")
+            self._append([row])
+            labels[mask] = info.codes[0]
+            self._save(labels, len(self.rows()))
+        return stroke, int(mask.sum())
+
+    def accept(
+        self, geometry_px: shapely.Geometry, classes: np.ndarray, *, author: str, tab: str
+    ) -> tuple[str, int]:
+        """Take the map's own class for every pixel in a region: one row per class present,
+        all under one stroke id (one undo takes the region back)."""
+        geometry = self.grid.to_map(geometry_px)
+        stroke = uuid.uuid4().hex[:12]
+        with self.locked():
+            mask = self._mask(geometry)
+            if not mask.any():
+                raise EditError("the region covers no pixel of the image")
+            rows = []
+            for index in np.unique(classes[mask]):
+                info = self._class(int(index))
+                if info.ignore:
+                    continue
+                parts = [
+                    shape(geom)
+                    for geom, _ in shapes(
+                        np.ones_like(classes, np.uint8),
+                        mask=mask & (classes == index),
+                        transform=self.grid.transform,
+                    )
+                ]
+                merged = shapely.union_all(parts)
+                rows.append(
+                    Row(
+                        stroke,
+                        _now(),
+                        author,
+                        tab,
+                        "accept",
+                        info.name,
+                        info.codes[0],
+                        "",
+                        merged.wkb,
+                    )
+                )
+            if not rows:
+                raise EditError("the region holds only classes that are never a training target")
+            self._append(rows)
+            self._write_raster(self.rows())
+        return stroke, int(mask.sum())
+
+    def undo(self, *, author: str, tab: str) -> str | None:
+        """Take back this tab's latest stroke still in force (other tabs' strokes are theirs
+        to undo); None when there is none."""
+        with self.locked():
+            rows = self.rows()
+            mine = [r.stroke for r in self.active(rows) if r.tab == tab]
+            if not mine:
+                return None
+            stroke = mine[-1]
+            self._append(
+                [Row(uuid.uuid4().hex[:12], _now(), author, tab, "undo", "", -1, stroke, None)]
+            )
+            self._write_raster(self.rows())
+        return stroke
+
+    # -- internals -----------------------------------------------------------------------
+    def _class(self, class_index: int) -> Any:
+        if not 0 <= class_index < self.schema.num_classes:
+            raise EditError(
+                f"class {class_index} is not one of the model's {self.schema.num_classes}"
+            )
+        info = self.schema.classes[class_index]
+        if info.ignore or not info.codes:
+            raise EditError(f"class {info.name!r} is never a training target: paint another")
+        return info
+
+    def _mask(self, geometry: shapely.Geometry) -> np.ndarray:
+        if geometry.is_empty:
+            return np.zeros((self.grid.height, self.grid.width), bool)
+        return rasterize(
+            [(geometry, 1)],
+            out_shape=(self.grid.height, self.grid.width),
+            transform=self.grid.transform,
+            fill=0,
+            dtype="uint8",
+        ).astype(bool)
+
+    def _append(self, rows: list[Row]) -> None:
+        from pyogrio.raw import write
+
+        empty = shapely.Point().wkb
+        geometry = np.array([r.geometry or empty for r in rows], dtype=object)
+        field_data = [
+            np.array(
+                [getattr(r, name) for r in rows], dtype=object if name != "class_code" else np.int32
+            )
+            for name in FIELDS
+        ]
+        write(
+            self.gpkg,
+            geometry,
+            field_data,
+            FIELDS,
+            layer=LAYER,
+            driver="GPKG",
+            geometry_type="Unknown",
+            crs=self.grid.crs.to_wkt() if self.grid.crs else None,
+            append=self.gpkg.exists(),
+        )
+
+    def _write_raster(self, rows: list[Row]) -> None:
+        labels = np.full((self.grid.height, self.grid.width), self.nodata, np.uint8)
+        for row in self.active(rows):
+            if row.geometry is not None:
+                labels[self._mask(shapely.from_wkb(row.geometry))] = row.class_code
+        self._save(labels, len(rows))
+
+    def _raster_rows(self) -> int:
+        if not self.raster.exists():
+            return 0
+        with rasterio.open(self.raster) as src:
+            return int(src.tags().get("landcover_edit_rows", -1))
+
+    def _save(self, labels: np.ndarray, rows: int) -> None:
+        self._write(self.raster, labels, rows)
+        if self.base_labels is not None:
+            with rasterio.open(self.base_labels) as src:
+                base = src.read(1)
+            self._write(self.mixed, np.where(labels == self.nodata, base, labels), rows)
+
+    def _write(self, path: Path, labels: np.ndarray, rows: int) -> None:
+        profile = {
+            "driver": "GTiff",
+            "width": self.grid.width,
+            "height": self.grid.height,
+            "count": 1,
+            "dtype": "uint8",
+            "crs": self.grid.crs,
+            "transform": self.grid.transform,
+            "nodata": self.nodata,
+            "compress": "deflate",
+            "tiled": self.grid.width >= 256 and self.grid.height >= 256,
+        }
+        with atomic_target(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+            dst.write_colormap(1, self.colormap())
+            dst.write(labels, 1)
+            dst.update_tags(landcover_edit_rows=str(rows), landcover_schema=self.schema.name)
+
+    def colormap(self) -> dict[int, tuple[int, int, int, int]]:
+        """Each class's label codes in its colour, no-data transparent (for a GIS)."""
+        colours = {
+            code: (*hex_to_rgb(info.color), 255)
+            for info in self.schema.classes
+            for code in info.codes
+        }
+        colours[self.nodata] = (0, 0, 0, 0)
+        return colours
+
+
+def _check_same_grid(labels: Path, image: Path, grid: Grid) -> None:
+    """The original labels must lie on the image's pixel grid to be mixed with corrections."""
+    try:
+        other = Grid.of(labels)
+    except rasterio.errors.RasterioIOError as err:
+        raise EditError(f"{labels}: cannot be read as a raster ({err})") from err
+    if (other.width, other.height) != (grid.width, grid.height) or (
+        other.crs != grid.crs or not other.transform.almost_equals(grid.transform)
+    ):
+        raise EditError(
+            f"{labels}: not on the grid of {image} ({other.width} x {other.height}, "
+            f"{other.crs}) vs ({grid.width} x {grid.height}, {grid.crs})"
+        )
+
+
+def _now() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _plain(value: Any) -> Any:
+    return value.item() if isinstance(value, np.generic) else value

@@ -1,0 +1,157 @@
+"""A retrain is a training run like any other: recorded, linked to its data and its start.
+
+Each retrain is an MLflow run (`init.model` = the version it started from), with the
+corrections as its input dataset (`mlflow.log_input`, digest over the edits in force), the edit
+log and the label raster as artifacts, a before/after picture, and the adapted model logged in
+landcover's flavour, so `landcover-promote` takes it like any trained model. A run never stays
+RUNNING: it ends FINISHED, or FAILED with the reason; a studio killed mid-retrain has its run
+closed FAILED by the next studio that opens the session.
+"""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import mlflow
+import numpy as np
+from mlflow.tracking import MlflowClient
+
+from landcover.data.schema import IGNORE_INDEX
+from landcover.errors import first_line
+from landcover.studio.adapt import FitReport, fit_head
+from landcover.studio.head import with_head
+from landcover.studio.session import Session, StudioError, Version
+from landcover.tracking.datasets import ProfiledDataset, log_input_once_shared, source_of
+from landcover.tracking.runs import log_landcover_model, use_experiment
+
+log = logging.getLogger(__name__)
+RUN_NAME = "studio retrain"
+
+
+def corrections_dataset(session: Session, corrections: np.ndarray) -> ProfiledDataset:
+    """The corrections in force as an MLflow dataset: digest over the edits, a profile of
+    pixels per class and of who made them."""
+    active = session.edits.active()
+    counts = np.bincount(corrections[corrections != IGNORE_INDEX], minlength=256)
+    profile = {
+        "image": str(session.image),
+        "strokes": len({row.stroke for row in active}),
+        "corrected_pixels": int((corrections != IGNORE_INDEX).sum()),
+        "class_pixels": {
+            info.name: int(counts[i]) for i, info in enumerate(session.schema.classes) if counts[i]
+        },
+        "authors": sorted({row.author for row in active}),
+    }
+    return ProfiledDataset(
+        source_of(str(session.edits.gpkg)),
+        name="corrections",
+        digest=session.edits.digest(),
+        profile=profile,
+    )
+
+
+def retrain(
+    session: Session, tracking_uri: str, experiment: str, author: str
+) -> tuple[Version, FitReport, float]:
+    """Fit a new head on the corrections, record the run, make its model the current version.
+    Returns the version, what the fit did and its seconds."""
+    corrections = session.corrections_as_indices()
+    if not (corrections != IGNORE_INDEX).any():
+        raise StudioError("no corrections yet: paint some pixels with a class first")
+    start = session.version
+    use_experiment(tracking_uri, experiment)
+    tags = {**session.owner_tags(), "landcover.studio.author": author}
+    with mlflow.start_run(run_name=RUN_NAME, tags=tags) as run:
+        try:
+            version, report, seconds = _fit_and_log(session, start, corrections, run.info.run_id)
+        except BaseException as err:
+            mlflow.set_tag("landcover.error", first_line(err)[:5000])
+            mlflow.end_run("FAILED")
+            raise
+    return version, report, seconds
+
+
+def _fit_and_log(
+    session: Session, start: Version, corrections: np.ndarray, run_id: str
+) -> tuple[Version, FitReport, float]:
+    mlflow.log_params(
+        {
+            "init.model": start.model,
+            "studio.image": str(session.image),
+            "studio.session": str(session.folder.resolve()),
+            "studio.adapts": "final convolution (features frozen)",
+        }
+    )
+    log_input_once_shared(corrections_dataset(session, corrections), "train")
+    began = time.perf_counter()
+    head, report = fit_head(session.features, session.head_of(start), corrections, IGNORE_INDEX)
+    seconds = time.perf_counter() - began
+    mlflow.log_metrics(
+        {
+            "retrain/seconds": seconds,
+            "retrain/corrected_pixels": report.corrected_pixels,
+            "retrain/anchor_pixels": report.anchor_pixels,
+            "retrain/corrected_accuracy_before": report.corrected_accuracy_before,
+            "retrain/corrected_accuracy_after": report.corrected_accuracy_after,
+            "retrain/changed_pixels": report.changed_pixels,
+            "retrain/changed_share": report.changed_pixels / corrections.size,
+        }
+    )
+    _log_evidence(session, start, head, corrections)
+    module = with_head(session.module, head, session.schema.num_classes)
+    metadata = {**session.metadata, "init_model": start.model, "studio_image": str(session.image)}
+    log_landcover_model(module, metadata)
+    version = Version(run_id, f"runs:/{run_id}/model", run_id)
+    session.push(version, head)
+    return version, report, seconds
+
+
+def _log_evidence(session: Session, start: Version, head: Any, corrections: np.ndarray) -> None:
+    """The edit log and label raster as they were, and a before/after picture."""
+    with tempfile.TemporaryDirectory() as tmp:
+        for path in (session.edits.gpkg, session.edits.raster):
+            shutil.copy2(path, Path(tmp) / path.name)
+            mlflow.log_artifact(str(Path(tmp) / path.name), "corrections")
+    from landcover.studio.figures import before_after
+
+    before = session.class_indices(start)
+    after, _ = session.features.classes_and_confidence(head)
+    figure = before_after(session.image, before, corrections, after, session.schema)
+    mlflow.log_figure(figure, "studio/before_after.png")
+    figure.clear()
+    import matplotlib.pyplot as plt
+
+    plt.close(figure)
+
+
+def close_orphaned_runs(session: Session, tracking_uri: str, experiment: str) -> int:
+    """End FAILED the retrain runs of this session left RUNNING by a studio process that no
+    longer exists (killed mid-retrain); returns how many."""
+    from landcover.atomic import _alive
+
+    client = MlflowClient(tracking_uri)
+    found = client.get_experiment_by_name(experiment)
+    if found is None:
+        return 0
+    folder = str(session.folder.resolve()).replace("'", "''")
+    runs = client.search_runs(
+        [found.experiment_id],
+        f"tags.`landcover.studio.session` = '{folder}' and attributes.status = 'RUNNING'",
+    )
+    closed = 0
+    here = session.owner_tags()["landcover.studio.host"]
+    for run in runs:
+        tags: Mapping[str, str] = run.data.tags
+        pid = int(tags.get("landcover.studio.pid", "0") or 0)
+        if tags.get("landcover.studio.host") == here and pid and _alive(pid):
+            continue
+        client.set_tag(run.info.run_id, "landcover.error", "the studio stopped during this retrain")
+        client.set_terminated(run.info.run_id, "FAILED")
+        closed += 1
+    return closed

@@ -1,0 +1,264 @@
+"""One scene under correction: the image, the model's versions, their maps, the edit log.
+
+The session folder holds everything a person's work leaves behind, so a restarted server (or a
+training run) finds it all again:
+
+    <session>/edits.gpkg                   every stroke, append-only (edits.py)
+    <session>/<image>_corrections.tif      the corrections as a label raster
+    <session>/scenes.csv                   image,label: what `data=corrections` trains on
+    <session>/mixed.csv, <image>_mixed.tif  with --labels: the labels, corrections laid over
+    <session>/state.json                   the model versions (the first is the one started
+                                           from; each retrain adds one) and the current one
+    <session>/maps/<version>_classes.tif   each version's map (codes, colour map) and
+    <session>/maps/<version>_confidence.tif   its confidence (percent), on the image's grid
+
+A version is fully named by an MLflow model reference (the starting model, then
+`runs:/<retrain run>/model`), so an undone retrain is only a pointer moved back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import rasterio
+
+from landcover import artifacts
+from landcover.atomic import atomic_target, write_text
+from landcover.data.schema import IGNORE_INDEX, ClassSchema, hex_to_rgb
+from landcover.errors import LandcoverError
+from landcover.studio.edits import EditLog
+from landcover.studio.head import Head, SceneFeatures, find_head_conv, scene_features
+
+MAX_PIXELS = 16_000_000  # the kept features of a larger scene would not fit in memory
+
+
+class StudioError(LandcoverError):
+    """The studio cannot work on this scene or model as asked."""
+
+
+@dataclass
+class Version:
+    """One model the session has shown: where it lives and the run that made it."""
+
+    id: str
+    model: str
+    run_id: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain form for state.json."""
+        return {"id": self.id, "model": self.model, "run_id": self.run_id}
+
+
+@dataclass
+class Session:
+    """The scene, the model's kept features, its versions and the corrections."""
+
+    image: Path
+    folder: Path
+    schema: ClassSchema
+    metadata: dict[str, Any]
+    module: Any  # the torch module of the first version: its backbone is every version's
+    features: SceneFeatures
+    edits: EditLog
+    versions: list[Version]
+    current: int
+    heads: dict[str, Head] = field(default_factory=dict)
+    retrain_lock: threading.Lock = field(default_factory=threading.Lock)
+    tracking_uri: str | None = None
+
+    # -- opening -------------------------------------------------------------------------
+    @classmethod
+    def open(
+        cls,
+        image: Path,
+        model: str,
+        folder: Path,
+        tracking_uri: str | None = None,
+        log: Any = None,
+        labels: Path | None = None,
+    ) -> Session:
+        """Open (or reopen) the session of `image` in `folder`, starting from `model` the first
+        time; a reopened session continues from its current version."""
+        image = image.resolve()
+        folder.mkdir(parents=True, exist_ok=True)
+        state = _read_state(folder)
+        if Path(model).exists():  # a file or model folder: recorded where it is, wherever run
+            model = str(Path(model).resolve())
+        versions = [Version(**v) for v in state["versions"]] if state else [Version("base", model)]
+        current = int(state["current"]) if state else 0
+        base = artifacts.load(versions[0].model, tracking_uri=tracking_uri, device="cpu")
+        if base.torch_module is None:
+            raise StudioError(f"{model}: the studio retrains PyTorch networks, not {base.kind}")
+        pixels = _check_image(image, base.bands)
+        if pixels > MAX_PIXELS:
+            raise StudioError(
+                f"{image}: {pixels:,} pixels; the studio keeps a scene's features in memory and "
+                f"takes up to {MAX_PIXELS:,} (cut a window, e.g. gdal_translate -srcwin)"
+            )
+        with rasterio.open(image) as src:
+            pixels_in = src.read().astype(np.float32)
+        started = time.perf_counter()
+        features = scene_features(
+            base.torch_module, pixels_in, base.schema.num_classes, base.output_margin
+        )
+        if log:
+            log.info("features of %s computed in %.1f s", image.name, time.perf_counter() - started)
+        session = cls(
+            image=image,
+            folder=folder,
+            schema=base.schema,
+            metadata=dict(base.metadata),
+            module=base.torch_module,
+            features=features,
+            edits=EditLog(folder, image, base.schema, labels.resolve() if labels else None),
+            versions=versions,
+            current=current,
+            tracking_uri=tracking_uri,
+        )
+        session.heads["base"] = features.head
+        session.write_scene_table()
+        session.ensure_maps(session.version)
+        session.save_state()
+        return session
+
+    # -- versions ------------------------------------------------------------------------
+    @property
+    def version(self) -> Version:
+        """The version the map shows now."""
+        return self.versions[self.current]
+
+    def head_of(self, version: Version) -> Head:
+        """The head of a version (loaded from its logged model on first use after a restart)."""
+        if version.id not in self.heads:
+            loaded = artifacts.load(version.model, tracking_uri=self.tracking_uri, device="cpu")
+            if loaded.torch_module is None:
+                raise StudioError(f"{version.model}: not a PyTorch network")
+            conv = find_head_conv(loaded.torch_module, self.schema.num_classes)
+            base = self.heads["base"]
+            bias = conv.bias.detach().clone() if conv.bias is not None else base.bias.clone()
+            self.heads[version.id] = Head(conv.weight.detach().clone(), bias, base.relu)
+        return self.heads[version.id]
+
+    def push(self, version: Version, head: Head) -> None:
+        """Make a new version current (versions after the current one, undone, are dropped)."""
+        self.heads[version.id] = head
+        self.versions = [*self.versions[: self.current + 1], version]
+        self.current = len(self.versions) - 1
+        self.ensure_maps(version)
+        self.save_state()
+
+    def step_back(self) -> Version | None:
+        """Undo the last retrain: the previous version is current again (None: at the first)."""
+        if self.current == 0:
+            return None
+        undone = self.version
+        self.current -= 1
+        self.save_state()
+        return undone
+
+    def save_state(self) -> None:
+        """state.json, replaced whole."""
+        state = {"versions": [v.to_dict() for v in self.versions], "current": self.current}
+        write_text(self.folder / "state.json", json.dumps(state, indent=2))
+
+    # -- maps ----------------------------------------------------------------------------
+    def map_paths(self, version: Version) -> tuple[Path, Path]:
+        """A version's class map and confidence raster."""
+        maps = self.folder / "maps"
+        return maps / f"{version.id}_classes.tif", maps / f"{version.id}_confidence.tif"
+
+    def class_indices(self, version: Version | None = None) -> np.ndarray:
+        """A version's class index of every pixel."""
+        classes, _ = self.features.classes_and_confidence(self.head_of(version or self.version))
+        return classes
+
+    def ensure_maps(self, version: Version) -> None:
+        """Write a version's map and confidence (once: they never change)."""
+        classes_path, confidence_path = self.map_paths(version)
+        if classes_path.exists() and confidence_path.exists():
+            return
+        classes_path.parent.mkdir(exist_ok=True)
+        classes, confidence = self.features.classes_and_confidence(self.head_of(version))
+        codes = np.array([(c.codes or (i,))[0] for i, c in enumerate(self.schema.classes)])
+        with rasterio.open(self.image) as src:
+            profile = {
+                "driver": "GTiff",
+                "width": src.width,
+                "height": src.height,
+                "count": 1,
+                "dtype": "uint8",
+                "crs": src.crs,
+                "transform": src.transform,
+                "compress": "deflate",
+            }
+        with atomic_target(classes_path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+            dst.write_colormap(1, self.colormap())
+            dst.write(codes[classes].astype(np.uint8), 1)
+            dst.update_tags(landcover_model=version.model)
+        percent = np.round(confidence * 100).astype(np.uint8)
+        with atomic_target(confidence_path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
+            dst.write(percent, 1)
+            dst.update_tags(landcover_model=version.model, units="percent")
+
+    def colormap(self) -> dict[int, tuple[int, int, int, int]]:
+        """Every label code of a class in that class's colour (the model's colours)."""
+        return {
+            code: (*hex_to_rgb(info.color), 255)
+            for info in self.schema.classes
+            for code in info.codes
+        }
+
+    # -- corrections as data -------------------------------------------------------------
+    def corrections_as_indices(self) -> np.ndarray:
+        """The corrections as class indices, IGNORE_INDEX where uncorrected."""
+        lookup = self.schema.lookup_table()
+        indices = lookup[self.edits.labels()]
+        return np.where(indices == IGNORE_INDEX, IGNORE_INDEX, indices).astype(np.uint8)
+
+    def write_scene_table(self) -> None:
+        """scenes.csv: the image and its corrections raster, what `data=corrections` reads."""
+        table = f"image,label\n{self.image},{self.edits.raster.resolve()}\n"
+        write_text(self.folder / "scenes.csv", table)
+        if self.edits.base_labels is not None:
+            mixed = f"image,label\n{self.image},{self.edits.mixed.resolve()}\n"
+            write_text(self.folder / "mixed.csv", mixed)
+
+    def owner_tags(self) -> dict[str, str]:
+        """Tags that let a restarted studio find a retrain run its dead predecessor left open."""
+        return {
+            "landcover.command": "landcover-studio",
+            "landcover.studio.session": str(self.folder.resolve()),
+            "landcover.studio.host": socket.gethostname(),
+            "landcover.studio.pid": str(os.getpid()),
+        }
+
+
+def _read_state(folder: Path) -> dict[str, Any] | None:
+    path = folder / "state.json"
+    if not path.exists():
+        return None
+    try:
+        state = json.loads(path.read_text())
+        if not state["versions"] or not 0 <= int(state["current"]) < len(state["versions"]):
+            raise ValueError("current version out of range")
+        return state
+    except (ValueError, KeyError, TypeError) as err:
+        raise StudioError(f"{path}: not a studio state file ({err})") from err
+
+
+def _check_image(image: Path, bands: int) -> int:
+    try:
+        with rasterio.open(image) as src:
+            if src.count != bands:
+                raise StudioError(f"{image}: {src.count} bands, the model reads {bands}")
+            return int(src.width * src.height)
+    except rasterio.errors.RasterioIOError as err:
+        raise StudioError(f"{image}: cannot be read as a raster ({err})") from err

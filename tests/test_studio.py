@@ -1,0 +1,345 @@
+"""landcover-studio without a browser: the edit log, the head a retrain adapts, the records a
+retrain leaves, corrections as training data, and who may connect."""
+
+from __future__ import annotations
+
+import base64
+import http.server
+import multiprocessing
+import threading
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import rasterio
+import torch
+from mlflow.tracking import MlflowClient
+
+from landcover import artifacts
+from landcover.data.scenes import find_pairs, load_scenes
+from landcover.data.schema import IGNORE_INDEX, ClassSchema
+from landcover.data.synthetic import SyntheticSpec, generate
+from landcover.models import build_model
+from landcover.studio.access import AccessError, TeamCredentials, check_bind
+from landcover.studio.adapt import fit_head
+from landcover.studio.edits import EditError, EditLog, stroke_geometry
+from landcover.studio.head import MIN_CONTEXT, HeadError, scene_features
+from landcover.studio.retrain import close_orphaned_runs, retrain
+from landcover.studio.session import Session, StudioError
+from tests.conftest import compose_config
+from tests.test_faults import tiny_model_checkpoint
+
+EXPERIMENT = "studio-tests"
+
+
+@pytest.fixture(scope="module")
+def scene(tmp_path_factory) -> tuple[Path, Path, Path]:
+    """A generated scene, its labels and an (untrained) tiny U-Net checkpoint."""
+    root = tmp_path_factory.mktemp("studio")
+    generate(root, SyntheticSpec(scenes={"train": 0, "val": 1}, size=96, seed=5))
+    image = next((root / "val").glob("*_naip.tif"))
+    labels = image.with_name(image.name.replace("_naip", "_lc"))
+    return image, labels, tiny_model_checkpoint(root)
+
+
+@pytest.fixture
+def session(scene, tmp_path) -> Session:
+    image, labels, model = scene
+    return Session.open(image, str(model), tmp_path / "session", tracking(tmp_path), labels=labels)
+
+
+def tracking(tmp_path: Path) -> str:
+    return f"sqlite:///{tmp_path / 'mlflow.db'}"
+
+
+def schema_of(model: Path) -> ClassSchema:
+    return artifacts.load(str(model), device="cpu").schema
+
+
+# -- the edit log ---------------------------------------------------------------------------
+
+
+def test_the_label_raster_is_the_log_replayed_and_survives_a_crash_between_them(scene, tmp_path):
+    image, _, model = scene
+    log = EditLog(tmp_path, image, schema_of(model))
+    water, road = log.schema.classes[0].codes[0], log.schema.classes[3].codes[0]
+    log.add(stroke_geometry("paint", [[5, 5], [40, 8]], 3), 0, author="ann", tab="a")
+    log.add(stroke_geometry("polygon", [[50, 50], [80, 50], [80, 80]], 0), 3, author="bo", tab="b")
+    labels = log.labels()
+    assert set(np.unique(labels)) == {water, road, log.nodata}
+    assert labels[6, 20] == water and labels[70, 75] == road and labels[90, 5] == log.nodata
+    with rasterio.open(log.raster) as src, rasterio.open(image) as img:
+        assert src.crs == img.crs and src.transform == img.transform  # the image's grid
+        assert src.nodata == log.nodata and src.colormap(1)[water][:3] == (0, 0, 255)
+
+    # a process killed after the log took a stroke but before the raster was replaced
+    log._append(
+        [
+            log.rows()[0].__class__(
+                "crashed0001",
+                "t",
+                "ann",
+                "a",
+                "paint",
+                "water",
+                water,
+                "",
+                log.grid.to_map(stroke_geometry("paint", [[60, 10]], 4)).wkb,
+            )
+        ]
+    )
+    assert log.labels()[10, 60] != water  # the raster does not have it yet
+    reopened = EditLog(tmp_path, image, log.schema)
+    assert reopened.labels()[10, 60] == water  # replayed from the log on open
+    assert len(reopened.active()) == 3
+
+
+def test_undo_takes_back_only_this_tabs_latest_stroke(scene, tmp_path):
+    image, _, model = scene
+    log = EditLog(tmp_path, image, schema_of(model))
+    mine, _ = log.add(stroke_geometry("paint", [[10, 10]], 4), 1, author="ann", tab="a")
+    theirs, _ = log.add(stroke_geometry("paint", [[30, 30]], 4), 2, author="bo", tab="b")
+    assert log.undo(author="ann", tab="a") == mine  # not bo's, though it is newer
+    assert log.undo(author="ann", tab="a") is None
+    assert [row.stroke for row in log.active()] == [theirs]
+    assert log.labels()[10, 10] == log.nodata and log.labels()[30, 30] != log.nodata
+    kinds = [row.kind for row in log.rows()]
+    assert kinds == ["paint", "paint", "undo"]  # appended, nothing rewritten
+
+
+def test_accepting_the_map_in_a_region_keeps_each_pixels_class(scene, tmp_path):
+    image, _, model = scene
+    log = EditLog(tmp_path, image, schema_of(model))
+    classes = np.zeros((96, 96), np.uint8)
+    classes[:, 48:] = 3
+    stroke, pixels = log.accept(
+        stroke_geometry("accept", [[40, 0], [60, 0], [60, 20], [40, 20]], 0),
+        classes,
+        author="ann",
+        tab="a",
+    )
+    assert pixels == 400
+    codes = log.labels()
+    assert codes[10, 45] == log.schema.classes[0].codes[0]
+    assert codes[10, 55] == log.schema.classes[3].codes[0]
+    assert {row.stroke for row in log.active()} == {stroke}  # one undo takes it all back
+
+
+@pytest.mark.parametrize(
+    ("kind", "points", "radius", "klass", "expected"),
+    [
+        ("paint", [[1, 1]], 0, 0, "brush radius"),
+        ("paint", [[1, 1]], 3, 7, "not one of the model's"),
+        ("polygon", [[1, 1], [2, 2]], 0, 0, "at least 3 points"),
+        ("paint", [], 3, 0, "1 to"),
+        ("paint", [[500, 500]], 3, 0, "covers no pixel"),
+    ],
+)
+def test_a_bad_edit_is_one_error_and_writes_nothing(
+    scene, tmp_path, kind, points, radius, klass, expected
+):
+    image, _, model = scene
+    log = EditLog(tmp_path, image, schema_of(model))
+    with pytest.raises(EditError, match=expected):
+        log.add(stroke_geometry(kind, points, radius), klass, author="a", tab="a")
+    assert log.rows() == []
+
+
+def _paint_many(folder: str, image: str, model: str, tab: str, row: int) -> None:
+    log = EditLog(Path(folder), Path(image), schema_of(Path(model)))
+    for step in range(15):
+        log.add(stroke_geometry("paint", [[3 + step * 6, row]], 2), 1, author=tab, tab=tab)
+
+
+def test_two_writers_at_once_lose_no_stroke(scene, tmp_path):
+    image, _, model = scene
+    args = [
+        (str(tmp_path), str(image), str(model), tab, row) for tab, row in (("a", 20), ("b", 70))
+    ]
+    context = multiprocessing.get_context("spawn")
+    workers = [context.Process(target=_paint_many, args=a) for a in args]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(120)
+        assert worker.exitcode == 0
+    log = EditLog(tmp_path, image, schema_of(model))
+    assert len(log.rows()) == 30 and {r.tab for r in log.rows()} == {"a", "b"}
+    painted = log.labels() != log.nodata
+    for row in (20, 70):  # every stroke of both writers is in the raster
+        assert all(painted[row, 3 + step * 6] for step in range(15))
+
+
+# -- the head and its fit -------------------------------------------------------------------
+
+
+def test_kept_features_give_the_models_own_map_and_a_fit_learns_the_corrections(scene):
+    image, _, model = scene
+    loaded = artifacts.load(str(model), device="cpu")
+    with rasterio.open(image) as src:
+        pixels = src.read().astype(np.float32)
+    features = scene_features(loaded.torch_module, pixels, 4, loaded.output_margin)
+    classes, confidence = features.classes_and_confidence()
+    context = MIN_CONTEXT + 1  # what the studio reads around a window (3 x 3 head: + 1)
+    padded = np.pad(pixels, ((0, 0), (context, context), (context, context)), mode="reflect")
+    with torch.no_grad():
+        direct = loaded.torch_module(torch.from_numpy(padded)[None])[0].argmax(0).numpy()
+    inner = direct[context:-context, context:-context]
+    assert (classes == inner).mean() > 0.999  # the model's own map: logits = head(features)
+    assert confidence.min() >= 0.25 and confidence.max() <= 1.0
+
+    target = np.full(classes.shape, IGNORE_INDEX, np.uint8)
+    wanted = int(np.bincount(classes.ravel(), minlength=4).argmin())  # its rarest class
+    target[20:40, 20:40] = wanted
+    before = (classes[20:40, 20:40] == wanted).mean()
+    head, report = fit_head(features, features.head, target, IGNORE_INDEX)
+    after, _ = features.classes_and_confidence(head)
+    # an untrained network's features separate little; the anchors hold the rest of the map
+    assert before < 0.5 and (after[20:40, 20:40] == wanted).mean() > 0.75
+    assert report.corrected_accuracy_after > 0.75 and report.corrected_pixels == 400
+
+
+def test_a_head_that_upsamples_is_refused_in_one_line():
+    net = build_model(
+        {
+            "arch": "deeplabv3plus",
+            "encoder_name": "resnet18",
+            "encoder_depth": 5,
+            "encoder_weights": None,
+        },
+        in_channels=4,
+        num_classes=4,
+        mean=[0.0] * 4,
+        std=[1.0] * 4,
+    )
+    with pytest.raises(HeadError, match="full resolution"):
+        scene_features(net, np.zeros((4, 64, 64), np.float32), 4, 0)
+
+
+# -- a retrain's records --------------------------------------------------------------------
+
+
+def test_a_retrain_is_a_run_with_its_start_its_data_and_a_promotable_model(session, tmp_path):
+    uri = tracking(tmp_path)
+    with pytest.raises(StudioError, match="no corrections yet"):
+        retrain(session, uri, EXPERIMENT, "ann")
+    classes = session.class_indices()
+    wanted = int(np.bincount(classes.ravel(), minlength=4).argmin())
+    session.edits.add(
+        stroke_geometry("polygon", [[10, 10], [40, 10], [40, 40], [10, 40]], 0),
+        wanted,
+        author="ann",
+        tab="a",
+    )
+    version, report, seconds = retrain(session, uri, EXPERIMENT, "ann")
+    run = MlflowClient(uri).get_run(version.run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["init.model"] == session.versions[0].model
+    (dataset,) = run.inputs.dataset_inputs
+    assert dataset.dataset.name == "corrections"
+    assert dataset.dataset.digest == session.edits.digest()
+    artifacts_logged = {
+        a.path for a in MlflowClient(uri).list_artifacts(version.run_id, "corrections")
+    }
+    assert {"corrections/edits.gpkg"} <= artifacts_logged
+
+    adapted = artifacts.load(version.model, tracking_uri=uri, device="cpu")
+    with rasterio.open(session.image) as src:
+        pixels = torch.from_numpy(src.read().astype(np.float32))[None]
+    with torch.no_grad():
+        mapped = adapted.torch_module(pixels)[0].argmax(0).numpy()
+    assert (mapped[12:38, 12:38] == wanted).mean() > 0.75  # the logged model learnt them
+    assert session.current == 1 and report.corrected_pixels > 0 and seconds < 30
+
+    classes_path, _ = session.map_paths(version)
+    with rasterio.open(classes_path) as src, rasterio.open(session.image) as img:
+        assert src.crs == img.crs and src.transform == img.transform and src.colormap(1)
+
+    undone = session.step_back()
+    assert undone == version and session.version.id == "base"
+    reopened = Session.open(session.image, "ignored", session.folder, uri)
+    assert reopened.current == 0 and len(reopened.versions) == 2  # state.json kept both
+
+
+def test_a_run_left_running_by_a_killed_studio_is_closed_failed(session, tmp_path):
+    uri = tracking(tmp_path)
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_experiment(EXPERIMENT)
+    tags = {**session.owner_tags(), "landcover.studio.pid": "999999999"}  # no such process
+    run = mlflow.start_run(run_name="studio retrain", tags=tags)
+    mlflow.end_run("RUNNING")  # leaves it RUNNING, as a SIGKILL would
+    alive = mlflow.start_run(run_name="studio retrain", tags=session.owner_tags())  # this pid
+    try:
+        assert close_orphaned_runs(session, uri, EXPERIMENT) == 1
+        client = MlflowClient(uri)
+        assert client.get_run(run.info.run_id).info.status == "FAILED"
+        assert "stopped during" in client.get_run(run.info.run_id).data.tags["landcover.error"]
+        assert client.get_run(alive.info.run_id).info.status == "RUNNING"  # a live studio's
+    finally:
+        mlflow.end_run()
+
+
+# -- corrections as training data -----------------------------------------------------------
+
+
+def test_corrections_are_a_data_source_alone_and_over_the_labels(session):
+    session.edits.add(stroke_geometry("paint", [[20, 20], [60, 20]], 3), 3, author="a", tab="a")
+    corrected = int((session.corrections_as_indices() != IGNORE_INDEX).sum())
+    for name, csv_name in (("corrections", "scenes.csv"), ("corrections_mixed", "mixed.csv")):
+        cfg = compose_config("train", f"data={name}", f"data.root={session.folder}")
+        assert cfg.data.splits.train.manifest.endswith(csv_name)
+        pairs = find_pairs(
+            pattern=cfg.data.splits.train.pattern,
+            manifest=cfg.data.splits.train.manifest,
+            image_suffix=cfg.data.image_suffix,
+            label_suffix=cfg.data.label_suffix,
+        )
+        (scene,) = load_scenes(pairs, bands=4, schema=session.schema)
+        if name == "corrections":
+            assert scene.labelled_pixels == corrected
+        else:  # every labelled pixel of the original labels, the corrected ones changed
+            with rasterio.open(scene.label_path) as mixed:
+                codes = mixed.read(1)
+            assert scene.labelled_pixels > corrected
+            assert (codes[20, 20:60] == session.schema.classes[3].codes[0]).all()
+
+
+# -- who may connect ------------------------------------------------------------------------
+
+
+def test_only_loopback_unless_asked_and_then_only_with_a_team_server():
+    check_bind("127.0.0.1", False, "sqlite:///x.db")
+    check_bind("::1", False, "sqlite:///x.db")
+    with pytest.raises(AccessError, match="--allow-remote"):
+        check_bind("0.0.0.0", False, "sqlite:///x.db")
+    with pytest.raises(AccessError, match="team's MLflow server"):
+        check_bind("0.0.0.0", True, "sqlite:///x.db")
+    check_bind("0.0.0.0", True, "http://mlflow.example:5000")
+
+
+def test_members_are_checked_against_the_team_server_and_remembered():
+    asked = []
+
+    class TeamServer(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802
+            asked.append(self.headers.get("Authorization"))
+            good = "Basic " + base64.b64encode(b"ann:secret").decode()
+            self.send_response(200 if self.headers.get("Authorization") == good else 401)
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), TeamServer)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        team = TeamCredentials(f"http://127.0.0.1:{server.server_port}")
+        good = "Basic " + base64.b64encode(b"ann:secret").decode()
+        bad = "Basic " + base64.b64encode(b"ann:guess").decode()
+        assert team.member(None) is None and team.member("Bearer x") is None
+        assert team.member(bad) is None
+        assert team.member(good) == "ann" and team.member(good) == "ann"
+        assert asked.count(good) == 1  # the second answer came from memory
+    finally:
+        server.shutdown()
