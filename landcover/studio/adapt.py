@@ -21,8 +21,9 @@ UNIFORM_ANCHORS = 6000
 ANCHORS_PER_CLASS = 300
 STEPS = 300
 LEARNING_RATE = 0.01
-ANCHOR_WEIGHT = 1.0
+ANCHOR_WEIGHT = 10.0
 PROXIMAL_WEIGHT = 1e-3
+ONLY_CORRECTED_ROWS = True
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,10 @@ def fit_head(
 
     with torch.no_grad():
         before = float((logits(x_fix).argmax(1) == targets).float().mean()) if len(rows) else 1.0
+    rows_free = torch.zeros(len(w0), 1)
+    rows_free[torch.unique(targets)] = 1.0  # only the corrected classes' scores move
+    if not ONLY_CORRECTED_ROWS:
+        rows_free[:] = 1.0
     for _ in range(STEPS):
         optimiser.zero_grad()
         loss = F.cross_entropy(logits(x_fix), targets)
@@ -93,6 +98,9 @@ def fit_head(
             loss = loss + ANCHOR_WEIGHT * F.cross_entropy(logits(x_anchor), y_anchor)
         loss = loss + PROXIMAL_WEIGHT * (weight - w0).pow(2).sum()
         loss.backward()
+        assert weight.grad is not None and bias.grad is not None
+        weight.grad *= rows_free
+        bias.grad *= rows_free[:, 0]
         optimiser.step()
     with torch.no_grad():
         after = float((logits(x_fix).argmax(1) == targets).float().mean()) if len(rows) else 1.0

@@ -16,6 +16,7 @@ import contextlib
 import fcntl
 import threading
 import uuid
+import warnings
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -304,6 +305,11 @@ class EditLog:
             )
             for name in FIELDS
         ]
+        with warnings.catch_warnings():  # no CRS: the real sample patches have none, on purpose
+            warnings.filterwarnings("ignore", message="'crs' was not provided")
+            self._write_rows(write, geometry, field_data)
+
+    def _write_rows(self, write: Any, geometry: np.ndarray, field_data: list[np.ndarray]) -> None:
         write(
             self.gpkg,
             geometry,

@@ -282,7 +282,7 @@ async function start() {
     boxZoom: false,
     attributionControl: false,
   });
-  map.fitBounds(imageBounds());
+  fitImage();
   layers.rgb = tileLayer("rgb/now").addTo(map);
   layers.nir = tileLayer("nir/now");
   layers.classes = tileLayer(`classes/${scene.version.id}`).addTo(map);
@@ -311,6 +311,11 @@ async function start() {
   document.body.dataset.ready = "1";
 }
 
+// the whole image, clear of the zoom buttons (top left) and the layer list (top right)
+function fitImage() {
+  map.fitBounds(imageBounds(), { paddingTopLeft: [56, 12], paddingBottomRight: [200, 12] });
+}
+
 // For people and for tests: where a pixel of the image is on the screen right now.
 window.studio = {
   screenPoint(col, row) {
@@ -318,7 +323,7 @@ window.studio = {
     const box = map.getContainer().getBoundingClientRect();
     return { x: box.left + p.x, y: box.top + p.y };
   },
-  fit() { map.fitBounds(imageBounds()); },
+  fit: fitImage,
 };
 
 start().catch((err) => say(`cannot open the scene: ${err.message}`, true));
