@@ -144,6 +144,9 @@ def run_hydra_app(
     warnings, give torchrun's other ranks no output folder of their own, treat SIGTERM like
     Ctrl-C (open runs end KILLED, staging is removed) and end either with one line, leave the
     process group however the app ends."""
+    # numexpr (pandas imports it when installed) says how many threads it takes at INFO in
+    # every command's log: noise, and a refused command's log must hold only its error
+    logging.getLogger("numexpr").setLevel(logging.WARNING)
     for argument in sys.argv[1:]:
         try:
             argument.encode("utf-8")

@@ -24,8 +24,8 @@ LAYERS = [
     ("predict", "serving", "interop.onnx"),
     # records
     ("tracking",),
-    # training's parts, promotion, jobs over many rasters, evaluation
-    ("training", "registry", "mapping", "evaluate"),
+    # training's parts, promotion, jobs over many rasters, evaluation, the correction studio
+    ("training", "registry", "mapping", "evaluate", "studio"),
     # the jobs and commands
     (
         "training.train",
@@ -34,6 +34,7 @@ LAYERS = [
         "registry.promote",
         "serving.server",
         "tracking.team",
+        "studio.app",
         "commands",
     ),
 ]
