@@ -23,9 +23,11 @@ from landcover import artifacts
 from landcover.data.scenes import find_pairs, load_scenes
 from landcover.data.schema import IGNORE_INDEX, ClassSchema
 from landcover.data.synthetic import SyntheticSpec, generate
+from landcover.errors import LandcoverError
 from landcover.models import build_model
 from landcover.studio.access import AccessError, TeamCredentials, check_bind
 from landcover.studio.adapt import fit_head
+from landcover.studio.app import hold_session
 from landcover.studio.edits import EditError, EditLog, stroke_geometry
 from landcover.studio.head import MIN_CONTEXT, HeadError, find_head_conv, scene_features
 from landcover.studio.retrain import close_orphaned_runs, retrain
@@ -355,3 +357,13 @@ def test_members_are_checked_against_the_team_server_and_remembered():
         assert asked.count(good) == 1  # the second answer came from memory
     finally:
         server.shutdown()
+
+
+def test_one_studio_server_per_session_folder(tmp_path):
+    held = hold_session(tmp_path, 8765)
+    try:
+        with pytest.raises(LandcoverError, match=r"open in another landcover-studio \(pid"):
+            hold_session(tmp_path, 8766)
+    finally:
+        held.close()
+    hold_session(tmp_path, 8767).close()  # free again once the first is gone
