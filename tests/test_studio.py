@@ -20,11 +20,13 @@ from rasterio.features import shapes
 from shapely.geometry import shape
 
 from landcover import artifacts
+from landcover.artifacts.reference import files_digest
 from landcover.data.scenes import find_pairs, load_scenes
 from landcover.data.schema import IGNORE_INDEX, ClassSchema
 from landcover.data.synthetic import SyntheticSpec, generate
 from landcover.errors import LandcoverError
 from landcover.models import build_model
+from landcover.registry.promotion import candidate_of_run, promote
 from landcover.studio.access import AccessError, TeamCredentials, check_bind
 from landcover.studio.adapt import fit_head
 from landcover.studio.app import hold_session
@@ -269,6 +271,21 @@ def test_a_retrain_is_a_run_with_its_start_its_data_and_a_promotable_model(sessi
     classes_path, _ = session.map_paths(version)
     with rasterio.open(classes_path) as src, rasterio.open(session.image) as img:
         assert src.crs == img.crs and src.transform == img.transform and src.colormap(1)
+
+    # scored on the scene's labels (the session has them): promotable like any run
+    metrics = run.data.metrics
+    assert {"val/mIoU", "start/val/mIoU", "val/overall_accuracy"} <= set(metrics)
+    assert run.data.tags["dataset_fingerprint"] == files_digest(session.edits.base_labels)
+    client = MlflowClient(uri)
+    promoted = promote(
+        client,
+        candidate_of_run(client, version.run_id, "val/mIoU"),
+        name="studio",
+        experiment=EXPERIMENT,
+    )
+    assert "champion" in promoted.aliases
+    champion = artifacts.load("models:/studio@champion", tracking_uri=uri, device="cpu")
+    assert torch.equal(find_head_conv(champion.torch_module, 4).weight, logged_head.weight)
 
     undone = session.step_back()
     assert undone == version and session.version.id == "base"

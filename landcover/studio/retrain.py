@@ -20,8 +20,10 @@ from typing import Any
 
 import mlflow
 import numpy as np
+import rasterio
 from mlflow.tracking import MlflowClient
 
+from landcover.artifacts.reference import files_digest
 from landcover.data.schema import IGNORE_INDEX
 from landcover.errors import first_line
 from landcover.studio.adapt import FitReport, fit_head
@@ -103,6 +105,7 @@ def _fit_and_log(
             "retrain/changed_share": report.changed_pixels / corrections.size,
         }
     )
+    _log_scores(session, start, head, corrections)
     _log_evidence(session, start, head, corrections)
     module = with_head(session.module, head, session.schema.num_classes)
     metadata = {**session.metadata, "init_model": start.model, "studio_image": str(session.image)}
@@ -110,6 +113,35 @@ def _fit_and_log(
     version = Version(run_id, f"runs:/{run_id}/model", run_id)
     session.push(version, head)
     return version, report, seconds
+
+
+def _log_scores(session: Session, start: Version, head: Any, corrections: np.ndarray) -> None:
+    """`val/*` of the adapted model and `start/val/*` of the one it started from, on the scene's
+    own labels when the session has them (`--labels`), else on the corrections themselves;
+    the tag `dataset_fingerprint` names which, so `landcover-promote` compares like with like
+    (a retrain scored on other data than the champion needs `force=true`, like any run)."""
+    from landcover.metrics import scores_from_matrix
+    from landcover.registry.promotion import FINGERPRINT_TAG
+
+    if session.edits.base_labels is not None:
+        with rasterio.open(session.edits.base_labels) as src:
+            target = session.schema.lookup_table()[src.read(1)]
+        digest = files_digest(session.edits.base_labels)
+        scored_on = f"the scene's labels ({session.edits.base_labels.name})"
+    else:
+        target, digest, scored_on = corrections, session.edits.digest(), "the corrections"
+    labelled = target != IGNORE_INDEX
+    classes = session.schema.num_classes
+    scored = session.schema.scored_classes
+    after, _ = session.features.classes_and_confidence(head)
+    for prefix, mapped in (("val/", after), ("start/val/", session.class_indices(start))):
+        pairs = target[labelled].astype(np.int64) * classes + mapped[labelled]
+        matrix = np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
+        metrics = scores_from_matrix(matrix, scored).as_metrics(
+            session.schema.names, scored, prefix=prefix
+        )
+        mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+    mlflow.set_tags({FINGERPRINT_TAG: digest, "landcover.studio.scored_on": scored_on})
 
 
 def _log_evidence(session: Session, start: Version, head: Any, corrections: np.ndarray) -> None:
