@@ -480,8 +480,8 @@ def test_the_store_lock_is_one_however_the_path_is_spelt(tmp_path):
     real = tmp_path / "store" / "mlflow.db"
     real.parent.mkdir()
     real.touch()
-    (tmp_path / "link").symlink_to(real.parent)
-    linked = f"sqlite:///{tmp_path / 'link' / 'mlflow.db'}"
+    (tmp_path / "team.db").symlink_to(real)  # another name for the same database file
+    linked = f"sqlite:///{tmp_path / 'team.db'}"
     with (
         store_lock(linked, "registry"),
         open(f"{real}.registry.lock", "a") as handle,
