@@ -93,6 +93,16 @@ class Session:
         if Path(model).exists():  # a file or model folder: recorded where it is, wherever run
             model = str(Path(model).resolve())
         versions = [Version(**v) for v in state["versions"]] if state else [Version("base", model)]
+        if state and log and versions[0].model != model:
+            log.warning(
+                "%s continues from %s (version %d of %d); --model %s is not used: start a new "
+                "session folder (--session) for another model",
+                folder,
+                versions[0].model,
+                int(state["current"]) + 1,
+                len(versions),
+                model,
+            )
         current = int(state["current"]) if state else 0
         base = artifacts.load(versions[0].model, tracking_uri=tracking_uri, device="cpu")
         if base.torch_module is None:
