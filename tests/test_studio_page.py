@@ -134,6 +134,9 @@ def test_paint_a_region_retrain_and_see_the_map_change_in_chromium(scene, tmp_pa
         after = tmp_path / "after.png"
         page.screenshot(path=str(after))
         status = page.inner_text("#status")
+        page.click("#undo-retrain")  # back to the model the session started from
+        page.wait_for_function("document.body.dataset.version === 'base'", timeout=30_000)
+        assert http_json(f"{url}/api/scene")["current"] == 0
         browser.close()
 
     for shot in (before, painted, after):  # kept for the docs / a person to look at
