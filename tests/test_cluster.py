@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import csv
 import os
-import sqlite3
 import subprocess
 import time
 from pathlib import Path
@@ -25,9 +24,8 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 
 from tests.conftest import local_ray_turn
-from tests.local_server import mlflow_server_command
 from tests.ray_nodes import Cluster, two_node_cluster
-from tests.servers import HOST, free_port, running
+from tests.servers import basic_auth_server
 from tests.test_mapping_job import job_command, read_maps, tiles
 from tests.test_sweep import sweep_command
 
@@ -36,12 +34,6 @@ pytest.importorskip("hydra_plugins.hydra_ray_launcher", reason="the Ray launcher
 pytestmark = pytest.mark.slow
 
 SECRET = "s3cret-only-the-driver-knows-7Q"
-AUTH_INI = """[mlflow]
-default_permission = NO_PERMISSIONS
-database_uri = sqlite:///{folder}/auth.db
-admin_username = admin
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-"""
 
 
 @pytest.fixture(scope="module")
@@ -55,49 +47,10 @@ def cluster(tmp_path_factory) -> Cluster:
 
 @pytest.fixture(scope="module")
 def auth_server(tmp_path_factory):
-    """An authenticated MLflow server (users in SQLite) with one member, `dora`, whose
-    password only the driver's environment holds. Her stored hash is a cheap PBKDF2 one: the
-    server checks the password on every request, and its default scrypt check costs about 2 s
-    a request on these cores (the README's team server keeps the default)."""
-    from werkzeug.security import generate_password_hash
-
-    folder = tmp_path_factory.mktemp("auth")
-    (folder / "auth.ini").write_text(AUTH_INI.format(folder=folder))
-    port = free_port()
-    env = {
-        "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"),
-        "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-1",
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
-    }
-    command = mlflow_server_command(
-        f"sqlite:///{folder / 'mlflow.db'}",
-        port,
-        "--app-name",
-        "basic-auth",
-        "--artifacts-destination",
-        str(folder / "artifacts"),
-    )
-    url = f"http://{HOST}:{port}"
-    with running(command, f"{url}/health", folder / "server.log", env):
-        admin = {
-            "MLFLOW_TRACKING_USERNAME": "admin",
-            "MLFLOW_TRACKING_PASSWORD": "admin-password-1",
-        }
-        saved = {k: os.environ.get(k) for k in admin}
-        os.environ.update(admin)
-        try:
-            from mlflow.server import get_app_client
-
-            get_app_client("basic-auth", tracking_uri=url).create_user("dora", SECRET)
-        finally:
-            for key, value in saved.items():
-                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
-        with sqlite3.connect(folder / "auth.db") as db:
-            db.execute(
-                "UPDATE users SET password_hash = ? WHERE username = 'dora'",
-                (generate_password_hash(SECRET, method="pbkdf2:sha256:1000"),),
-            )
-        yield url, folder
+    """An authenticated MLflow server with one member, `dora`, whose password only the
+    driver's environment holds."""
+    with basic_auth_server(tmp_path_factory.mktemp("auth"), {"dora": SECRET}) as server:
+        yield server
 
 
 def test_a_sweep_attaches_by_address_and_its_trials_get_the_drivers_credentials(

@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -20,9 +21,11 @@ from mlflow.tracking import MlflowClient
 from rasterio.features import rasterize, shapes
 from shapely.geometry import shape
 
+from landcover import artifacts
 from landcover.data.schema import hex_to_rgb
 from landcover.data.synthetic import SyntheticSpec, generate
-from tests.servers import BIN, HOST, free_port, http, http_json, running
+from landcover.studio.edits import EditLog
+from tests.servers import BIN, HOST, basic_auth_server, free_port, http, http_json, running
 from tests.test_faults import tiny_model_checkpoint
 
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
@@ -191,3 +194,85 @@ def test_killing_the_server_keeps_every_saved_edit_and_leaves_no_run_running(sce
         if run.info.status == "FAILED":
             assert "stopped during" in run.data.tags["landcover.error"]
     assert running_retrain_runs(tmp_path) == []
+
+
+def ask(url: str, user: str | None = None, password: str = "", payload: dict | None = None):
+    """(status, JSON or None) of a request with basic credentials."""
+    import base64
+    import json
+    import urllib.error
+    import urllib.request
+
+    headers = {"Content-Type": "application/json"} if payload is not None else {}
+    if user:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        headers["Authorization"] = f"Basic {token}"
+    data = None if payload is None else json.dumps(payload).encode()
+    try:
+        with urllib.request.urlopen(urllib.request.Request(url, data, headers), timeout=120) as r:
+            return r.status, json.loads(r.read())
+    except urllib.error.HTTPError as err:
+        return err.code, None
+
+
+@pytest.mark.slow
+def test_a_shared_studio_lets_in_team_members_only_and_records_who_edited(
+    scene, tmp_path, monkeypatch
+):
+    image, model = scene
+    refused = subprocess.run(
+        [str(BIN / "landcover-studio"), str(image), "--model", str(model), "--host", "0.0.0.0"],
+        capture_output=True,
+        text=True,
+        cwd=tmp_path,
+        timeout=120,
+    )
+    assert refused.returncode != 0 and "--allow-remote" in refused.stderr
+    assert "Traceback" not in refused.stderr
+
+    members = {"ann": "ann-password-1", "operator": "operator-password-1"}
+    (tmp_path / "team").mkdir()
+    with basic_auth_server(tmp_path / "team", members) as (server, _):
+        port = free_port()
+        command = [
+            str(BIN / "landcover-studio"),
+            str(image),
+            "--model",
+            str(model),
+            "--port",
+            str(port),
+            "--host",
+            "0.0.0.0",
+            "--allow-remote",
+            "--tracking-uri",
+            server,
+            "--session",
+            str(tmp_path / "session"),
+        ]
+        operator = {
+            "MLFLOW_TRACKING_USERNAME": "operator",
+            "MLFLOW_TRACKING_PASSWORD": members["operator"],
+        }
+        url = f"http://{HOST}:{port}"
+        with running(command, f"{url}/health", tmp_path / "studio.log", operator, wait_s=120):
+            assert ask(f"{url}/api/scene")[0] == 401  # the browser then asks for credentials
+            assert ask(f"{url}/api/scene", "ann", "guess")[0] == 401
+            status, state = ask(f"{url}/api/scene", "ann", members["ann"])
+            assert status == 200 and state["author"] == "ann"
+            stroke = {
+                "kind": "paint",
+                "points": [[20, 20], [60, 20]],
+                "radius": 3,
+                "class_index": 0,
+                "tab": "t",
+            }
+            assert ask(f"{url}/api/edits", "ann", members["ann"], stroke)[0] == 200
+            status, answer = ask(f"{url}/api/retrain", "ann", members["ann"], {})
+            assert status == 200, (tmp_path / "studio.log").read_text()[-3000:]
+        for key, value in operator.items():  # read the record back as the operator
+            monkeypatch.setenv(key, value)
+        run = MlflowClient(server).get_run(answer["version"]["run_id"])
+    assert run.info.status == "FINISHED" and run.info.user_id == "operator"
+    assert run.data.tags["landcover.studio.author"] == "ann"  # the member who asked for it
+    rows = EditLog(tmp_path / "session", image, artifacts.load(str(model)).schema).rows()
+    assert [row.author for row in rows] == ["ann"]
