@@ -127,15 +127,15 @@ def test_conditional_encoder_is_only_sampled_for_smp_models():
 
 
 def test_two_workers_share_one_study(tmp_path):
-    """6 trials, 2 concurrent workers, one SQLite study: no duplicate, none lost."""
-    run_workers(sweep_command(tmp_path, "hydra.sweeper.n_trials=6"), tmp_path)
+    """4 trials, 2 concurrent workers, one SQLite study: no duplicate, none lost."""
+    run_workers(sweep_command(tmp_path, "hydra.sweeper.n_trials=4"), tmp_path)
     trials = load(tmp_path, "smoke").get_trials()
     done = [t for t in trials if t.state in (TrialState.COMPLETE, TrialState.PRUNED)]
     summary = [(t.number, t.state.name, t.user_attrs.get("error")) for t in trials]
-    assert len(done) == 6 and len(trials) == 6, summary
-    assert sorted(t.number for t in trials) == list(range(6))
+    assert len(done) == 4 and len(trials) == 4, summary
+    assert sorted(t.number for t in trials) == list(range(4))
     runs = children(tmp_path)
-    assert len(runs) == 6
+    assert len(runs) == 4
     assert len({r.data.tags["mlflow.parentRunId"] for r in runs}) == 1  # one parent
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     parent = client.get_run(runs[0].data.tags["mlflow.parentRunId"])
