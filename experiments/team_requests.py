@@ -19,35 +19,23 @@ import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # the checkout: tests' server helpers
-from tests.local_server import HOST, free_port, mlflow_server_command, running  # noqa: E402
+from tests.local_server import (  # noqa: E402
+    HOST,
+    basic_auth_server_command,
+    free_port,
+    running,
+)
 
 BIN = Path(sys.executable).parent
-INI = """[mlflow]
-default_permission = NO_PERMISSIONS
-database_uri = sqlite:///{folder}/auth.db
-admin_username = admin
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-"""
 
 
 def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp)
-        (folder / "auth.ini").write_text(INI.format(folder=folder))
         port = free_port()
         url = f"http://{HOST}:{port}"
-        server_env = {
-            "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"),
-            "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-1",
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": "bench",
-        }
-        command = mlflow_server_command(
-            f"sqlite:///{folder / 'mlflow.db'}",
-            port,
-            "--app-name",
-            "basic-auth",
-            "--artifacts-destination",
-            str(folder / "artifacts"),
+        command, server_env = basic_auth_server_command(
+            f"sqlite:///{folder / 'mlflow.db'}", f"sqlite:///{folder}/auth.db", port, folder
         )
         log = folder / "server.log"
         with running(command, f"{url}/health", log, server_env):

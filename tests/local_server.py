@@ -115,3 +115,28 @@ def mlflow_server_command(backend_store_uri: str, port: int, *extra: str) -> lis
         "1",
         *extra,
     ]
+
+
+AUTH_INI = """[mlflow]
+default_permission = NO_PERMISSIONS
+database_uri = {auth_database}
+admin_username = admin
+authorization_function = mlflow.server.auth:authenticate_request_basic_auth
+"""
+ADMIN = {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "admin-password-1"}
+
+
+def basic_auth_server_command(
+    store_uri: str, auth_database: str, port: int, folder: Path
+) -> tuple[list[str], dict[str, str]]:
+    """The README's team server on loopback (`mlflow server --app-name basic-auth`, artifacts
+    served from `folder`): its command line and environment; members are refused by default
+    (`NO_PERMISSIONS`), the admin's password is ADMIN's."""
+    (folder / "auth.ini").write_text(AUTH_INI.format(auth_database=auth_database))
+    env = {
+        "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ADMIN["MLFLOW_TRACKING_PASSWORD"],
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
+    }
+    extra = ("--app-name", "basic-auth", "--artifacts-destination", str(folder / "artifacts"))
+    return mlflow_server_command(store_uri, port, *extra), env

@@ -10,16 +10,41 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from tests.local_server import BIN, HOST, free_port, http, mlflow_server_command, running
+from tests.local_server import (
+    ADMIN,
+    BIN,
+    HOST,
+    basic_auth_server_command,
+    free_port,
+    http,
+    running,
+)
 
-__all__ = ["BIN", "HOST", "basic_auth_server", "free_port", "http", "http_json", "running"]
+__all__ = [
+    "BIN",
+    "HOST",
+    "basic_auth_server",
+    "free_port",
+    "http",
+    "http_json",
+    "patched_environ",
+    "running",
+]
 
-AUTH_INI = """[mlflow]
-default_permission = NO_PERMISSIONS
-database_uri = sqlite:///{folder}/auth.db
-admin_username = admin
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-"""
+
+@contextlib.contextmanager
+def patched_environ(values: dict[str, str]) -> Iterator[None]:
+    """`values` in this process's environment for the block, the old ones back after."""
+    saved = {k: os.environ.get(k) for k in values}
+    os.environ.update(values)
+    try:
+        yield
+    finally:
+        for key, value in saved.items():
+            if value is None:
+                os.environ.pop(key, None)
+            else:
+                os.environ[key] = value
 
 
 @contextlib.contextmanager
@@ -32,38 +57,18 @@ def basic_auth_server(folder: Path, members: dict[str, str]) -> Iterator[tuple[s
     README's team server keeps the default)."""
     from werkzeug.security import generate_password_hash
 
-    (folder / "auth.ini").write_text(AUTH_INI.format(folder=folder))
     port = free_port()
-    env = {
-        "MLFLOW_AUTH_CONFIG_PATH": str(folder / "auth.ini"),
-        "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-1",
-        "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
-    }
-    command = mlflow_server_command(
-        f"sqlite:///{folder / 'mlflow.db'}",
-        port,
-        "--app-name",
-        "basic-auth",
-        "--artifacts-destination",
-        str(folder / "artifacts"),
+    command, env = basic_auth_server_command(
+        f"sqlite:///{folder / 'mlflow.db'}", f"sqlite:///{folder}/auth.db", port, folder
     )
     url = f"http://{HOST}:{port}"
     with running(command, f"{url}/health", folder / "server.log", env):
-        admin = {
-            "MLFLOW_TRACKING_USERNAME": "admin",
-            "MLFLOW_TRACKING_PASSWORD": "admin-password-1",
-        }
-        saved = {k: os.environ.get(k) for k in admin}
-        os.environ.update(admin)
-        try:
+        with patched_environ(ADMIN):
             from mlflow.server import get_app_client
 
             users = get_app_client("basic-auth", tracking_uri=url)
             for name, password in members.items():
                 users.create_user(name, password)
-        finally:
-            for key, value in saved.items():
-                os.environ.pop(key) if value is None else os.environ.__setitem__(key, value)
         with sqlite3.connect(folder / "auth.db") as db:
             for name, password in members.items():
                 db.execute(

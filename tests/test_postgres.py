@@ -10,7 +10,6 @@ lost. Skipped, with the reason, where PostgreSQL cannot run.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import subprocess
 
@@ -22,9 +21,9 @@ from optuna.trial import TrialState
 from landcover import artifacts
 from landcover.training.train import train
 from tests.conftest import compose_train
-from tests.local_server import mlflow_server_command
+from tests.local_server import ADMIN, basic_auth_server_command
 from tests.postgres import postgres_server, skip_reason
-from tests.servers import HOST, free_port, running
+from tests.servers import HOST, free_port, patched_environ, running
 from tests.test_sweep import run_workers, sweep_command
 from tests.test_train_e2e import tiny_overrides
 
@@ -32,41 +31,18 @@ REASON = skip_reason()
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=REASON or "")]
 
 
-AUTH_INI = """[mlflow]
-default_permission = NO_PERMISSIONS
-database_uri = {database}/mlflow_auth
-admin_username = admin
-authorization_function = mlflow.server.auth:authenticate_request_basic_auth
-"""
-
-
 @pytest.fixture(scope="module")
 def team(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("team")
     with postgres_server(("mlflow", "optuna", "mlflow_auth")) as database:
         port = free_port()
-        (tmp / "auth.ini").write_text(AUTH_INI.format(database=database))
-        server_env = {
-            "MLFLOW_AUTH_CONFIG_PATH": str(tmp / "auth.ini"),
-            "MLFLOW_AUTH_ADMIN_PASSWORD": "admin-password-1",
-            "MLFLOW_FLASK_SERVER_SECRET_KEY": "test-secret-key",
-        }
-        command = mlflow_server_command(
-            f"{database}/mlflow",
-            port,
-            "--app-name",
-            "basic-auth",
-            "--artifacts-destination",
-            str(tmp / "artifacts"),
+        command, server_env = basic_auth_server_command(
+            f"{database}/mlflow", f"{database}/mlflow_auth", port, tmp
         )
         url = f"http://{HOST}:{port}"
         with running(command, f"{url}/health", tmp / "mlflow-server.log", server_env):
             # the admin creates a team member; everyone else authenticates as that member
-            admin = {
-                "MLFLOW_TRACKING_USERNAME": "admin",
-                "MLFLOW_TRACKING_PASSWORD": "admin-password-1",
-            }
-            with patched_environ(admin):
+            with patched_environ(ADMIN):
                 from mlflow.server import get_app_client
 
                 get_app_client("basic-auth", tracking_uri=url).create_user(
@@ -94,20 +70,6 @@ def cheap_password(database: str, user: str, password: str) -> None:
             "UPDATE users SET password_hash = %s WHERE username = %s",
             (generate_password_hash(password, method="pbkdf2:sha256:1000"), user),
         )
-
-
-@contextlib.contextmanager
-def patched_environ(values: dict[str, str]):
-    saved = {k: os.environ.get(k) for k in values}
-    os.environ.update(values)
-    try:
-        yield
-    finally:
-        for key, value in saved.items():
-            if value is None:
-                os.environ.pop(key, None)
-            else:
-                os.environ[key] = value
 
 
 def test_anonymous_and_wrong_credentials_are_refused(team):

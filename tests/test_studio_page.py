@@ -38,21 +38,18 @@ def scene(tmp_path_factory) -> tuple[Path, Path]:
     return next((root / "val").glob("*_naip.tif")), tiny_model_checkpoint(root)
 
 
+def studio_command(scene, port: int, session: Path, tracking_uri: str, *extra: str) -> list[str]:
+    """`landcover-studio` on the generated scene with the tiny model."""
+    image, model = scene
+    return [
+        str(BIN / "landcover-studio"), str(image), "--model", str(model), "--port", str(port),
+        "--session", str(session), "--tracking-uri", tracking_uri, *extra,
+    ]  # fmt: skip
+
+
 @contextlib.contextmanager
 def studio(scene, folder: Path, port: int) -> Iterator[tuple[str, object]]:
-    image, model = scene
-    command = [
-        str(BIN / "landcover-studio"),
-        str(image),
-        "--model",
-        str(model),
-        "--port",
-        str(port),
-        "--session",
-        str(folder / "session"),
-        "--tracking-uri",
-        f"sqlite:///{folder}/mlflow.db",
-    ]
+    command = studio_command(scene, port, folder / "session", f"sqlite:///{folder}/mlflow.db")
     url = f"http://{HOST}:{port}"
     with running(command, f"{url}/api/scene", folder / f"studio-{port}.log", {}, wait_s=120) as p:
         yield url, p
@@ -234,21 +231,9 @@ def test_a_shared_studio_lets_in_team_members_only_and_records_who_edited(
     (tmp_path / "team").mkdir()
     with basic_auth_server(tmp_path / "team", members) as (server, _):
         port = free_port()
-        command = [
-            str(BIN / "landcover-studio"),
-            str(image),
-            "--model",
-            str(model),
-            "--port",
-            str(port),
-            "--host",
-            "0.0.0.0",
-            "--allow-remote",
-            "--tracking-uri",
-            server,
-            "--session",
-            str(tmp_path / "session"),
-        ]
+        command = studio_command(
+            scene, port, tmp_path / "session", server, "--host", "0.0.0.0", "--allow-remote"
+        )
         operator = {
             "MLFLOW_TRACKING_USERNAME": "operator",
             "MLFLOW_TRACKING_PASSWORD": members["operator"],
