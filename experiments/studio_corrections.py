@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from analysis.baselines import patch_pairs, real_data_parser  # noqa: E402
 from landcover.artifacts.tutorial_model import load_schema  # noqa: E402
 from landcover.data.scenes import quiet_georeferencing_warnings  # noqa: E402
+from landcover.predict.writer import class_codes  # noqa: E402
 from landcover.studio.edits import stroke_geometry  # noqa: E402
 from landcover.studio.head import Head, SceneFeatures, scene_features  # noqa: E402
 from landcover.studio.retrain import retrain  # noqa: E402
@@ -76,9 +77,7 @@ def main() -> int:
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
         base = Session.open(target_image, str(args.cntk), Path(tmp) / "probe", uri)
-        to_four = np.array(
-            [four[(c.codes or (i,))[0]] for i, c in enumerate(base.schema.classes)], np.uint8
-        )
+        to_four = four[class_codes(base.schema)[: base.schema.num_classes]]  # index -> 4-class
         features = {str(img): features_of(base, img) for img, _ in others}
         labels = {str(img): four[read(lab)[0]] for img, lab in pairs}
         truth = labels[str(target_image)]

@@ -201,8 +201,9 @@ def test_kept_features_give_the_models_own_map_and_a_fit_learns_the_corrections(
     target = np.full(classes.shape, IGNORE_INDEX, np.uint8)
     target[water] = 0
     before = (classes[water] == 0).mean()
-    head, report = fit_head(features, features.head, target, IGNORE_INDEX)
-    after, _ = features.classes_and_confidence(head)
+    fitted = fit_head(features, features.head, classes, target, IGNORE_INDEX)
+    after, report = fitted.classes, fitted.report
+    assert (after == features.classes_and_confidence(fitted.head)[0]).all()  # the head's map
     assert before < 0.3 and (after[water] == 0).mean() > 0.7
     assert (after[~water] != classes[~water]).mean() < 0.15  # the anchors hold the rest
     assert report.corrected_pixels == int(water.sum())
@@ -268,9 +269,12 @@ def test_a_retrain_is_a_run_with_its_start_its_data_and_a_promotable_model(sessi
     assert (mapped[water] == 0).mean() > 0.6  # whole-image forward: no context at the borders
     assert session.current == 1 and report.corrected_pixels > 0 and seconds < 30
 
-    classes_path, _ = session.map_paths(version)
+    classes_path, confidence_path = session.map_paths(version)
     with rasterio.open(classes_path) as src, rasterio.open(session.image) as img:
         assert src.crs == img.crs and src.transform == img.transform and src.colormap(1)
+    with rasterio.open(confidence_path) as src:  # the fitted head's confidence, as bytes
+        expected = np.round(session.map_of(version)[1] * 255).astype(np.uint8)
+        np.testing.assert_array_equal(src.read(1), expected)
 
     # scored on the scene's labels (the session has them): promotable like any run
     metrics = run.data.metrics

@@ -23,7 +23,6 @@ STEPS = 300
 LEARNING_RATE = 0.01
 ANCHOR_WEIGHT = 10.0
 PROXIMAL_WEIGHT = 1e-3
-ONLY_CORRECTED_ROWS = True
 
 
 @dataclass(frozen=True)
@@ -36,6 +35,17 @@ class FitReport:
     corrected_accuracy_after: float
     changed_pixels: int  # pixels of the scene whose class changed
     steps: int
+
+
+@dataclass(frozen=True)
+class Fitted:
+    """The refitted head, what the fit did, and the map under the new head (computed once:
+    the run's scores, its picture and the version's rasters all read it)."""
+
+    head: Head
+    report: FitReport
+    classes: np.ndarray  # class index of every pixel
+    confidence: np.ndarray
 
 
 def anchor_pixels(
@@ -60,17 +70,17 @@ def anchor_pixels(
 def fit_head(
     scene: SceneFeatures,
     start: Head,
+    current: np.ndarray,
     corrections: np.ndarray,
     ignore_value: int,
     seed: int = 0,
-) -> tuple[Head, FitReport]:
+) -> Fitted:
     """A new head that maps the corrected pixels (class indices in `corrections`, `ignore_value`
-    elsewhere) to their classes while keeping the rest of `start`'s map."""
+    elsewhere) to their classes while keeping the rest of `current`, `start`'s map."""
     torch.manual_seed(seed)
     corrected = corrections != ignore_value
     rows, cols = np.nonzero(corrected)
     targets = torch.from_numpy(corrections[rows, cols].astype(np.int64))
-    current, _ = scene.classes_and_confidence(start)
     a_rows, a_cols, a_targets = anchor_pixels(current, corrected, seed)
     x_fix = torch.from_numpy(scene.neighbourhoods(rows, cols).astype(np.float32))
     x_anchor = torch.from_numpy(scene.neighbourhoods(a_rows, a_cols).astype(np.float32))
@@ -89,8 +99,6 @@ def fit_head(
         before = float((logits(x_fix).argmax(1) == targets).float().mean()) if len(rows) else 1.0
     rows_free = torch.zeros(len(w0), 1)
     rows_free[torch.unique(targets)] = 1.0  # only the corrected classes' scores move
-    if not ONLY_CORRECTED_ROWS:
-        rows_free[:] = 1.0
     for _ in range(STEPS):
         optimiser.zero_grad()
         loss = F.cross_entropy(logits(x_fix), targets)
@@ -107,7 +115,7 @@ def fit_head(
     head = Head(
         weight.detach().reshape(start.weight.shape).clone(), bias.detach().clone(), start.relu
     )
-    new_classes, _ = scene.classes_and_confidence(head)
+    new_classes, confidence = scene.classes_and_confidence(head)
     report = FitReport(
         corrected_pixels=len(rows),
         anchor_pixels=len(a_rows),
@@ -116,4 +124,4 @@ def fit_head(
         changed_pixels=int((new_classes != current).sum()),
         steps=STEPS,
     )
-    return head, report
+    return Fitted(head, report, new_classes, confidence)

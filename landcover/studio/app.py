@@ -35,6 +35,7 @@ TRAINABLE_KEYS = "123456789"
 
 def create_app(session: Any, settings: argparse.Namespace) -> Any:
     """The page, its tiles and its API over one open session."""
+    from landcover.predict.writer import colormap
     from landcover.studio import tiles
     from landcover.studio.access import TeamCredentials
     from landcover.studio.edits import EditError, stroke_geometry
@@ -46,7 +47,7 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
     stretch = tiles.Stretch.of(session.image)
     maxzoom = tiles.max_zoom(session.image)
     team = TeamCredentials(settings.tracking_uri) if settings.allow_remote else None
-    colours = session.colormap()
+    colours = colormap(session.schema)
     corrections_colours = session.edits.colormap()
     retraining = threading.Lock()
 
@@ -144,7 +145,7 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
             row, col, session.head_of(session.version)
         )
         index = int(probabilities.argmax())
-        corrected = int(session.edits.labels()[row, col])
+        corrected = session.edits.label_at(row, col)
         return {
             "col": col,
             "row": row,

@@ -30,7 +30,6 @@ from affine import Affine
 from rasterio.features import rasterize, shapes
 from shapely.geometry import LineString, Point, Polygon, shape
 
-from landcover.atomic import atomic_target
 from landcover.data.schema import ClassSchema, hex_to_rgb
 from landcover.errors import LandcoverError
 
@@ -336,29 +335,45 @@ class EditLog:
             return int(src.tags().get("landcover_edit_rows", -1))
 
     def _save(self, labels: np.ndarray, rows: int) -> None:
-        self._write(self.raster, labels, rows)
+        """The corrections raster (and, with original labels, the mixed one) published the way
+        maps are: verified COGs renamed into place together, or nothing (a full disk included);
+        `landcover_edit_rows` records how many log rows they reflect."""
+        from rasterio.windows import Window
+
+        from landcover.predict.writer import OutputSet
+
+        rasters = {"corrections": (self.raster, labels)}
         if self.base_labels is not None:
             with rasterio.open(self.base_labels) as src:
                 base = src.read(1)
-            self._write(self.mixed, np.where(labels == self.nodata, base, labels), rows)
-
-    def _write(self, path: Path, labels: np.ndarray, rows: int) -> None:
+            rasters["mixed"] = (self.mixed, np.where(labels == self.nodata, base, labels))
         profile = {
-            "driver": "GTiff",
             "width": self.grid.width,
             "height": self.grid.height,
-            "count": 1,
-            "dtype": "uint8",
             "crs": self.grid.crs,
             "transform": self.grid.transform,
-            "nodata": self.nodata,
-            "compress": "deflate",
-            "tiled": self.grid.width >= 256 and self.grid.height >= 256,
         }
-        with atomic_target(path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
-            dst.write_colormap(1, self.colormap())
-            dst.write(labels, 1)
-            dst.update_tags(landcover_edit_rows=str(rows), landcover_schema=self.schema.name)
+        tags = {"landcover_edit_rows": str(rows), "landcover_schema": self.schema.name}
+        outputs = OutputSet(self.raster)
+        try:
+            for name, (target, codes) in rasters.items():
+                staged = outputs.add(
+                    name, target, profile, nodata=self.nodata, colormap=self.colormap(), tags=tags
+                )
+                staged.write(codes, Window(0, 0, self.grid.width, self.grid.height))
+            outputs.publish()
+        except BaseException:
+            outputs.discard()
+            raise
+
+    def label_at(self, row: int, col: int) -> int:
+        """The label raster's code at one pixel (read alone, not the whole raster)."""
+        from rasterio.windows import Window
+
+        if not self.raster.exists():
+            return self.nodata
+        with rasterio.open(self.raster) as src:
+            return int(src.read(1, window=Window(col, row, 1, 1))[0, 0])
 
     def colormap(self) -> dict[int, tuple[int, int, int, int]]:
         """Each class's label codes in its colour, no-data transparent (for a GIS)."""

@@ -15,7 +15,7 @@ in one line.
 from __future__ import annotations
 
 import copy
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Literal
 
@@ -141,7 +141,6 @@ def scene_features(
     image: np.ndarray,
     num_classes: int,
     output_margin: int,
-    progress: Callable[[int, int], None] | None = None,
 ) -> SceneFeatures:
     """Run the network over `image` (bands, H, W raw pixels) window by window, keeping its last
     feature map, and check that the logits are that map through the head."""
@@ -160,9 +159,8 @@ def scene_features(
     padded = np.pad(image, ((0, 0), (context, context), (context, context)), mode=mode)
     features: np.ndarray | None = None
     relu: bool | None = None
-    windows = list(_windows(height, width))
     try:
-        for done, (top, left, rows, cols) in enumerate(windows):
+        for top, left, rows, cols in _windows(height, width):
             piece = padded[:, top : top + rows + 2 * context, left : left + cols + 2 * context]
             with torch.no_grad():
                 logits = module(torch.from_numpy(np.ascontiguousarray(piece, np.float32))[None])
@@ -176,8 +174,6 @@ def scene_features(
             start = context - reach
             ring = frame[:, start : start + rows + 2 * reach, start : start + cols + 2 * reach]
             features[:, top : top + rows + 2 * reach, left : left + cols + 2 * reach] = ring.numpy()
-            if progress:
-                progress(done + 1, len(windows))
     finally:
         hook.remove()
     assert features is not None and relu is not None

@@ -16,7 +16,6 @@ import tempfile
 import time
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
 
 import mlflow
 import numpy as np
@@ -91,9 +90,11 @@ def _fit_and_log(
         }
     )
     log_input_once_shared(corrections_dataset(session, corrections), "train")
+    before = session.class_indices(start)
     began = time.perf_counter()
-    head, report = fit_head(session.features, session.head_of(start), corrections, IGNORE_INDEX)
+    fitted = fit_head(session.features, session.head_of(start), before, corrections, IGNORE_INDEX)
     seconds = time.perf_counter() - began
+    report = fitted.report
     mlflow.log_metrics(
         {
             "retrain/seconds": seconds,
@@ -105,21 +106,24 @@ def _fit_and_log(
             "retrain/changed_share": report.changed_pixels / corrections.size,
         }
     )
-    _log_scores(session, start, head, corrections)
-    _log_evidence(session, start, head, corrections)
-    module = with_head(session.module, head, session.schema.num_classes)
+    _log_scores(session, before, fitted.classes, corrections)
+    _log_evidence(session, before, fitted.classes, corrections)
+    module = with_head(session.module, fitted.head, session.schema.num_classes)
     metadata = {**session.metadata, "init_model": start.model, "studio_image": str(session.image)}
     log_landcover_model(module, metadata)
     version = Version(run_id, f"runs:/{run_id}/model", run_id)
-    session.push(version, head)
+    session.push(version, fitted.head, fitted.classes, fitted.confidence)
     return version, report, seconds
 
 
-def _log_scores(session: Session, start: Version, head: Any, corrections: np.ndarray) -> None:
-    """`val/*` of the adapted model and `start/val/*` of the one it started from, on the scene's
-    own labels when the session has them (`--labels`), else on the corrections themselves;
-    the tag `dataset_fingerprint` names which, so `landcover-promote` compares like with like
-    (a retrain scored on other data than the champion needs `force=true`, like any run)."""
+def _log_scores(
+    session: Session, before: np.ndarray, after: np.ndarray, corrections: np.ndarray
+) -> None:
+    """`val/*` of the adapted model's map (`after`) and `start/val/*` of the one it started
+    from (`before`), on the scene's own labels when the session has them (`--labels`), else on
+    the corrections themselves; the tag `dataset_fingerprint` names which, so
+    `landcover-promote` compares like with like (a retrain scored on other data than the
+    champion needs `force=true`, like any run)."""
     from landcover.metrics import scores_from_matrix
     from landcover.registry.promotion import FINGERPRINT_TAG
 
@@ -133,8 +137,7 @@ def _log_scores(session: Session, start: Version, head: Any, corrections: np.nda
     labelled = target != IGNORE_INDEX
     classes = session.schema.num_classes
     scored = session.schema.scored_classes
-    after, _ = session.features.classes_and_confidence(head)
-    for prefix, mapped in (("val/", after), ("start/val/", session.class_indices(start))):
+    for prefix, mapped in (("val/", after), ("start/val/", before)):
         pairs = target[labelled].astype(np.int64) * classes + mapped[labelled]
         matrix = np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
         metrics = scores_from_matrix(matrix, scored).as_metrics(
@@ -144,7 +147,9 @@ def _log_scores(session: Session, start: Version, head: Any, corrections: np.nda
     mlflow.set_tags({FINGERPRINT_TAG: digest, "landcover.studio.scored_on": scored_on})
 
 
-def _log_evidence(session: Session, start: Version, head: Any, corrections: np.ndarray) -> None:
+def _log_evidence(
+    session: Session, before: np.ndarray, after: np.ndarray, corrections: np.ndarray
+) -> None:
     """The edit log and label raster as they were, and a before/after picture."""
     with tempfile.TemporaryDirectory() as tmp:
         for path in (session.edits.gpkg, session.edits.raster):
@@ -152,11 +157,8 @@ def _log_evidence(session: Session, start: Version, head: Any, corrections: np.n
             mlflow.log_artifact(str(Path(tmp) / path.name), "corrections")
     from landcover.studio.figures import before_after
 
-    before = session.class_indices(start)
-    after, _ = session.features.classes_and_confidence(head)
     figure = before_after(session.image, before, corrections, after, session.schema)
     mlflow.log_figure(figure, "studio/before_after.png")
-    figure.clear()
     import matplotlib.pyplot as plt
 
     plt.close(figure)

@@ -9,8 +9,9 @@ training run) finds it all again:
     <session>/mixed.csv, <image>_mixed.tif  with --labels: the labels, corrections laid over
     <session>/state.json                   the model versions (the first is the one started
                                            from; each retrain adds one) and the current one
-    <session>/maps/<version>_classes.tif   each version's map (codes, colour map) and
-    <session>/maps/<version>_confidence.tif   its confidence (percent), on the image's grid
+    <session>/maps/<version>_classes.tif   each version's map and its confidence
+    <session>/maps/<version>_classes_confidence.tif   (bytes / 255), written as
+                                           `landcover-predict` writes maps
 
 A version is fully named by an MLflow model reference (the starting model, then
 `runs:/<retrain run>/model`), so an undone retrain is only a pointer moved back.
@@ -21,7 +22,6 @@ from __future__ import annotations
 import json
 import os
 import socket
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -31,9 +31,10 @@ import numpy as np
 import rasterio
 
 from landcover import artifacts
-from landcover.atomic import atomic_target, write_text
-from landcover.data.schema import IGNORE_INDEX, ClassSchema, hex_to_rgb
+from landcover.atomic import write_text
+from landcover.data.schema import IGNORE_INDEX, ClassSchema
 from landcover.errors import LandcoverError
+from landcover.predict.writer import ClassMapWriter, sibling
 from landcover.studio.edits import EditLog
 from landcover.studio.head import Head, SceneFeatures, find_head_conv, scene_features
 
@@ -71,8 +72,10 @@ class Session:
     versions: list[Version]
     current: int
     heads: dict[str, Head] = field(default_factory=dict)
-    retrain_lock: threading.Lock = field(default_factory=threading.Lock)
     tracking_uri: str | None = None
+    # the map of one version (id, class indices, confidence), kept: the current version's is
+    # read by every retrain (its start) and every "accept the map" stroke
+    shown: tuple[str, np.ndarray, np.ndarray] | None = None
 
     # -- opening -------------------------------------------------------------------------
     @classmethod
@@ -157,9 +160,13 @@ class Session:
             self.heads[version.id] = Head(conv.weight.detach().clone(), bias, base.relu)
         return self.heads[version.id]
 
-    def push(self, version: Version, head: Head) -> None:
-        """Make a new version current (versions after the current one, undone, are dropped)."""
+    def push(
+        self, version: Version, head: Head, classes: np.ndarray, confidence: np.ndarray
+    ) -> None:
+        """Make a new version current (versions after the current one, undone, are dropped),
+        its map (`classes`, `confidence`) already computed by the fit."""
         self.heads[version.id] = head
+        self.shown = (version.id, classes, confidence)
         self.versions = [*self.versions[: self.current + 1], version]
         self.current = len(self.versions) - 1
         self.ensure_maps(version)
@@ -181,50 +188,37 @@ class Session:
 
     # -- maps ----------------------------------------------------------------------------
     def map_paths(self, version: Version) -> tuple[Path, Path]:
-        """A version's class map and confidence raster."""
-        maps = self.folder / "maps"
-        return maps / f"{version.id}_classes.tif", maps / f"{version.id}_confidence.tif"
+        """A version's class map and its confidence raster (as `landcover-predict` names them)."""
+        classes = self.folder / "maps" / f"{version.id}_classes.tif"
+        return classes, sibling(classes, "confidence")
+
+    def map_of(self, version: Version) -> tuple[np.ndarray, np.ndarray]:
+        """A version's class index and confidence of every pixel (computed once per version
+        shown)."""
+        if self.shown is None or self.shown[0] != version.id:
+            classes, confidence = self.features.classes_and_confidence(self.head_of(version))
+            self.shown = (version.id, classes, confidence)
+        return self.shown[1], self.shown[2]
 
     def class_indices(self, version: Version | None = None) -> np.ndarray:
-        """A version's class index of every pixel."""
-        classes, _ = self.features.classes_and_confidence(self.head_of(version or self.version))
-        return classes
+        """A version's class index of every pixel (the current version by default)."""
+        return self.map_of(version or self.version)[0]
 
     def ensure_maps(self, version: Version) -> None:
-        """Write a version's map and confidence (once: they never change)."""
+        """Write a version's map and confidence once (they never change), the way
+        `landcover-predict` writes maps: verified COGs with the model's colours, class names
+        and a QGIS style, published together or not at all."""
         classes_path, confidence_path = self.map_paths(version)
         if classes_path.exists() and confidence_path.exists():
             return
         classes_path.parent.mkdir(exist_ok=True)
-        classes, confidence = self.features.classes_and_confidence(self.head_of(version))
-        codes = np.array([(c.codes or (i,))[0] for i, c in enumerate(self.schema.classes)])
+        classes, confidence = self.map_of(version)
         with rasterio.open(self.image) as src:
-            profile = {
-                "driver": "GTiff",
-                "width": src.width,
-                "height": src.height,
-                "count": 1,
-                "dtype": "uint8",
-                "crs": src.crs,
-                "transform": src.transform,
-                "compress": "deflate",
-            }
-        with atomic_target(classes_path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
-            dst.write_colormap(1, self.colormap())
-            dst.write(codes[classes].astype(np.uint8), 1)
-            dst.update_tags(landcover_model=version.model)
-        percent = np.round(confidence * 100).astype(np.uint8)
-        with atomic_target(confidence_path) as tmp, rasterio.open(tmp, "w", **profile) as dst:
-            dst.write(percent, 1)
-            dst.update_tags(landcover_model=version.model, units="percent")
-
-    def colormap(self) -> dict[int, tuple[int, int, int, int]]:
-        """Every label code of a class in that class's colour (the model's colours)."""
-        return {
-            code: (*hex_to_rgb(info.color), 255)
-            for info in self.schema.classes
-            for code in info.codes
-        }
+            profile = src.profile
+        with ClassMapWriter(
+            classes_path, profile=profile, schema=self.schema, confidence=True
+        ) as writer:
+            writer.write_rows(0, classes, np.round(confidence * 255).astype(np.uint8))
 
     # -- corrections as data -------------------------------------------------------------
     def corrections_as_indices(self) -> np.ndarray:

@@ -85,8 +85,8 @@ CONFIDENCE_COLOURS = cmap.get("magma")
 
 
 def confidence_tile(path: Path, x: int, y: int, z: int) -> bytes | None:
-    """A PNG of the confidence raster (percent), dark where the model hesitates."""
+    """A PNG of the confidence raster (probability x 255), dark where the model hesitates."""
     data = _read(path, x, y, z, (1,))
     if data is None:
         return None
-    return data.rescale(in_range=[(0, 100)]).render(img_format="PNG", colormap=CONFIDENCE_COLOURS)
+    return data.render(img_format="PNG", colormap=CONFIDENCE_COLOURS)
