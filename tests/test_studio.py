@@ -178,6 +178,43 @@ def test_two_writers_at_once_lose_no_stroke(scene, tmp_path):
         assert all(painted[row, 3 + step * 6] for step in range(15))
 
 
+def test_a_full_disk_refuses_the_stroke_whole_and_keeps_every_earlier_one(scene, tmp_path):
+    """Before: the log took the stroke, then the raster could not be written, so the page was
+    told it failed and the stroke came back at the next start."""
+    import os
+    import subprocess
+
+    from landcover.errors import DiskFullError
+    from tests.test_faults_silent import mount_tmpfs
+
+    image, _, model = scene
+    disk = tmp_path / "disk"
+    mount_tmpfs(disk, "size=2m")
+    try:
+        log = EditLog(disk / "session", image, schema_of(model))
+        kept, _ = log.add(stroke_geometry("paint", [[10, 10]], 4), 1, author="ann", tab="a")
+        before = log.labels()
+        free = os.statvfs(disk)
+        filler = disk / "filler"
+        filler.write_bytes(b"\1" * (free.f_bavail * free.f_frsize))
+        with pytest.raises(DiskFullError, match="no space left"):
+            log.add(stroke_geometry("paint", [[60, 60]], 4), 2, author="ann", tab="a")
+        with pytest.raises(DiskFullError, match="no space left"):
+            log.undo(author="ann", tab="a")
+        assert [r.stroke for r in log.rows()] == [kept]  # refused whole: not in the log
+        assert np.array_equal(log.labels(), before)  # the raster as it was, and readable
+        assert not [p.name for p in (disk / "session").iterdir() if "stag" in p.name]
+
+        filler.unlink()  # space again: the next stroke is taken, the refused one never comes
+        added, _ = log.add(stroke_geometry("paint", [[80, 20]], 4), 2, author="ann", tab="a")
+        reopened = EditLog(disk / "session", image, log.schema)
+        assert [r.stroke for r in reopened.active()] == [kept, added]
+        assert reopened.labels()[60, 60] == reopened.nodata
+        assert reopened.labels()[20, 80] == reopened.schema.classes[2].codes[0]
+    finally:
+        subprocess.run(["umount", "-l", str(disk)], check=False)
+
+
 # -- the head and its fit -------------------------------------------------------------------
 
 

@@ -261,6 +261,7 @@ class OutputSet:
         check_writable(anchor)
         self.workdir = staging_dir(anchor.parent)
         self.rasters: dict[str, StagedRaster] = {}
+        self.staged: dict[str, Path] = {}  # name -> its verified file, before the rename
 
     def add(self, name: str, target: Path, profile: dict, **options) -> StagedRaster:
         """Stage one more output that is published with the others or not at all."""
@@ -268,16 +269,26 @@ class OutputSet:
         self.rasters[name] = StagedRaster(target, self.workdir, grid_profile(profile), **options)
         return self.rasters[name]
 
+    def verify(self) -> None:
+        """Write every staged output whole and read it back: the step that needs disk space
+        and can fail. A caller that must record something else with the rasters (the studio's
+        edit log) does so between this and `publish`, whose renames need none."""
+        if self.staged:
+            return
+        with naming_full_disk(next(iter(self.rasters.values())).target):
+            staged = {name: raster.stage_cog() for name, raster in self.rasters.items()}
+            for name, path in staged.items():
+                verify_raster(path, self.rasters[name].target, self.rasters[name].shape)
+        self.staged = staged
+
     def publish(self) -> dict[str, Path]:
-        """Verify every staged output, then rename each into place (each rename atomic) and
-        return the paths. A file GDAL could not write whole (a full disk reported only in its
-        log) is never published."""
+        """Verify every staged output (if not done yet), then rename each into place (each
+        rename atomic) and return the paths. A file GDAL could not write whole (a full disk
+        reported only in its log) is never published."""
         try:
+            self.verify()
             with naming_full_disk(next(iter(self.rasters.values())).target):
-                staged = {name: raster.stage_cog() for name, raster in self.rasters.items()}
-                for name, path in staged.items():
-                    verify_raster(path, self.rasters[name].target, self.rasters[name].shape)
-                for name, path in staged.items():
+                for name, path in self.staged.items():
                     os.replace(path, self.rasters[name].target)
             return {name: raster.target for name, raster in self.rasters.items()}
         finally:

@@ -5,9 +5,11 @@ Every stroke a person makes is one or more rows appended to a GeoPackage (`edits
 the stroke it takes back. Nothing is ever rewritten in place, so two browser tabs (or two
 people) editing the same scene only add rows, under one lock. The label raster
 (`<image>_corrections.tif`: the class's label code where corrected, the schema's no-data code
-elsewhere) is derived from the log and replaced atomically after each change; if a process dies
-between the two, the next start sees the raster's recorded row count disagree and replays the
-log. A browser that crashes loses at most the stroke it had not sent.
+elsewhere) is derived from the log: each change writes and verifies the new raster first (a full
+disk fails there, before the log takes the row), then appends to the log, then renames the
+raster into place; if a process dies between the last two, the next start sees the raster's
+recorded row count disagree and replays the log. A browser that crashes loses at most the stroke
+it had not sent.
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import rasterio
@@ -30,8 +32,12 @@ from affine import Affine
 from rasterio.features import rasterize, shapes
 from shapely.geometry import LineString, Point, Polygon, shape
 
+from landcover.atomic import naming_full_disk
 from landcover.data.schema import ClassSchema, hex_to_rgb
 from landcover.errors import LandcoverError
+
+if TYPE_CHECKING:
+    from landcover.predict.writer import OutputSet
 
 LAYER = "edits"
 FIELDS = ["stroke", "time", "author", "tab", "kind", "class_name", "class_code", "undoes"]
@@ -131,9 +137,10 @@ class EditLog:
             _check_same_grid(base_labels, image, self.grid)
         self._thread_lock = threading.Lock()
         with self.locked():
-            stale = self._raster_rows() != len(self.rows())
+            rows = self.rows()
+            stale = self._raster_rows() != len(rows)
             if stale or not self.raster.exists() or (base_labels and not self.mixed.exists()):
-                self._write_raster(self.rows())
+                self._commit([], self._replayed(rows), len(rows))
 
     @contextlib.contextmanager
     def locked(self) -> Iterator[None]:
@@ -207,9 +214,8 @@ class EditLog:
             mask = self._mask(geometry)
             if not mask.any():
                 raise EditError("the stroke covers no pixel of the image")
-            self._append([row])
             labels[mask] = info.codes[0]
-            self._save(labels, len(self.rows()))
+            self._commit([row], labels, len(self.rows()) + 1)
         return stroke, int(mask.sum())
 
     def accept(
@@ -252,8 +258,8 @@ class EditLog:
                 )
             if not rows:
                 raise EditError("the region holds only classes that are never a training target")
-            self._append(rows)
-            self._write_raster(self.rows())
+            logged = self.rows() + rows
+            self._commit(rows, self._replayed(logged), len(logged))
         return stroke, int(mask.sum())
 
     def undo(self, *, author: str, tab: str) -> str | None:
@@ -265,10 +271,11 @@ class EditLog:
             if not mine:
                 return None
             stroke = mine[-1]
-            self._append(
-                [Row(uuid.uuid4().hex[:12], _now(), author, tab, "undo", "", -1, stroke, None)]
-            )
-            self._write_raster(self.rows())
+            logged = [
+                *rows,
+                Row(uuid.uuid4().hex[:12], _now(), author, tab, "undo", "", -1, stroke, None),
+            ]
+            self._commit(logged[-1:], self._replayed(logged), len(logged))
         return stroke
 
     # -- internals -----------------------------------------------------------------------
@@ -321,12 +328,13 @@ class EditLog:
             append=self.gpkg.exists(),
         )
 
-    def _write_raster(self, rows: list[Row]) -> None:
+    def _replayed(self, rows: list[Row]) -> np.ndarray:
+        """The label raster's codes that `rows` (a whole log) draw."""
         labels = np.full((self.grid.height, self.grid.width), self.nodata, np.uint8)
         for row in self.active(rows):
             if row.geometry is not None:
                 labels[self._mask(shapely.from_wkb(row.geometry))] = row.class_code
-        self._save(labels, len(rows))
+        return labels
 
     def _raster_rows(self) -> int:
         if not self.raster.exists():
@@ -334,10 +342,28 @@ class EditLog:
         with rasterio.open(self.raster) as src:
             return int(src.tags().get("landcover_edit_rows", -1))
 
-    def _save(self, labels: np.ndarray, rows: int) -> None:
-        """The corrections raster (and, with original labels, the mixed one) published the way
-        maps are: verified COGs renamed into place together, or nothing (a full disk included);
-        `landcover_edit_rows` records how many log rows they reflect."""
+    def _commit(self, new_rows: list[Row], labels: np.ndarray, rows: int) -> None:
+        """Append `new_rows` to the log and publish the rasters they give, so that a stroke the
+        page is told failed is in neither: the rasters are written and verified first (where a
+        full disk fails, nothing is logged), then the log takes the rows, then the renames,
+        which need no space. Only a crash between the last two leaves the log ahead of the
+        rasters, and opening the log replays it (`landcover_edit_rows` says how far the
+        rasters reach)."""
+        outputs = self._stage(labels, rows)
+        try:
+            outputs.verify()
+            if new_rows:
+                with naming_full_disk(self.gpkg):
+                    self._append(new_rows)
+            outputs.publish()
+        except BaseException:
+            outputs.discard()
+            raise
+
+    def _stage(self, labels: np.ndarray, rows: int) -> OutputSet:
+        """The corrections raster (and, with original labels, the mixed one) staged the way
+        maps are: COGs published together, or nothing; `landcover_edit_rows` records how many
+        log rows they reflect."""
         from rasterio.windows import Window
 
         from landcover.predict.writer import OutputSet
@@ -361,10 +387,10 @@ class EditLog:
                     name, target, profile, nodata=self.nodata, colormap=self.colormap(), tags=tags
                 )
                 staged.write(codes, Window(0, 0, self.grid.width, self.grid.height))
-            outputs.publish()
         except BaseException:
             outputs.discard()
             raise
+        return outputs
 
     def label_at(self, row: int, col: int) -> int:
         """The label raster's code at one pixel (read alone, not the whole raster)."""
