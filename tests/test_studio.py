@@ -427,6 +427,53 @@ def test_one_studio_server_per_session_folder(tmp_path):
     hold_session(tmp_path, 8767).close()  # free again once the first is gone
 
 
+def test_a_large_scene_is_corrected_one_window_at_a_time_on_its_own_grid(
+    scene, tmp_path, monkeypatch
+):
+    """A scene over the studio's size was refused with a gdal_translate hint; --window cuts
+    the area into the session folder, and what is corrected there lies over the source."""
+    from landcover.studio import session as sessions
+    from landcover.studio.app import parse_args
+    from landcover.studio.window import WindowError, cut_window
+
+    image, labels, model = scene
+    monkeypatch.setattr(sessions, "MAX_PIXELS", 90 * 90)  # the 96 px scene is "too large"
+    with pytest.raises(StudioError, match="--window COL ROW WIDTH HEIGHT"):
+        Session.open(image, str(model), tmp_path / "whole", tracking(tmp_path))
+
+    args = parse_args([str(image), "--model", str(model), "--window", "10", "20", "50", "40"])
+    assert args.session == Path("studio") / f"{image.stem}_10_20_50x40"
+    folder = tmp_path / "window"
+    cut = cut_window(image, (10, 20, 50, 40), folder)
+    cut_labels = cut_window(labels, (10, 20, 50, 40), folder)
+    with rasterio.open(image) as src, rasterio.open(cut) as part:
+        area = rasterio.windows.Window(10, 20, 50, 40)
+        assert np.array_equal(part.read(), src.read(window=area))
+        assert part.crs == src.crs and part.transform == src.window_transform(area)
+    with rasterio.open(labels) as src, rasterio.open(cut_labels) as part:
+        assert part.colormap(1) == src.colormap(1)  # a GIS shows the labels as before
+    written = cut.stat().st_mtime_ns
+    assert cut_window(image, (10, 20, 50, 40), folder) == cut  # a reopened session reuses it
+    assert cut.stat().st_mtime_ns == written
+    with pytest.raises(WindowError, match="a session folder is one window"):
+        cut_window(image, (0, 0, 50, 40), folder)
+    with pytest.raises(WindowError, match=r"reaches past .* \(96 x 96 px\)"):
+        cut_window(image, (60, 0, 50, 40), tmp_path / "past")
+    with pytest.raises(WindowError, match="sizes more than 0"):
+        cut_window(image, (0, 0, 0, 40), tmp_path / "empty")
+
+    session = Session.open(cut, str(model), folder, tracking(tmp_path), labels=cut_labels)
+    session.edits.add(
+        stroke_geometry("polygon", [[5, 5], [6, 5], [6, 6], [5, 6]], 0), 1, author="ann", tab="a"
+    )
+    with rasterio.open(session.edits.raster) as corrections, rasterio.open(image) as src:
+        painted = np.argwhere(corrections.read(1) != session.edits.nodata)
+        assert painted.tolist() == [[5, 5]]  # the one pixel the square covers
+        ground = corrections.xy(5, 5)
+        assert src.index(*ground) == (25, 15)  # the window's (5, 5) is the scene's (25, 15)
+    assert f"{cut}," in (folder / "scenes.csv").read_text()  # data=corrections trains on it
+
+
 def test_correcting_the_2018_networks_missed_road_on_a_real_patch(shared, tmp_path):
     """The study of experiments/studio_corrections.py, small: 300 road pixels the 2018 map
     misses on val patch 1-2, painted and retrained; the road appears, the other val patches

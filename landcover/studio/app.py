@@ -247,7 +247,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "over them (mixed.csv, for data=corrections_mixed)",
     )
     parser.add_argument(
-        "--session", type=Path, help="folder of the session (default studio/<image>)"
+        "--window",
+        type=int,
+        nargs=4,
+        metavar=("COL", "ROW", "WIDTH", "HEIGHT"),
+        help="correct this area of a large scene (pixel offsets, as gdal_translate -srcwin): "
+        "it is cut once into the session folder, on the image's grid",
+    )
+    parser.add_argument(
+        "--session",
+        type=Path,
+        help="folder of the session (default studio/<image>, or "
+        "studio/<image>_<col>_<row>_<width>x<height> with --window)",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
@@ -264,7 +275,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args = parser.parse_args(argv)
     args.tracking_uri = absolute_sqlite_url(args.tracking_uri)
     args.author = args.author or getpass.getuser()
-    args.session = args.session or Path("studio") / args.image.stem
+    if args.session is None:
+        name = args.image.stem
+        if args.window:
+            col, row, width, height = args.window
+            name = f"{name}_{col}_{row}_{width}x{height}"
+        args.session = Path("studio") / name
     return args
 
 
@@ -291,9 +307,14 @@ def main(argv: list[str] | None = None) -> None:
             args.session, args.port
         )  # kept open: the lock lasts as long as this process
         started = time.perf_counter()
-        session = Session.open(
-            args.image, args.model, args.session, args.tracking_uri, log, args.labels
-        )
+        image, labels = args.image, args.labels
+        if args.window:
+            from landcover.studio.window import cut_window
+
+            image = cut_window(image, tuple(args.window), args.session)
+            labels = labels and cut_window(labels, tuple(args.window), args.session)
+            log.info("window %s of %s: %s", " ".join(map(str, args.window)), args.image, image)
+        session = Session.open(image, args.model, args.session, args.tracking_uri, log, labels)
         closed = close_orphaned_runs(session, args.tracking_uri, args.experiment)
         if closed:
             log.info("%d retrain run(s) left RUNNING by a stopped studio ended FAILED", closed)

@@ -3,6 +3,8 @@
 The session folder holds everything a person's work leaves behind, so a restarted server (or a
 training run) finds it all again:
 
+    <session>/<image>_window.tif           with --window: the area of a large scene worked on
+                                           (window.py); then the session's image
     <session>/edits.gpkg                   every stroke, append-only (edits.py)
     <session>/<image>_corrections.tif      the corrections as a label raster
     <session>/scenes.csv                   image,label: what `data=corrections` trains on
@@ -114,7 +116,8 @@ class Session:
         if pixels > MAX_PIXELS:
             raise StudioError(
                 f"{image}: {pixels:,} pixels; the studio keeps a scene's features in memory and "
-                f"takes up to {MAX_PIXELS:,} (cut a window, e.g. gdal_translate -srcwin)"
+                f"takes up to {MAX_PIXELS:,}: correct one area at a time with --window COL ROW "
+                "WIDTH HEIGHT (e.g. --window 0 0 4000 4000)"
             )
         with rasterio.open(image) as src:
             pixels_in = src.read().astype(np.float32)
