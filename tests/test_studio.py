@@ -434,7 +434,7 @@ def test_a_large_scene_is_corrected_one_window_at_a_time_on_its_own_grid(
     the area into the session folder, and what is corrected there lies over the source."""
     from landcover.studio import session as sessions
     from landcover.studio.app import parse_args
-    from landcover.studio.window import WindowError, cut_window
+    from landcover.studio.window import WindowError, cut_scene, cut_window
 
     image, labels, model = scene
     monkeypatch.setattr(sessions, "MAX_PIXELS", 90 * 90)  # the 96 px scene is "too large"
@@ -461,6 +461,13 @@ def test_a_large_scene_is_corrected_one_window_at_a_time_on_its_own_grid(
         cut_window(image, (60, 0, 50, 40), tmp_path / "past")
     with pytest.raises(WindowError, match="sizes more than 0"):
         cut_window(image, (0, 0, 0, 40), tmp_path / "empty")
+    named_alike = []  # an image and its labels of one name, in two folders
+    for sub, source in (("a", image), ("b", labels)):
+        (tmp_path / sub).mkdir()
+        named_alike.append(tmp_path / sub / "scene.tif")
+        named_alike[-1].write_bytes(source.read_bytes())
+    both = cut_scene(*named_alike, (0, 0, 8, 8), tmp_path / "same")
+    assert [p.name for p in both if p] == ["scene_window.tif", "scene_labels_window.tif"]
 
     session = Session.open(cut, str(model), folder, tracking(tmp_path), labels=cut_labels)
     session.edits.add(

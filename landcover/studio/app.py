@@ -309,10 +309,9 @@ def main(argv: list[str] | None = None) -> None:
         started = time.perf_counter()
         image, labels = args.image, args.labels
         if args.window:
-            from landcover.studio.window import cut_window
+            from landcover.studio.window import cut_scene
 
-            image = cut_window(image, tuple(args.window), args.session)
-            labels = labels and cut_window(labels, tuple(args.window), args.session)
+            image, labels = cut_scene(image, labels, tuple(args.window), args.session)
             log.info("window %s of %s: %s", " ".join(map(str, args.window)), args.image, image)
         session = Session.open(image, args.model, args.session, args.tracking_uri, log, labels)
         closed = close_orphaned_runs(session, args.tracking_uri, args.experiment)

@@ -29,13 +29,15 @@ class WindowError(LandcoverError):
     """The window asked for cannot be cut from this scene."""
 
 
-def cut_window(source: Path, window: tuple[int, int, int, int], folder: Path) -> Path:
+def cut_window(
+    source: Path, window: tuple[int, int, int, int], folder: Path, name: str | None = None
+) -> Path:
     """`source`'s pixels inside `window` (col, row, width, height) as
-    `<folder>/<source stem>_window.tif`, written once (whole or not at all) and reused by a
-    reopened session."""
+    `<folder>/<name or source stem>_window.tif`, written once (whole or not at all) and reused
+    by a reopened session."""
     col, row, width, height = window
     source = source.resolve()
-    target = folder / f"{source.stem}_window.tif"
+    target = folder / f"{name or source.stem}_window.tif"
     wanted = {WINDOW_TAG: f"{col},{row},{width},{height}", SOURCE_TAG: str(source)}
     if target.exists():
         with rasterio.open(target) as done:
@@ -86,6 +88,18 @@ def cut_window(source: Path, window: tuple[int, int, int, int], folder: Path) ->
             out.write(pixels)
         verify_raster(tmp, target, pixels.shape)  # GDAL logs some write failures only
     return target
+
+
+def cut_scene(
+    image: Path, labels: Path | None, window: tuple[int, int, int, int], folder: Path
+) -> tuple[Path, Path | None]:
+    """The window of the image and of its labels (named apart even where both files share a
+    stem, as `scene.tif` in two folders would)."""
+    cut = cut_window(image, window, folder)
+    if labels is None:
+        return cut, None
+    stem = labels.stem if labels.stem != image.stem else f"{labels.stem}_labels"
+    return cut, cut_window(labels, window, folder, stem)
 
 
 def _has_colormap(src: rasterio.io.DatasetReader) -> bool:
