@@ -21,9 +21,8 @@ from optuna.trial import TrialState
 from landcover import artifacts
 from landcover.training.train import train
 from tests.conftest import compose_train
-from tests.local_server import ADMIN, basic_auth_server_command
 from tests.postgres import postgres_server, skip_reason
-from tests.servers import HOST, free_port, patched_environ, running
+from tests.servers import add_members, basic_auth_server, patched_environ
 from tests.test_sweep import run_workers, sweep_command
 from tests.test_train_e2e import tiny_overrides
 
@@ -35,41 +34,11 @@ pytestmark = [pytest.mark.slow, pytest.mark.skipif(REASON is not None, reason=RE
 def team(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("team")
     with postgres_server(("mlflow", "optuna", "mlflow_auth")) as database:
-        port = free_port()
-        command, server_env = basic_auth_server_command(
-            f"{database}/mlflow", f"{database}/mlflow_auth", port, tmp
-        )
-        url = f"http://{HOST}:{port}"
-        with running(command, f"{url}/health", tmp / "mlflow-server.log", server_env):
-            # the admin creates a team member; everyone else authenticates as that member
-            with patched_environ(ADMIN):
-                from mlflow.server import get_app_client
-
-                get_app_client("basic-auth", tracking_uri=url).create_user(
-                    "alice", "alice-password-1"
-                )
-            cheap_password(database, "alice", "alice-password-1")
-            member = {
-                "MLFLOW_TRACKING_USERNAME": "alice",
-                "MLFLOW_TRACKING_PASSWORD": "alice-password-1",
-            }
-            with patched_environ(member):
-                yield database, url, tmp
-
-
-def cheap_password(database: str, user: str, password: str) -> None:
-    """Store `user`'s password with a cheap PBKDF2 hash. The server checks the password on
-    every request, and its default scrypt check costs about 2 s a request on these cores
-    (README "What records cost"): a test run's records would take minutes. What is tested
-    here is who may do what, not how costly the check is."""
-    import psycopg
-    from werkzeug.security import generate_password_hash
-
-    with psycopg.connect(f"{database}/mlflow_auth") as connection:
-        connection.execute(
-            "UPDATE users SET password_hash = %s WHERE username = %s",
-            (generate_password_hash(password, method="pbkdf2:sha256:1000"), user),
-        )
+        stores = (f"{database}/mlflow", f"{database}/mlflow_auth")
+        # the admin creates a team member; everyone else authenticates as that member
+        alice = {"alice": "alice-password-1"}
+        with basic_auth_server(tmp, alice, stores) as (url, _), patched_environ(member("alice")):
+            yield database, url, tmp
 
 
 def test_anonymous_and_wrong_credentials_are_refused(team):
@@ -177,15 +146,7 @@ def test_a_team_promotes_grants_and_refuses_in_one_line(team, tiny_synthetic):
     yet); Bob, once Alice grants him EDIT, records a run in her experiment; Carol, never
     granted, gets one line naming the permission and how it is granted, no traceback."""
     _, url, tmp = team
-    with patched_environ(
-        {"MLFLOW_TRACKING_USERNAME": "admin", "MLFLOW_TRACKING_PASSWORD": "admin-password-1"}
-    ):
-        from mlflow.server import get_app_client
-
-        admin = get_app_client("basic-auth", tracking_uri=url)
-        for name in ("bob", "carol"):
-            admin.create_user(name, f"{name}-password-1")
-            cheap_password(team[0], name, f"{name}-password-1")
+    add_members(url, f"{team[0]}/mlflow_auth", {n: f"{n}-password-1" for n in ("bob", "carol")})
     overrides = tiny_overrides(
         tiny_synthetic,
         tmp,
