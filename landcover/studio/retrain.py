@@ -124,7 +124,9 @@ def _log_scores(
     the corrections themselves; the tag `dataset_fingerprint` names which, so
     `landcover-promote` compares like with like (a retrain scored on other data than the
     champion needs `force=true`, like any run)."""
-    from landcover.metrics import scores_from_matrix
+    import torch
+
+    from landcover.metrics import ConfusionMatrix, scores_from_matrix
     from landcover.registry.promotion import FINGERPRINT_TAG
 
     if session.edits.base_labels is not None:
@@ -134,13 +136,11 @@ def _log_scores(
         scored_on = f"the scene's labels ({session.edits.base_labels.name})"
     else:
         target, digest, scored_on = corrections, session.edits.digest(), "the corrections"
-    labelled = target != IGNORE_INDEX
-    classes = session.schema.num_classes
     scored = session.schema.scored_classes
     for prefix, mapped in (("val/", after), ("start/val/", before)):
-        pairs = target[labelled].astype(np.int64) * classes + mapped[labelled]
-        matrix = np.bincount(pairs, minlength=classes * classes).reshape(classes, classes)
-        metrics = scores_from_matrix(matrix, scored).as_metrics(
+        matrix = ConfusionMatrix(session.schema.num_classes)  # skips unlabelled pixels
+        matrix.update(torch.from_numpy(mapped), torch.from_numpy(target))
+        metrics = scores_from_matrix(matrix.numpy(), scored).as_metrics(
             session.schema.names, scored, prefix=prefix
         )
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
