@@ -4,18 +4,23 @@ an alias. Two processes doing the same thing at once must not corrupt shared sta
 The lock lives where the state lives: beside a SQLite file (an `flock` on `<file>.<name>.lock`,
 released by the kernel if the process dies), or in PostgreSQL (an advisory lock, released when
 the connection drops). Other stores (an `http://` MLflow server) get no lock: the caller
-decides whether that is acceptable.
+decides whether that is acceptable. A folder one process works in alone (a mapping job's
+output, a studio session) is held with `hold_folder`, which refuses a second one at once.
 """
 
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
+import socket
 import threading
 import zlib
 from collections.abc import Iterator
 from pathlib import Path
+
+from landcover.errors import LandcoverError
 
 _THREAD_LOCKS: dict[str, threading.Lock] = {}
 _GUARD = threading.Lock()
@@ -91,3 +96,29 @@ def store_lock(url: str, name: str) -> Iterator[bool]:
                 yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def hold_folder(folder: Path, name: str, busy: str, detail: str = "") -> int:
+    """An exclusive `flock` on `folder/name`, taken without waiting, as an open descriptor the
+    caller keeps while it works there (the kernel drops the lock when the process dies, however
+    it dies). The file records the holder (pid, host, `detail`) for whoever finds it taken:
+    `busy`, with `{holder}` filled in, is then the one-line error. A folder that cannot be
+    written is one line too; a link planted as `name` is not followed."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        handle = os.open(folder / name, os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
+    except OSError as err:
+        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+            raise LandcoverError(
+                f"{folder}: read-only ({err.strerror}); choose a writable output folder"
+            ) from err
+        raise LandcoverError(f"{folder}: cannot hold its lock ({err})") from err
+    try:
+        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(handle, 200, 0).decode(errors="replace").strip() or "another process"
+        os.close(handle)
+        raise LandcoverError(f"{folder}: {busy.format(holder=holder)}") from None
+    os.ftruncate(handle, 0)
+    os.pwrite(handle, f"pid {os.getpid()} on {socket.gethostname()}{detail}".encode(), 0)
+    return handle

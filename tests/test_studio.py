@@ -6,6 +6,7 @@ from __future__ import annotations
 import base64
 import http.server
 import multiprocessing
+import os
 import threading
 from pathlib import Path
 
@@ -181,7 +182,6 @@ def test_two_writers_at_once_lose_no_stroke(scene, tmp_path):
 def test_a_full_disk_refuses_the_stroke_whole_and_keeps_every_earlier_one(scene, tmp_path):
     """Before: the log took the stroke, then the raster could not be written, so the page was
     told it failed and the stroke came back at the next start."""
-    import os
     import subprocess
 
     from landcover.errors import DiskFullError
@@ -423,8 +423,8 @@ def test_one_studio_server_per_session_folder(tmp_path):
         with pytest.raises(LandcoverError, match=r"open in another landcover-studio \(pid"):
             hold_session(tmp_path, 8766)
     finally:
-        held.close()
-    hold_session(tmp_path, 8767).close()  # free again once the first is gone
+        os.close(held)
+    os.close(hold_session(tmp_path, 8767))  # free again once the first is gone
 
 
 def test_a_large_scene_is_corrected_one_window_at_a_time_on_its_own_grid(

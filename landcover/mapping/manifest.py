@@ -9,8 +9,6 @@ or `failed`, and their maps were never published.
 from __future__ import annotations
 
 import csv
-import errno
-import fcntl
 import io
 import os
 from collections.abc import Iterator
@@ -20,6 +18,7 @@ from pathlib import Path
 
 from landcover.atomic import write_text
 from landcover.errors import LandcoverError
+from landcover.locks import hold_folder
 
 MANIFEST = "manifest.csv"
 DONE, FAILED, PENDING = "done", "failed", "pending"
@@ -131,23 +130,13 @@ def output_is_complete(row: Row, expected: Path) -> bool:
 @contextmanager
 def job_lock(folder: Path) -> Iterator[None]:
     """One job per output folder at a time: a second one would race on the manifest."""
+    handle = hold_folder(
+        folder,
+        ".job.lock",
+        "another mapping job ({holder}) is writing this folder; wait for it or choose another "
+        "output",
+    )
     try:
-        folder.mkdir(parents=True, exist_ok=True)
-        handle = os.open(folder / ".job.lock", os.O_CREAT | os.O_RDWR | os.O_NOFOLLOW, 0o644)
-    except OSError as err:
-        if err.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
-            raise LandcoverError(
-                f"{folder}: read-only ({err.strerror}); choose a writable output folder"
-            ) from err
-        raise LandcoverError(f"{folder}: cannot hold the job's lock ({err})") from err
-    try:
-        try:
-            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError as err:
-            raise LandcoverError(
-                f"{folder}: another mapping job is writing this folder; wait for it or choose "
-                "another output"
-            ) from err
         yield
     finally:
         os.close(handle)

@@ -303,9 +303,7 @@ def main(argv: list[str] | None = None) -> None:
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
-        held = hold_session(
-            args.session, args.port
-        )  # kept open: the lock lasts as long as this process
+        held = hold_session(args.session, args.port)  # kept open as long as this process
         started = time.perf_counter()
         image, labels = args.image, args.labels
         if args.window:
@@ -332,31 +330,17 @@ def main(argv: list[str] | None = None) -> None:
     log.info("landcover-studio: http://%s:%d/", args.host, args.port)
     sys.stdout.flush()
     uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    held.close()
+    os.close(held)
 
 
-def hold_session(folder: Path, port: int) -> Any:
+def hold_session(folder: Path, port: int) -> int:
     """One studio server per session folder (tabs and people share that server): a second
-    server would keep its own model versions and maps apart. The kernel drops the lock when
-    the process dies, however it dies."""
-    import fcntl
+    server would keep its own model versions and maps apart. Returns the lock's descriptor,
+    kept open as long as the server runs."""
+    from landcover.locks import hold_folder
 
-    folder.mkdir(parents=True, exist_ok=True)
-    handle = open(folder / ".server.lock", "a+")  # noqa: SIM115 (held for the process's life)
-    try:
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
-    except BlockingIOError:
-        handle.seek(0)
-        holder = handle.read().strip() or "another process"
-        handle.close()
-        raise LandcoverError(
-            f"{folder} is open in another landcover-studio ({holder}): open that one's page"
-        ) from None
-    handle.seek(0)
-    handle.truncate()
-    handle.write(f"pid {os.getpid()}, port {port}")
-    handle.flush()
-    return handle
+    busy = "open in another landcover-studio ({holder}): open that one's page"
+    return hold_folder(folder, ".server.lock", busy, detail=f", port {port}")
 
 
 if __name__ == "__main__":
