@@ -38,12 +38,13 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def http(url: str, payload: Any = None, timeout: float = 30) -> tuple[int, bytes]:
+def http(
+    url: str, payload: Any = None, timeout: float = 30, headers: dict[str, str] | None = None
+) -> tuple[int, bytes]:
     """GET (or POST JSON when a payload is given); returns the status and the body."""
     data = None if payload is None else json.dumps(payload).encode()
-    request = urllib.request.Request(
-        url, data=data, headers={"Content-Type": "application/json"} if data else {}
-    )
+    sent = {"Content-Type": "application/json"} if data else {}
+    request = urllib.request.Request(url, data=data, headers={**sent, **(headers or {})})
     try:
         with urllib.request.urlopen(request, timeout=timeout) as response:
             return response.status, response.read()

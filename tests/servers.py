@@ -95,7 +95,7 @@ def add_members(url: str, auth_store: str, members: dict[str, str]) -> None:
             )
 
 
-def http_json(url: str, payload: Any = None) -> Any:
-    status, body = http(url, payload)
+def http_json(url: str, payload: Any = None, headers: dict[str, str] | None = None) -> Any:
+    status, body = http(url, payload, headers=headers)
     assert status == 200, f"{url}: HTTP {status}: {body[:500]!r}"
     return json.loads(body)

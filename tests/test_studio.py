@@ -31,7 +31,8 @@ from landcover.registry.promotion import candidate_of_run, promote
 from landcover.studio.access import AccessError, TeamCredentials, check_bind
 from landcover.studio.adapt import fit_head
 from landcover.studio.app import hold_session
-from landcover.studio.edits import EditError, EditLog, stroke_geometry
+from landcover.studio.edits import EditError, EditLog
+from landcover.studio.strokes import Area, stroke_area
 from landcover.studio.head import MIN_CONTEXT, HeadError, find_head_conv, scene_features
 from landcover.studio.retrain import close_orphaned_runs, retrain
 from landcover.studio.session import Session, StudioError
@@ -61,6 +62,11 @@ def tracking(tmp_path: Path) -> str:
     return f"sqlite:///{tmp_path / 'mlflow.db'}"
 
 
+def drawn(log: EditLog, kind: str, points: list, radius: float) -> Area:
+    """The pixels a stroke drawn on the page covers on the log's image."""
+    return stroke_area(kind, points, radius, log.grid.width, log.grid.height)
+
+
 def schema_of(model: Path) -> ClassSchema:
     return artifacts.load(str(model), device="cpu").schema
 
@@ -72,8 +78,8 @@ def test_the_label_raster_is_the_log_replayed_and_survives_a_crash_between_them(
     image, _, model = scene
     log = EditLog(tmp_path, image, schema_of(model))
     water, road = log.schema.classes[0].codes[0], log.schema.classes[3].codes[0]
-    log.add(stroke_geometry("paint", [[5, 5], [40, 8]], 3), 0, author="ann", tab="a")
-    log.add(stroke_geometry("polygon", [[50, 50], [80, 50], [80, 80]], 0), 3, author="bo", tab="b")
+    log.add(drawn(log, "paint", [[5, 5], [40, 8]], 3), 0, author="ann", tab="a")
+    log.add(drawn(log, "polygon", [[50, 50], [80, 50], [80, 80]], 0), 3, author="bo", tab="b")
     labels = log.labels()
     assert set(np.unique(labels)) == {water, road, log.nodata}
     assert labels[6, 20] == water and labels[70, 75] == road and labels[90, 5] == log.nodata
@@ -93,7 +99,7 @@ def test_the_label_raster_is_the_log_replayed_and_survives_a_crash_between_them(
                 "water",
                 water,
                 "",
-                log.grid.to_map(stroke_geometry("paint", [[60, 10]], 4)).wkb,
+                log.grid.to_map(drawn(log, "paint", [[60, 10]], 4).outline).wkb,
             )
         ]
     )
@@ -106,8 +112,8 @@ def test_the_label_raster_is_the_log_replayed_and_survives_a_crash_between_them(
 def test_undo_takes_back_only_this_tabs_latest_stroke(scene, tmp_path):
     image, _, model = scene
     log = EditLog(tmp_path, image, schema_of(model))
-    mine, _ = log.add(stroke_geometry("paint", [[10, 10]], 4), 1, author="ann", tab="a")
-    theirs, _ = log.add(stroke_geometry("paint", [[30, 30]], 4), 2, author="bo", tab="b")
+    mine, _ = log.add(drawn(log, "paint", [[10, 10]], 4), 1, author="ann", tab="a")
+    theirs, _ = log.add(drawn(log, "paint", [[30, 30]], 4), 2, author="bo", tab="b")
     assert log.undo(author="ann", tab="a") == mine  # not bo's, though it is newer
     assert log.undo(author="ann", tab="a") is None
     assert [row.stroke for row in log.active()] == [theirs]
@@ -122,7 +128,7 @@ def test_accepting_the_map_in_a_region_keeps_each_pixels_class(scene, tmp_path):
     classes = np.zeros((96, 96), np.uint8)
     classes[:, 48:] = 3
     stroke, pixels = log.accept(
-        stroke_geometry("accept", [[40, 0], [60, 0], [60, 20], [40, 20]], 0),
+        drawn(log, "accept", [[40, 0], [60, 0], [60, 20], [40, 20]], 0),
         classes,
         author="ann",
         tab="a",
@@ -150,14 +156,14 @@ def test_a_bad_edit_is_one_error_and_writes_nothing(
     image, _, model = scene
     log = EditLog(tmp_path, image, schema_of(model))
     with pytest.raises(EditError, match=expected):
-        log.add(stroke_geometry(kind, points, radius), klass, author="a", tab="a")
+        log.add(drawn(log, kind, points, radius), klass, author="a", tab="a")
     assert log.rows() == []
 
 
 def _paint_many(folder: str, image: str, model: str, tab: str, row: int) -> None:
     log = EditLog(Path(folder), Path(image), schema_of(Path(model)))
     for step in range(15):
-        log.add(stroke_geometry("paint", [[3 + step * 6, row]], 2), 1, author=tab, tab=tab)
+        log.add(drawn(log, "paint", [[3 + step * 6, row]], 2), 1, author=tab, tab=tab)
 
 
 def test_two_writers_at_once_lose_no_stroke(scene, tmp_path):
@@ -192,13 +198,13 @@ def test_a_full_disk_refuses_the_stroke_whole_and_keeps_every_earlier_one(scene,
     mount_tmpfs(disk, "size=2m")
     try:
         log = EditLog(disk / "session", image, schema_of(model))
-        kept, _ = log.add(stroke_geometry("paint", [[10, 10]], 4), 1, author="ann", tab="a")
+        kept, _ = log.add(drawn(log, "paint", [[10, 10]], 4), 1, author="ann", tab="a")
         before = log.labels()
         free = os.statvfs(disk)
         filler = disk / "filler"
         filler.write_bytes(b"\1" * (free.f_bavail * free.f_frsize))
         with pytest.raises(DiskFullError, match="no space left"):
-            log.add(stroke_geometry("paint", [[60, 60]], 4), 2, author="ann", tab="a")
+            log.add(drawn(log, "paint", [[60, 60]], 4), 2, author="ann", tab="a")
         with pytest.raises(DiskFullError, match="no space left"):
             log.undo(author="ann", tab="a")
         assert [r.stroke for r in log.rows()] == [kept]  # refused whole: not in the log
@@ -206,7 +212,7 @@ def test_a_full_disk_refuses_the_stroke_whole_and_keeps_every_earlier_one(scene,
         assert not [p.name for p in (disk / "session").iterdir() if "stag" in p.name]
 
         filler.unlink()  # space again: the next stroke is taken, the refused one never comes
-        added, _ = log.add(stroke_geometry("paint", [[80, 20]], 4), 2, author="ann", tab="a")
+        added, _ = log.add(drawn(log, "paint", [[80, 20]], 4), 2, author="ann", tab="a")
         reopened = EditLog(disk / "session", image, log.schema)
         assert [r.stroke for r in reopened.active()] == [kept, added]
         assert reopened.labels()[60, 60] == reopened.nodata
@@ -356,7 +362,7 @@ def test_a_run_left_running_by_a_killed_studio_is_closed_failed(session, tmp_pat
 
 
 def test_corrections_are_a_data_source_alone_and_over_the_labels(session):
-    session.edits.add(stroke_geometry("paint", [[20, 20], [60, 20]], 3), 3, author="a", tab="a")
+    session.edits.add(drawn(session.edits, "paint", [[20, 20], [60, 20]], 3), 3, author="a", tab="a")
     corrected = int((session.corrections_as_indices() != IGNORE_INDEX).sum())
     for name, csv_name in (("corrections", "scenes.csv"), ("corrections_mixed", "mixed.csv")):
         cfg = compose_config("train", f"data={name}", f"data.root={session.folder}")
@@ -471,7 +477,7 @@ def test_a_large_scene_is_corrected_one_window_at_a_time_on_its_own_grid(
 
     session = Session.open(cut, str(model), folder, tracking(tmp_path), labels=cut_labels)
     session.edits.add(
-        stroke_geometry("polygon", [[5, 5], [6, 5], [6, 6], [5, 6]], 0), 1, author="ann", tab="a"
+        drawn(session.edits, "polygon", [[5, 5], [6, 5], [6, 6], [5, 6]], 0), 1, author="ann", tab="a"
     )
     with rasterio.open(session.edits.raster) as corrections, rasterio.open(image) as src:
         painted = np.argwhere(corrections.read(1) != session.edits.nodata)

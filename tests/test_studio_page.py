@@ -4,6 +4,7 @@ Playwright), and the server killed mid-session."""
 from __future__ import annotations
 
 import contextlib
+import json
 import os
 import shutil
 import signal
@@ -12,7 +13,9 @@ import subprocess
 import threading
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
@@ -47,12 +50,42 @@ def studio_command(scene, port: int, session: Path, tracking_uri: str, *extra: s
     ]  # fmt: skip
 
 
+@dataclass
+class Studio:
+    """A running studio: its address, the address it printed (with the token), its process."""
+
+    url: str
+    printed: str
+    token: str
+    process: subprocess.Popen
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"X-Landcover-Token": self.token}
+
+    def get(self, path: str) -> Any:
+        return http_json(f"{self.url}{path}", headers=self.headers)
+
+    def post(self, path: str, payload: Any) -> Any:
+        return http_json(f"{self.url}{path}", payload, headers=self.headers)
+
+
+def studio_info(session: Path) -> dict[str, Any]:
+    """What a running studio wrote for tools on this machine: its printed URL and token."""
+    return json.loads((session / ".studio.json").read_text())
+
+
 @contextlib.contextmanager
-def studio(scene, folder: Path, port: int) -> Iterator[tuple[str, object]]:
-    command = studio_command(scene, port, folder / "session", f"sqlite:///{folder}/mlflow.db")
+def studio(scene, folder: Path, port: int, *extra: str) -> Iterator[Studio]:
+    session = folder / "session"
+    command = studio_command(scene, port, session, f"sqlite:///{folder}/mlflow.db", *extra)
     url = f"http://{HOST}:{port}"
-    with running(command, f"{url}/api/scene", folder / f"studio-{port}.log", {}, wait_s=120) as p:
-        yield url, p
+    with running(command, f"{url}/health", folder / f"studio-{port}.log", {}, wait_s=120) as p:
+        deadline = time.monotonic() + 30
+        while not (session / ".studio.json").exists() and time.monotonic() < deadline:
+            time.sleep(0.1)
+        info = studio_info(session)
+        yield Studio(url, info["url"], info["token"], p)
 
 
 def largest_pond(image: Path) -> tuple[list[tuple[float, float]], np.ndarray]:
@@ -83,14 +116,15 @@ def test_paint_a_region_retrain_and_see_the_map_change_in_chromium(scene, tmp_pa
     sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
     if not Path(CHROMIUM).exists():
         pytest.skip("no Chromium: apt-get install chromium (Debian's package; .ci/run does)")
-    with studio(scene, tmp_path, free_port()) as (url, _), sync_api.sync_playwright() as pw:
+    with studio(scene, tmp_path, free_port()) as app, sync_api.sync_playwright() as pw:
         browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
         page = browser.new_page(viewport={"width": 1100, "height": 760})
         errors: list[str] = []
         page.on("pageerror", lambda err: errors.append(str(err)))
-        page.goto(url)
+        page.goto(app.printed)  # as a person does: the address the studio printed
         page.wait_for_selector("body[data-ready='1']", timeout=30_000)
-        scene_info = http_json(f"{url}/api/scene")
+        assert "token" not in page.url  # it became a cookie, out of the address bar
+        scene_info = app.get("/api/scene")
         water = scene_info["classes"][0]  # the untrained network all but never says water
         corners, inside = largest_pond(scene[0])
         page.evaluate(  # the map fully opaque, so its colours are the class colours
@@ -136,7 +170,7 @@ def test_paint_a_region_retrain_and_see_the_map_change_in_chromium(scene, tmp_pa
         status = page.inner_text("#status")
         page.click("#undo-retrain")  # back to the model the session started from
         page.wait_for_function("document.body.dataset.version === 'base'", timeout=30_000)
-        assert http_json(f"{url}/api/scene")["current"] == 0
+        assert app.get("/api/scene")["current"] == 0
         browser.close()
 
     for shot in (before, painted, after):  # kept for the docs / a person to look at
@@ -165,14 +199,20 @@ def running_retrain_runs(folder: Path) -> list[str]:
 def test_killing_the_server_keeps_every_saved_edit_and_leaves_no_run_running(scene, tmp_path):
     port = free_port()
     strokes = [[[10 + 12 * i, 20], [10 + 12 * i, 60]] for i in range(6)]
-    with studio(scene, tmp_path, port) as (url, process):
+    with studio(scene, tmp_path, port) as app:
+        process = app.process
         for i, points in enumerate(strokes):
-            answer = http_json(
-                f"{url}/api/edits",
+            answer = app.post(
+                "/api/edits",
                 {"kind": "paint", "points": points, "radius": 3, "class_index": i % 4, "tab": "t"},
             )
             assert answer["edits"] == i + 1
-        threading.Thread(target=http, args=(f"{url}/api/retrain", {}), daemon=True).start()
+        threading.Thread(
+            target=http,
+            args=(f"{app.url}/api/retrain", {}),
+            kwargs={"headers": app.headers},
+            daemon=True,
+        ).start()
         deadline = time.monotonic() + 60
         while not running_retrain_runs(tmp_path) and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -181,8 +221,8 @@ def test_killing_the_server_keeps_every_saved_edit_and_leaves_no_run_running(sce
         process.wait(30)
     assert killed_during, "the retrain's run was never seen RUNNING"
 
-    with studio(scene, tmp_path, free_port()) as (url, _):
-        state = http_json(f"{url}/api/scene")
+    with studio(scene, tmp_path, free_port()) as app:
+        state = app.get("/api/scene")
     assert state["edits"] == len(strokes)  # every acknowledged edit is there
     client = MlflowClient(f"sqlite:///{tmp_path}/mlflow.db")
     for run_id in killed_during:

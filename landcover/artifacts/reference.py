@@ -188,8 +188,11 @@ def _download(uri: str, tracking_uri: str | None, folder: str | Path) -> ModelFi
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    from landcover.reachable import check_tracking_server
+
     if tracking_uri:
         mlflow.set_tracking_uri(tracking_uri)
+    check_tracking_server(mlflow.get_tracking_uri())  # seconds, not MLflow's minutes of retries
     try:
         info = mlflow.models.get_model_info(uri)
         path = Path(mlflow.artifacts.download_artifacts(uri, dst_path=str(folder)))

@@ -22,11 +22,17 @@ import urllib.request
 from landcover.errors import LandcoverError
 
 REMEMBER_SECONDS = 300
+FORGET_REFUSAL_SECONDS = 5  # a wrong password asked again within this is refused unasked
+CHECK_TIMEOUT_SECONDS = 5
 CHECK_PATH = "/api/2.0/mlflow/experiments/search?max_results=1"
 
 
 class AccessError(LandcoverError):
     """The studio will not listen where it was asked to."""
+
+
+class TeamServerDown(LandcoverError):
+    """The team server did not answer: nobody can be signed in until it does (HTTP 503)."""
 
 
 def is_loopback(host: str) -> bool:
@@ -64,6 +70,7 @@ class TeamCredentials:
         self.server = server.rstrip("/")
         self._salt = os.urandom(16)
         self._known: dict[str, float] = {}
+        self._refused: dict[str, float] = {}
         self._lock = threading.Lock()
 
     def member(self, authorization: str | None) -> str | None:
@@ -78,18 +85,34 @@ class TeamCredentials:
         with self._lock:
             if self._known.get(key, 0) > time.monotonic():
                 return user
+            if self._refused.get(key, 0) > time.monotonic():
+                return None
         if not self._server_accepts(authorization):
+            with self._lock:
+                self._refused[key] = time.monotonic() + FORGET_REFUSAL_SECONDS
             return None
         with self._lock:
             self._known[key] = time.monotonic() + REMEMBER_SECONDS
         return user
 
     def _server_accepts(self, authorization: str) -> bool:
+        """Called from a worker thread (never the event loop: a slow check must not hold
+        other members' requests); a server that does not answer is TeamServerDown."""
         request = urllib.request.Request(
             self.server + CHECK_PATH, headers={"Authorization": authorization}
         )
         try:
-            with urllib.request.urlopen(request, timeout=30) as answer:
+            with urllib.request.urlopen(request, timeout=CHECK_TIMEOUT_SECONDS) as answer:
                 return answer.status == 200
-        except urllib.error.HTTPError:
+        except urllib.error.HTTPError as err:
+            if err.code >= 500:
+                raise TeamServerDown(
+                    f"the team server {self.server} cannot check sign-ins (HTTP {err.code})"
+                ) from None
             return False
+        except (OSError, ValueError) as err:
+            reason = getattr(err, "reason", err)
+            raise TeamServerDown(
+                f"the team server {self.server} does not answer ({reason}): sign-in is "
+                "impossible until it does"
+            ) from None

@@ -19,6 +19,7 @@ from landcover.studio.head import Head, SceneFeatures
 
 UNIFORM_ANCHORS = 6000
 ANCHORS_PER_CLASS = 300
+MAX_CORRECTED = 60_000  # corrected pixels a fit reads: a whole accepted scene stays cheap
 STEPS = 300
 LEARNING_RATE = 0.01
 ANCHOR_WEIGHT = 10.0
@@ -67,6 +68,19 @@ def anchor_pixels(
     return all_rows, all_cols, classes[all_rows, all_cols].astype(np.int64)
 
 
+def sample_corrected(corrected: np.ndarray, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """The corrected pixels a fit reads: all of them, or a uniform sample of MAX_CORRECTED
+    when a person accepted or painted most of a scene (each holds a k x k x channels vector:
+    millions would not fit in memory, and a sample of this size teaches the same head). When
+    nothing is left uncorrected there are no anchors, and the corrections alone hold the map."""
+    rows, cols = np.nonzero(corrected)
+    if len(rows) <= MAX_CORRECTED:
+        return rows, cols
+    pick = np.random.default_rng(seed).choice(len(rows), size=MAX_CORRECTED, replace=False)
+    pick.sort()
+    return rows[pick], cols[pick]
+
+
 def fit_head(
     scene: SceneFeatures,
     start: Head,
@@ -79,7 +93,7 @@ def fit_head(
     elsewhere) to their classes while keeping the rest of `current`, `start`'s map."""
     torch.manual_seed(seed)
     corrected = corrections != ignore_value
-    rows, cols = np.nonzero(corrected)
+    rows, cols = sample_corrected(corrected, seed)
     targets = torch.from_numpy(corrections[rows, cols].astype(np.int64))
     a_rows, a_cols, a_targets = anchor_pixels(current, corrected, seed)
     x_fix = torch.from_numpy(scene.neighbourhoods(rows, cols).astype(np.float32))
@@ -117,7 +131,7 @@ def fit_head(
     )
     new_classes, confidence = scene.classes_and_confidence(head)
     report = FitReport(
-        corrected_pixels=len(rows),
+        corrected_pixels=int(corrected.sum()),
         anchor_pixels=len(a_rows),
         corrected_accuracy_before=before,
         corrected_accuracy_after=after,

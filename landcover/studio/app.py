@@ -23,38 +23,93 @@ from pathlib import Path
 from typing import Any
 
 from fastapi import FastAPI, HTTPException, Request
-from fastapi.responses import FileResponse, JSONResponse, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import FileResponse, JSONResponse, RedirectResponse, Response
 from fastapi.staticfiles import StaticFiles
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from landcover.errors import LandcoverError
 
 log = logging.getLogger("landcover.studio")
 STATIC = Path(__file__).parent / "static"
 TRAINABLE_KEYS = "123456789"
+# The page runs its own scripts only (no inline script, no other origin), is framed by no one
+# and leaks no address (its first URL holds the token) to anything it links.
+SECURITY_HEADERS = {
+    "Content-Security-Policy": (
+        "default-src 'self'; script-src 'self'; style-src 'self' 'unsafe-inline'; "
+        "img-src 'self' data: blob:; connect-src 'self'; object-src 'none'; "
+        "base-uri 'none'; form-action 'none'; frame-ancestors 'none'"
+    ),
+    "X-Content-Type-Options": "nosniff",
+    "X-Frame-Options": "DENY",
+    "Referrer-Policy": "no-referrer",
+}
+
+
+def refused(status: int, reason: str) -> Response:
+    """A refusal in one line, as JSON like every other answer of the API."""
+    return JSONResponse({"error": reason}, status_code=status, headers=SECURITY_HEADERS)
+
+
+async def read_body(request: Request) -> bytes:
+    """The body, read no further than the limit (a missing or lying Content-Length cannot
+    make the server hold more)."""
+    from landcover.studio.bodies import BodyError
+    from landcover.studio.gate import MAX_BODY
+
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > MAX_BODY:
+            raise BodyError(f"a request body is at most {MAX_BODY // 1024} KiB")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def create_app(session: Any, settings: argparse.Namespace) -> Any:
     """The page, its tiles and its API over one open session."""
     from landcover.predict.writer import colormap
     from landcover.studio import tiles
-    from landcover.studio.access import TeamCredentials
-    from landcover.studio.edits import EditError, stroke_geometry
+    from landcover.studio.access import TeamCredentials, TeamServerDown
+    from landcover.studio.bodies import EditBody, EmptyBody, UndoBody, parse
+    from landcover.studio.gate import OPEN_PATHS, Gate
     from landcover.studio.retrain import retrain
     from landcover.studio.session import StudioError
+    from landcover.studio.strokes import stroke_area
 
-    app = FastAPI(title="landcover-studio", docs_url=None, redoc_url=None)
+    app = FastAPI(title="landcover-studio", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     stretch = tiles.Stretch.of(session.image)
     maxzoom = tiles.max_zoom(session.image)
     team = TeamCredentials(settings.tracking_uri) if settings.allow_remote else None
+    gate: Gate = settings.gate
     colours = colormap(session.schema)
     corrections_colours = session.edits.colormap()
     retraining = threading.Lock()
 
     @app.middleware("http")
-    async def members_only(request: Request, call_next: Any) -> Any:
-        if team is not None and request.url.path != "/health":
-            member = team.member(request.headers.get("authorization"))
+    async def trusted_only(request: Request, call_next: Any) -> Any:
+        """Host, origin, body and then who: the token on loopback, a member in a team."""
+        headers = {k.lower(): v for k, v in request.headers.items()}
+        refusal = gate.host_refusal(headers.get("host"))
+        if refusal:
+            return refused(421, refusal)
+        path = request.url.path
+        if path in OPEN_PATHS:
+            return await call_next(request)
+        refusal = gate.origin_refusal(request.method, headers)
+        if refusal:
+            return refused(403, refusal)
+        body = gate.body_refusal(request.method, headers)
+        if body:
+            return refused(*body)
+        if team is not None:
+            try:
+                member = await run_in_threadpool(team.member, headers.get("authorization"))
+            except TeamServerDown as err:
+                return refused(503, str(err))
             if member is None:
                 return Response(
                     "sign in with your team server's user name and password",
@@ -62,14 +117,41 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
                     headers={"WWW-Authenticate": 'Basic realm="landcover-studio"'},
                 )
             request.state.author = member
+        elif not gate.token_matches(headers, request.cookies):
+            if path == "/" and gate.offered_in_query(request.query_params.get("token")):
+                return first_visit()
+            if path.startswith("/static/"):
+                return await call_next(request)  # the page's own code and styles: no secret
+            return refused(
+                403,
+                "open the address landcover-studio printed: it carries this session's token",
+            )
         else:
             request.state.author = settings.author
-        return await call_next(request)
+        response = await call_next(request)
+        response.headers.update(SECURITY_HEADERS)
+        return response
+
+    def first_visit() -> Response:
+        """The printed URL's token becomes a same-site cookie, and the address bar loses it."""
+        response = RedirectResponse("/", status_code=303, headers=SECURITY_HEADERS)
+        response.set_cookie(gate.cookie, gate.token, httponly=True, samesite="strict", path="/")
+        return response
 
     @app.exception_handler(LandcoverError)
     async def one_line(_request: Request, err: LandcoverError) -> JSONResponse:
         status = 409 if "already running" in str(err) else 400
         return JSONResponse({"error": str(err)}, status_code=status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(_request: Request, err: StarletteHTTPException) -> JSONResponse:
+        return JSONResponse({"error": str(err.detail)}, status_code=err.status_code)
+
+    @app.exception_handler(RequestValidationError)
+    async def bad_parameters(_request: Request, err: RequestValidationError) -> JSONResponse:
+        first = err.errors()[0]
+        where = ".".join(str(part) for part in first.get("loc", ())) or "request"
+        return JSONResponse({"error": f"{where}: {first.get('msg')}"}, status_code=400)
 
     @app.get("/health")
     def health() -> Response:  # for load balancers and tests: says nothing about the scene
@@ -155,33 +237,46 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
             "corrected_code": None if corrected == session.edits.nodata else corrected,
         }
 
-    @app.post("/api/edits")
-    async def add_edit(request: Request) -> dict[str, Any]:
-        body = await request.json()
-        kind = str(body.get("kind", "paint"))
-        if kind not in ("paint", "polygon", "accept"):
-            raise EditError(f"unknown edit kind {kind!r} (paint, polygon, accept)")
-        geometry = stroke_geometry(kind, body.get("points") or [], float(body.get("radius", 0)))
-        tab = str(body.get("tab", ""))[:64]
-        author = request.state.author
-        if kind == "accept":
+    def apply_edit(body: EditBody, author: str) -> dict[str, Any]:
+        """In a worker thread: the stroke's pixels and the log's append, however large the
+        stroke, never hold the event loop (other requests and /health go on)."""
+        area = stroke_area(
+            body.kind,
+            body.points,
+            body.radius,
+            session.features.width,
+            session.features.height,
+        )
+        if body.kind == "accept":
             stroke, pixels = session.edits.accept(
-                geometry, session.class_indices(), author=author, tab=tab
+                area, session.class_indices(), author=author, tab=body.tab
             )
         else:
             stroke, pixels = session.edits.add(
-                geometry, int(body.get("class_index", -1)), author=author, tab=tab, kind=kind
+                area, body.class_index, author=author, tab=body.tab, kind=body.kind
             )
         return {"stroke": stroke, "pixels": pixels, "edits": len(session.edits.active())}
 
-    @app.post("/api/undo")
-    async def undo(request: Request) -> dict[str, Any]:
-        body = await request.json()
-        stroke = session.edits.undo(author=request.state.author, tab=str(body.get("tab", "")))
+    @app.post("/api/edits")
+    async def add_edit(request: Request) -> dict[str, Any]:
+        body = parse(EditBody, await read_body(request))
+        return await run_in_threadpool(apply_edit, body, request.state.author)
+
+    def apply_undo(tab: str, author: str) -> dict[str, Any]:
+        stroke = session.edits.undo(author=author, tab=tab)
         return {"undone": stroke, "edits": len(session.edits.active())}
 
+    @app.post("/api/undo")
+    async def undo(request: Request) -> dict[str, Any]:
+        body = parse(UndoBody, await read_body(request))
+        return await run_in_threadpool(apply_undo, body.tab, request.state.author)
+
     @app.post("/api/retrain")
-    def do_retrain(request: Request) -> dict[str, Any]:
+    async def do_retrain(request: Request) -> dict[str, Any]:
+        parse(EmptyBody, await read_body(request))
+        return await run_in_threadpool(retrain_now, request)
+
+    def retrain_now(request: Request) -> dict[str, Any]:
         if not retraining.acquire(blocking=False):
             raise StudioError("a retrain is already running")
         try:
@@ -203,7 +298,11 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
         }
 
     @app.post("/api/undo-retrain")
-    def undo_retrain(request: Request) -> dict[str, Any]:
+    async def undo_retrain(request: Request) -> dict[str, Any]:
+        parse(EmptyBody, await read_body(request))
+        return await run_in_threadpool(step_back, request)
+
+    def step_back(request: Request) -> dict[str, Any]:
         with retraining:
             undone = session.step_back()
         if undone is None:
@@ -293,11 +392,14 @@ def main(argv: list[str] | None = None) -> None:
     try:
         from landcover.data.scenes import quiet_georeferencing_warnings
         from landcover.studio.access import check_bind
+        from landcover.reachable import check_tracking_server
+        from landcover.studio.gate import Gate
         from landcover.studio.retrain import close_orphaned_runs
         from landcover.studio.session import Session
 
         quiet_georeferencing_warnings()
         check_bind(args.host, args.allow_remote, args.tracking_uri)
+        check_tracking_server(args.tracking_uri)
         if not args.image.is_file():
             raise LandcoverError(f"{args.image}: no such image file")
         import torch
@@ -315,6 +417,7 @@ def main(argv: list[str] | None = None) -> None:
         closed = close_orphaned_runs(session, args.tracking_uri, args.experiment)
         if closed:
             log.info("%d retrain run(s) left RUNNING by a stopped studio ended FAILED", closed)
+        args.gate = Gate(args.host, args.port, team=args.allow_remote)
         app = create_app(session, args)
     except LandcoverError as err:
         sys.exit(f"error: {err}")
@@ -327,10 +430,14 @@ def main(argv: list[str] | None = None) -> None:
         session.version.model,
         time.perf_counter() - started,
     )
-    log.info("landcover-studio: http://%s:%d/", args.host, args.port)
+    info = args.gate.write_info(session.folder)
+    log.info("landcover-studio: %s", args.gate.url())
     sys.stdout.flush()
-    uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
-    os.close(held)
+    try:
+        uvicorn.run(app, host=args.host, port=args.port, log_level="warning")
+    finally:
+        info.unlink(missing_ok=True)
+        os.close(held)
 
 
 def hold_session(folder: Path, port: int) -> int:

@@ -30,23 +30,18 @@ import rasterio
 import shapely
 from affine import Affine
 from rasterio.features import rasterize, shapes
-from shapely.geometry import LineString, Point, Polygon, shape
+from shapely.geometry import shape
 
 from landcover.atomic import naming_full_disk
 from landcover.data.schema import ClassSchema, hex_to_rgb
 from landcover.errors import LandcoverError
+from landcover.studio.strokes import Area, EditError, area_of
 
 if TYPE_CHECKING:
     from landcover.predict.writer import OutputSet
 
 LAYER = "edits"
 FIELDS = ["stroke", "time", "author", "tab", "kind", "class_name", "class_code", "undoes"]
-MAX_BRUSH = 256  # pixels: a stroke wider than this is a mistake, not an edit
-MAX_POINTS = 10_000
-
-
-class EditError(LandcoverError):
-    """An edit that cannot be applied (unknown class, empty or oversized geometry)."""
 
 
 @dataclass(frozen=True)
@@ -97,27 +92,6 @@ class Row:
     geometry: bytes | None  # WKB in the raster's coordinates; None for an undo
 
 
-def stroke_geometry(
-    kind: str, points: Sequence[Sequence[float]], radius: float
-) -> shapely.Geometry:
-    """The area a stroke covers, in pixel coordinates: a brush line of `radius` pixels, or a
-    polygon (also the region of "accept the model's class")."""
-    if not points or len(points) > MAX_POINTS:
-        raise EditError(f"a stroke needs 1 to {MAX_POINTS} points, not {len(points)}")
-    coords = [(float(x), float(y)) for x, y in points]
-    if not all(np.isfinite(coords).ravel()):
-        raise EditError("a stroke's coordinates must be finite numbers")
-    if kind == "paint":
-        if not 0 < radius <= MAX_BRUSH:
-            raise EditError(f"brush radius {radius} is outside (0, {MAX_BRUSH}] pixels")
-        line = Point(coords[0]) if len(coords) == 1 else LineString(coords)
-        return line.buffer(radius)
-    if len(coords) < 3:
-        raise EditError("a polygon needs at least 3 points")
-    polygon = Polygon(coords)
-    return polygon if polygon.is_valid else polygon.buffer(0)
-
-
 class EditLog:
     """The corrections of one scene: a GeoPackage log and its label raster, kept in step."""
 
@@ -137,6 +111,7 @@ class EditLog:
             _check_same_grid(base_labels, image, self.grid)
         self._thread_lock = threading.Lock()
         with self.locked():
+            self._roll_back_journal()
             rows = self.rows()
             stale = self._raster_rows() != len(rows)
             if stale or not self.raster.exists() or (base_labels and not self.mixed.exists()):
@@ -152,6 +127,20 @@ class EditLog:
                 yield
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+    def _roll_back_journal(self) -> None:
+        """A process killed while appending leaves `edits.gpkg-journal` (a hot journal).
+        SQLite rolls it back on the next open that may write; the log's reader opens the file
+        read-only, which cannot, so the studio would never open again ("attempt to write a
+        readonly database"). Opened here once for writing, the half-written append goes and
+        every acknowledged row stays."""
+        journal = self.gpkg.with_name(self.gpkg.name + "-journal")
+        if not (self.gpkg.is_file() and journal.exists()):
+            return
+        import sqlite3
+
+        with contextlib.closing(sqlite3.connect(self.gpkg, timeout=30)) as db:
+            db.execute("SELECT count(*) FROM sqlite_master").fetchone()
 
     # -- reading -------------------------------------------------------------------------
     def rows(self) -> list[Row]:
@@ -195,40 +184,52 @@ class EditLog:
         return h.hexdigest()[:16]
 
     # -- writing -------------------------------------------------------------------------
+    def area(self, geometry_px: Area | shapely.Geometry) -> Area:
+        """The pixels a geometry in pixel coordinates covers (an Area is taken as it is)."""
+        if isinstance(geometry_px, Area):
+            return geometry_px
+        return area_of(geometry_px, self.grid.width, self.grid.height)
+
     def add(
         self,
-        geometry_px: shapely.Geometry,
-        class_index: int,
+        geometry_px: Area | shapely.Geometry,
+        class_index: int | None,
         *,
         author: str,
         tab: str,
         kind: str = "paint",
     ) -> tuple[str, int]:
-        """Append one stroke of one class; returns its id and the pixels it covers."""
+        """Append one stroke of one class; returns its id and the pixels it covers. What is
+        logged is the outline of the covered pixels (replayed, it gives them back exactly)."""
         info = self._class(class_index)
-        geometry = self.grid.to_map(geometry_px)
+        area = self.area(geometry_px)
+        if not area.pixels:
+            raise EditError("the stroke covers no pixel of the image")
+        geometry = self.grid.to_map(area.outline)
         stroke = uuid.uuid4().hex[:12]
         row = Row(stroke, _now(), author, tab, kind, info.name, info.codes[0], "", geometry.wkb)
         with self.locked():
             labels = self.labels()
-            mask = self._mask(geometry)
-            if not mask.any():
-                raise EditError("the stroke covers no pixel of the image")
-            labels[mask] = info.codes[0]
+            labels[area.full(self.grid.height, self.grid.width)] = info.codes[0]
             self._commit([row], labels, len(self.rows()) + 1)
-        return stroke, int(mask.sum())
+        return stroke, area.pixels
 
     def accept(
-        self, geometry_px: shapely.Geometry, classes: np.ndarray, *, author: str, tab: str
+        self,
+        geometry_px: Area | shapely.Geometry,
+        classes: np.ndarray,
+        *,
+        author: str,
+        tab: str,
     ) -> tuple[str, int]:
         """Take the map's own class for every pixel in a region: one row per class present,
         all under one stroke id (one undo takes the region back)."""
-        geometry = self.grid.to_map(geometry_px)
+        area = self.area(geometry_px)
         stroke = uuid.uuid4().hex[:12]
         with self.locked():
-            mask = self._mask(geometry)
-            if not mask.any():
+            if not area.pixels:
                 raise EditError("the region covers no pixel of the image")
+            mask = area.full(self.grid.height, self.grid.width)
             rows = []
             for index in np.unique(classes[mask]):
                 info = self._class(int(index))
@@ -279,7 +280,9 @@ class EditLog:
         return stroke
 
     # -- internals -----------------------------------------------------------------------
-    def _class(self, class_index: int) -> Any:
+    def _class(self, class_index: int | None) -> Any:
+        if class_index is None:
+            raise EditError("pick a class to paint (keys 1-9) before drawing")
         if not 0 <= class_index < self.schema.num_classes:
             raise EditError(
                 f"class {class_index} is not one of the model's {self.schema.num_classes}"
@@ -290,15 +293,11 @@ class EditLog:
         return info
 
     def _mask(self, geometry: shapely.Geometry) -> np.ndarray:
-        if geometry.is_empty:
-            return np.zeros((self.grid.height, self.grid.width), bool)
-        return rasterize(
-            [(geometry, 1)],
-            out_shape=(self.grid.height, self.grid.width),
-            transform=self.grid.transform,
-            fill=0,
-            dtype="uint8",
-        ).astype(bool)
+        """A logged geometry (the raster's coordinates) as pixels, burnt within its bounds."""
+        pixels = shapely.affinity.affine_transform(geometry, _to_pixels(self.grid.transform))
+        return area_of(pixels, self.grid.width, self.grid.height).full(
+            self.grid.height, self.grid.width
+        )
 
     def _append(self, rows: list[Row]) -> None:
         from pyogrio.raw import write
@@ -425,6 +424,12 @@ def _check_same_grid(labels: Path, image: Path, grid: Grid) -> None:
             f"{labels}: not on the grid of {image} ({other.width} x {other.height}, "
             f"{other.crs}) vs ({grid.width} x {grid.height}, {grid.crs})"
         )
+
+
+def _to_pixels(transform: Affine) -> list[float]:
+    """shapely's affine parameters of the raster's coordinates -> pixel (col, row)."""
+    t = ~transform
+    return [t.a, t.b, t.d, t.e, t.c, t.f]
 
 
 def _now() -> str:

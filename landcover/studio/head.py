@@ -127,7 +127,8 @@ class SceneFeatures:
         r = rows[:, None, None] + offsets[None, :, None]
         c = cols[:, None, None] + offsets[None, None, :]
         patches = self.features[:, r, c]  # (channels, pixels, k, k)
-        return np.ascontiguousarray(patches.transpose(1, 0, 2, 3).reshape(len(rows), -1))
+        size = self.features.shape[0] * kernel * kernel  # named: -1 cannot size 0 pixels
+        return np.ascontiguousarray(patches.transpose(1, 0, 2, 3).reshape(len(rows), size))
 
 
 def _windows(height: int, width: int) -> Iterator[tuple[int, int, int, int]]:

@@ -23,6 +23,9 @@ import os
 import sys
 from typing import Any
 
+from landcover.errors import LandcoverError
+from landcover.reachable import check_tracking_server, is_server_uri
+
 PERMISSIONS = ("READ", "USE", "EDIT", "MANAGE", "NO_PERMISSIONS")
 
 
@@ -90,26 +93,44 @@ def main(argv: list[str] | None = None) -> None:
         if name == "grant":
             sub.add_argument("--permission", required=True, choices=PERMISSIONS)
     args = parser.parse_args(argv)
-    if not args.tracking_uri or not str(args.tracking_uri).startswith("http"):
+    if not is_server_uri(args.tracking_uri):
         parser.error("the team server: --tracking-uri http(s)://... or MLFLOW_TRACKING_URI")
+    if args.command != "add-user" and not (args.experiment or args.model):
+        parser.error("name --experiment and/or --model")
     from mlflow.exceptions import MlflowException
 
     try:
+        check_tracking_server(args.tracking_uri)
         if args.command == "add-user":
-            password = os.environ.get("LANDCOVER_NEW_USER_PASSWORD") or getpass.getpass(
-                f"password for {args.user}: "
-            )
+            password = new_password(args.user)
             _client(args.tracking_uri).create_user(args.user, password)
             print(f"created: {args.user}")
-        elif not (args.experiment or args.model):
-            parser.error("name --experiment and/or --model")
         elif args.command == "grant":
             grant(args.tracking_uri, args.user, args.experiment, args.model, args.permission)
         else:
             show(args.tracking_uri, args.user, args.experiment, args.model)
+    except LandcoverError as err:
+        sys.exit(f"error: {err}")
     except MlflowException as err:
         first = (str(err.message).strip().splitlines() or [err.error_code])[0]
         sys.exit(f"error: {args.tracking_uri} answered {err.error_code}: {first}")
+
+
+def new_password(user: str) -> str:
+    """The new member's password: LANDCOVER_NEW_USER_PASSWORD, or asked at the terminal."""
+    given = os.environ.get("LANDCOVER_NEW_USER_PASSWORD")
+    if given:
+        return given
+    try:
+        password = getpass.getpass(f"password for {user}: ")
+    except EOFError:
+        raise LandcoverError(
+            f"no password for {user}: there is no terminal to ask at; set "
+            "LANDCOVER_NEW_USER_PASSWORD"
+        ) from None
+    if not password:
+        raise LandcoverError(f"an empty password for {user} is refused")
+    return password
 
 
 if __name__ == "__main__":

@@ -83,13 +83,23 @@ function refreshCorrections(edits) {
 
 function buildLegend() {
   const list = $("classes");
-  list.innerHTML = "";
+  list.replaceChildren();
   for (const info of scene.classes) {
     const item = document.createElement("li");
     item.dataset.index = info.index;
     item.className = info.trainable ? "" : "disabled";
-    item.innerHTML = `<span class="swatch" style="background:${info.color}"></span>
-      <span>${info.name}</span> ${info.key ? `<kbd>${info.key}</kbd>` : ""}`;
+    // names and colours come from the model's file: text and a style value, never markup
+    const swatch = document.createElement("span");
+    swatch.className = "swatch";
+    swatch.style.backgroundColor = info.color;
+    const name = document.createElement("span");
+    name.textContent = info.name;
+    item.append(swatch, name);
+    if (info.key) {
+      const key = document.createElement("kbd");
+      key.textContent = info.key;
+      item.append(" ", key);
+    }
     if (info.trainable) item.addEventListener("click", () => selectClass(info.index));
     list.appendChild(item);
   }
