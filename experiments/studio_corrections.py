@@ -35,10 +35,10 @@ from analysis.baselines import patch_pairs, real_data_parser  # noqa: E402
 from landcover.artifacts.tutorial_model import load_schema  # noqa: E402
 from landcover.data.scenes import quiet_georeferencing_warnings  # noqa: E402
 from landcover.predict.writer import class_codes  # noqa: E402
-from landcover.studio.strokes import stroke_area  # noqa: E402
 from landcover.studio.head import Head, SceneFeatures, scene_features  # noqa: E402
 from landcover.studio.retrain import retrain  # noqa: E402
 from landcover.studio.session import Session  # noqa: E402
+from landcover.studio.strokes import stroke_area  # noqa: E402
 
 PATCH = "m_3708035_ne_17_1-2"
 BARREN = 3  # barren + impervious in the 4-class evaluation
@@ -113,9 +113,7 @@ def main() -> int:
             chosen = missed[np.sort(rng.choice(len(missed), min(count, len(missed)), False))]
             for r, c in chosen:
                 session.edits.add(
-                    stroke_area(
-                        "paint", [[c + 0.5, r + 0.5]], 0.5, *truth.shape[::-1]
-                    ),
+                    stroke_area("paint", [[c + 0.5, r + 0.5]], 0.5, *truth.shape[::-1]),
                     int(np.flatnonzero(to_four == BARREN)[0]),
                     author="study",
                     tab="study",

@@ -49,6 +49,7 @@ def command_main(run: str | Callable[[DictConfig], object], config_name: str) ->
             from landcover.config import validate_command_config
 
             cfg = validate_command_config(cfg, config_name)  # before any other check
+            tracking_server_answers(cfg)
             quiet_georeferencing_warnings()
             (imported(run) if isinstance(run, str) else run)(cfg)
 
@@ -74,6 +75,16 @@ def ending_in_one_line(log: logging.Logger) -> Iterator[None]:
             raise
         log.error("%s", refused)
         sys.exit(f"error: {refused}")
+
+
+def tracking_server_answers(cfg: DictConfig) -> None:
+    """A command whose tracking store is a server asks it once, in seconds, before any work:
+    MLflow's own client retries a refused connection for about four minutes."""
+    from omegaconf import OmegaConf
+
+    from landcover.reachable import check_tracking_server
+
+    check_tracking_server(OmegaConf.select(cfg, "tracking.uri", default=None))
 
 
 def discard_run_dir() -> None:
@@ -228,11 +239,11 @@ def quiet_georeferencing_warnings() -> None:
 @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
 def _train_app(cfg: DictConfig) -> float | None:
     from landcover.config import validate_config
-    from landcover.errors import ConfigError
 
     try:
         validate_config(cfg)  # a typo fails in a fraction of a second, before torch loads
-    except ConfigError as err:
+        tracking_server_answers(cfg)
+    except LandcoverError as err:
         discard_run_dir()
         sys.exit(f"error: {err}")
     return imported("landcover.training.train:run_job")(cfg)  # type: ignore[return-value]

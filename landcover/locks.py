@@ -63,11 +63,10 @@ def store_lock(url: str, name: str) -> Iterator[bool]:
     Yields whether a cross-process lock is held (False for stores that have none).
     """
     path = sqlite_path(url)
-    if path is not None:
-        # one lock per database file however its path is spelt (relative, through a link)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path = Path(os.path.realpath(path))
-        url = f"sqlite:///{path}"
+    lock_file = None
+    if path is not None and str(path) not in ("", ":memory:"):
+        lock_file = sqlite_lock_file(path, name)
+        url = f"sqlite:///{lock_file}"
     with _GUARD:
         thread_lock = _THREAD_LOCKS.setdefault(f"{url}#{name}", threading.Lock())
     with thread_lock:
@@ -86,16 +85,30 @@ def store_lock(url: str, name: str) -> Iterator[bool]:
             finally:
                 engine.dispose()
             return
-        if path is None:
+        if lock_file is None:
             yield False
             return
-        suffix = ".lock" if name == "sweep" else f".{name}.lock"
-        with open(f"{path}{suffix}", "a") as handle:
+        with open(lock_file, "a") as handle:
             fcntl.flock(handle, fcntl.LOCK_EX)
             try:
                 yield True
             finally:
                 fcntl.flock(handle, fcntl.LOCK_UN)
+
+
+def sqlite_lock_file(database: Path, name: str) -> Path:
+    """One lock file per database file however it is named: a relative path, a symbolic
+    link or a hard link (another name for the same inode) all give the same lock. The file is
+    created if missing (an empty file is an empty SQLite database), so it always has an
+    identity; the lock sits in its real folder, named by that identity. (Hard links in two
+    different folders get two locks: the lock must sit where every machine sharing the store
+    can see it, which a folder-independent place is not.)"""
+    database.parent.mkdir(parents=True, exist_ok=True)
+    real = Path(os.path.realpath(database))
+    with open(real, "a"):
+        pass
+    identity = os.stat(real)
+    return real.parent / f".{real.suffix.lstrip('.') or 'db'}-{identity.st_ino}.{name}.lock"
 
 
 def hold_folder(folder: Path, name: str, busy: str, detail: str = "") -> int:

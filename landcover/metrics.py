@@ -8,6 +8,7 @@ processes (DDP ranks) gives exactly the single-process result.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Sequence
 from dataclasses import dataclass
 
@@ -63,7 +64,7 @@ class Scores:
             f"{prefix}kappa": self.kappa,
         }
         for index in scored:
-            name = class_names[index]
+            name = metric_safe(class_names[index])
             for key, values in zip(
                 PER_CLASS, (self.iou, self.f1, self.precision, self.recall), strict=True
             ):
@@ -73,6 +74,15 @@ class Scores:
 
 
 PER_CLASS = ("iou", "f1", "precision", "recall")
+_NOT_IN_METRIC_NAMES = re.compile(r"[^A-Za-z0-9_\-. :/]")
+
+
+def metric_safe(class_name: str) -> str:
+    """A class name as MLflow accepts it in a metric name (alphanumerics, `_-. :/`): a model
+    file's names are anyone's text, and one odd character refused the whole batch."""
+    return _NOT_IN_METRIC_NAMES.sub("_", class_name)[:200]
+
+
 OVERALL = ("overall_accuracy", "mIoU", "kappa")
 
 

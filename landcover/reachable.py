@@ -17,7 +17,7 @@ from landcover.errors import LandcoverError
 TIMEOUT_SECONDS = 5.0
 
 
-class TrackingServerDown(LandcoverError):
+class TrackingServerDownError(LandcoverError):
     """The tracking server named by a command does not answer."""
 
 
@@ -27,14 +27,14 @@ def is_server_uri(uri: str | None) -> bool:
 
 
 def check_tracking_server(uri: str | None, timeout: float = TIMEOUT_SECONDS) -> None:
-    """Raise TrackingServerDown unless the server at `uri` answers at all (any HTTP status
+    """Raise TrackingServerDownError unless the server at `uri` answers at all (any HTTP status
     counts: a 401 is a server that is up). Stores that are not servers pass unasked."""
     if not is_server_uri(uri):
         return
     assert uri is not None
     parts = urllib.parse.urlsplit(uri)
     if not parts.hostname:
-        raise TrackingServerDown(f"tracking URI {uri!r} names no host")
+        raise TrackingServerDownError(f"tracking URI {uri!r} names no host")
     probe = urllib.parse.urlunsplit((parts.scheme, parts.netloc, "/health", "", ""))
     try:
         with urllib.request.urlopen(probe, timeout=timeout):
@@ -43,7 +43,7 @@ def check_tracking_server(uri: str | None, timeout: float = TIMEOUT_SECONDS) -> 
         return  # it answered
     except (OSError, ValueError) as err:  # refused, unreachable, timed out, a bad URL
         reason = getattr(err, "reason", err)
-        raise TrackingServerDown(
+        raise TrackingServerDownError(
             f"the tracking server {uri} does not answer ({reason}): start it, or name another "
             "with --tracking-uri / MLFLOW_TRACKING_URI"
         ) from None

@@ -472,22 +472,24 @@ def test_a_temporary_file_of_a_killed_save_is_removed_by_the_next(tmp_path):
 
 def test_the_store_lock_is_one_however_the_path_is_spelt(tmp_path):
     """The same SQLite file named through a link took another lock (two registry versions
-    for one run in 2 of 5 rounds)."""
+    for one run in 2 of 5 rounds); through a hard link, under another name, it still did
+    (2 versions once in 3 rounds, issue 33)."""
     import fcntl
 
-    from landcover.locks import store_lock
+    from landcover.locks import sqlite_lock_file, store_lock
 
     real = tmp_path / "store" / "mlflow.db"
     real.parent.mkdir()
     real.touch()
     (tmp_path / "team.db").symlink_to(real)  # another name for the same database file
-    linked = f"sqlite:///{tmp_path / 'team.db'}"
-    with (
-        store_lock(linked, "registry"),
-        open(f"{real}.registry.lock", "a") as handle,
-        pytest.raises(BlockingIOError),
-    ):
-        fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    os.link(real, real.parent / "other-name.db")  # and a hard link: a third name
+    for other in (tmp_path / "team.db", real.parent / "other-name.db"):
+        with (
+            store_lock(f"sqlite:///{other}", "registry"),
+            open(sqlite_lock_file(real, "registry"), "a") as handle,
+            pytest.raises(BlockingIOError),
+        ):
+            fcntl.flock(handle, fcntl.LOCK_EX | fcntl.LOCK_NB)
 
 
 def test_a_diverging_training_is_one_line(tmp_path, tiny_synthetic):
@@ -542,14 +544,16 @@ def test_the_compile_cache_keeps_to_its_size_oldest_use_first(tmp_path, monkeypa
     monkeypatch.setenv("LANDCOVER_CACHE_DIR", str(tmp_path))
     folder = tmp_path / "compiled"
     (folder / "sources").mkdir(parents=True)
-    for age, name in enumerate(["new", "middle", "old"]):
+    names = {"new": "0" * 32, "middle": "1" * 32, "old": "2" * 32}  # as model_key names them
+    for age, name in enumerate(names.values()):
         graph = folder / f"{name}.onnx"
         graph.write_bytes(b"\0" * 1_000_000)
         os.utime(graph, (1e9 - age * 1000, 1e9))  # last used: new, middle, old
         (folder / "sources" / f"{name}.json").write_text(json.dumps({"graph": graph.name}))
     assert prune(limit=2_100_000) == (1, 1_000_000)
-    assert sorted(p.name for p in folder.glob("*.onnx")) == ["middle.onnx", "new.onnx"]
-    assert sorted(p.name for p in (folder / "sources").iterdir()) == ["middle.json", "new.json"]
+    kept = sorted(p.stem for p in folder.glob("*.onnx"))
+    assert kept == sorted([names["middle"], names["new"]])
+    assert sorted(p.stem for p in (folder / "sources").iterdir()) == kept
     main(["prune", "--max-mb", "0"])
     assert not list(folder.glob("*.onnx")) and not list((folder / "sources").iterdir())
 

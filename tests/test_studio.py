@@ -32,10 +32,10 @@ from landcover.studio.access import AccessError, TeamCredentials, check_bind
 from landcover.studio.adapt import fit_head
 from landcover.studio.app import hold_session
 from landcover.studio.edits import EditError, EditLog
-from landcover.studio.strokes import Area, stroke_area
 from landcover.studio.head import MIN_CONTEXT, HeadError, find_head_conv, scene_features
 from landcover.studio.retrain import close_orphaned_runs, retrain
 from landcover.studio.session import Session, StudioError
+from landcover.studio.strokes import Area, stroke_area
 from tests.conftest import compose_config
 from tests.test_faults import tiny_model_checkpoint
 
@@ -362,7 +362,9 @@ def test_a_run_left_running_by_a_killed_studio_is_closed_failed(session, tmp_pat
 
 
 def test_corrections_are_a_data_source_alone_and_over_the_labels(session):
-    session.edits.add(drawn(session.edits, "paint", [[20, 20], [60, 20]], 3), 3, author="a", tab="a")
+    session.edits.add(
+        drawn(session.edits, "paint", [[20, 20], [60, 20]], 3), 3, author="a", tab="a"
+    )
     corrected = int((session.corrections_as_indices() != IGNORE_INDEX).sum())
     for name, csv_name in (("corrections", "scenes.csv"), ("corrections_mixed", "mixed.csv")):
         cfg = compose_config("train", f"data={name}", f"data.root={session.folder}")
@@ -477,7 +479,10 @@ def test_a_large_scene_is_corrected_one_window_at_a_time_on_its_own_grid(
 
     session = Session.open(cut, str(model), folder, tracking(tmp_path), labels=cut_labels)
     session.edits.add(
-        drawn(session.edits, "polygon", [[5, 5], [6, 5], [6, 6], [5, 6]], 0), 1, author="ann", tab="a"
+        drawn(session.edits, "polygon", [[5, 5], [6, 5], [6, 6], [5, 6]], 0),
+        1,
+        author="ann",
+        tab="a",
     )
     with rasterio.open(session.edits.raster) as corrections, rasterio.open(image) as src:
         painted = np.argwhere(corrections.read(1) != session.edits.nodata)
@@ -536,3 +541,45 @@ def test_correcting_the_2018_networks_missed_road_on_a_real_patch(shared, tmp_pa
 def labels_of_patch(image: Path) -> np.ndarray:
     with rasterio.open(str(image).replace("_naip-old", "_lc")) as src:
         return src.read(1)
+
+
+def _append_then_die(folder: str, image: str, model: str, acknowledged: str) -> None:
+    """Append strokes, say each one is saved, then die mid-transaction as kill -9 leaves
+    it: the database file already changed, its rollback journal (hot) beside it."""
+    import os
+    import signal
+    import sqlite3
+
+    log = EditLog(Path(folder), Path(image), schema_of(Path(model)))
+    for step in range(5):
+        log.add(drawn(log, "paint", [[5 + 9 * step, 30]], 3), 1, author="a", tab="a")
+        with open(acknowledged, "a") as out:
+            out.write(f"{step}\n")
+    db = sqlite3.connect(log.gpkg, isolation_level=None)
+    db.execute("PRAGMA cache_size = 1")  # spill to the file before the commit
+    db.execute("BEGIN")
+    db.execute("CREATE TABLE torn (junk BLOB)")
+    for _ in range(200):
+        db.execute("INSERT INTO torn VALUES (randomblob(4096))")
+    os.kill(os.getpid(), signal.SIGKILL)
+
+
+def test_a_studio_killed_mid_append_reopens_with_every_acknowledged_stroke(scene, tmp_path):
+    """Before: a kill -9 during an edit left edits.gpkg-journal, and every restart failed
+    with "attempt to write a readonly database" (the log was read read-only)."""
+    import multiprocessing
+
+    image, _, model = scene
+    acknowledged = tmp_path / "acknowledged.txt"
+    child = multiprocessing.get_context("spawn").Process(
+        target=_append_then_die, args=(str(tmp_path), str(image), str(model), str(acknowledged))
+    )
+    child.start()
+    child.join(120)
+    assert child.exitcode == -9
+    assert (tmp_path / "edits.gpkg-journal").exists()  # the hot journal a kill leaves
+    log = EditLog(tmp_path, image, schema_of(model))
+    assert len(log.active()) == len(acknowledged.read_text().split()) == 5
+    assert not (tmp_path / "edits.gpkg-journal").exists()
+    log.add(drawn(log, "paint", [[80, 80]], 3), 2, author="a", tab="a")  # and it writes again
+    assert len(log.active()) == 6

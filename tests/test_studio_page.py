@@ -58,6 +58,8 @@ class Studio:
     printed: str
     token: str
     process: subprocess.Popen
+    session: Path
+    log: Path
 
     @property
     def headers(self) -> dict[str, str]:
@@ -80,12 +82,11 @@ def studio(scene, folder: Path, port: int, *extra: str) -> Iterator[Studio]:
     session = folder / "session"
     command = studio_command(scene, port, session, f"sqlite:///{folder}/mlflow.db", *extra)
     url = f"http://{HOST}:{port}"
-    with running(command, f"{url}/health", folder / f"studio-{port}.log", {}, wait_s=120) as p:
-        deadline = time.monotonic() + 30
-        while not (session / ".studio.json").exists() and time.monotonic() < deadline:
-            time.sleep(0.1)
-        info = studio_info(session)
-        yield Studio(url, info["url"], info["token"], p)
+    log = folder / f"studio-{port}.log"
+    with running(command, f"{url}/health", log, {}, wait_s=120) as p:
+        # written before the server starts listening (a studio before issue 33 wrote none)
+        info = studio_info(session) if (session / ".studio.json").exists() else {}
+        yield Studio(url, info.get("url", url), info.get("token", ""), p, session, log)
 
 
 def largest_pond(image: Path) -> tuple[list[tuple[float, float]], np.ndarray]:
@@ -161,7 +162,7 @@ def test_paint_a_region_retrain_and_see_the_map_change_in_chromium(scene, tmp_pa
         page.screenshot(path=str(painted))
 
         page.keyboard.press("r")
-        page.wait_for_function("document.body.dataset.version !== 'base'", timeout=90_000)
+        page.wait_for_selector("body:not([data-version='base'])", timeout=90_000)
         page.get_by_label("corrections").uncheck()  # the map alone, not the painted overlay
         page.wait_for_load_state("networkidle")
         time.sleep(0.8)  # tiles fade in
@@ -169,7 +170,7 @@ def test_paint_a_region_retrain_and_see_the_map_change_in_chromium(scene, tmp_pa
         page.screenshot(path=str(after))
         status = page.inner_text("#status")
         page.click("#undo-retrain")  # back to the model the session started from
-        page.wait_for_function("document.body.dataset.version === 'base'", timeout=30_000)
+        page.wait_for_selector("body[data-version='base']", timeout=30_000)
         assert app.get("/api/scene")["current"] == 0
         browser.close()
 
@@ -252,6 +253,21 @@ def ask(url: str, user: str | None = None, password: str = "", payload: dict | N
         return err.code, None
 
 
+def ask_raw(url: str, user: str, password: str) -> tuple[int, str]:
+    """(status, body text) of a GET with basic credentials."""
+    import base64
+    import urllib.error
+    import urllib.request
+
+    token = base64.b64encode(f"{user}:{password}".encode()).decode()
+    request = urllib.request.Request(url, headers={"Authorization": f"Basic {token}"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as r:
+            return r.status, r.read().decode()
+    except urllib.error.HTTPError as err:
+        return err.code, err.read().decode()
+
+
 @pytest.mark.slow
 def test_a_shared_studio_lets_in_team_members_only_and_records_who_edited(
     scene, tmp_path, monkeypatch
@@ -269,7 +285,8 @@ def test_a_shared_studio_lets_in_team_members_only_and_records_who_edited(
 
     members = {"ann": "ann-password-1", "operator": "operator-password-1"}
     (tmp_path / "team").mkdir()
-    with basic_auth_server(tmp_path / "team", members) as (server, _):
+    with contextlib.ExitStack() as team, contextlib.ExitStack() as shared:
+        server, _ = team.enter_context(basic_auth_server(tmp_path / "team", members))
         port = free_port()
         command = studio_command(
             scene, port, tmp_path / "session", server, "--host", "0.0.0.0", "--allow-remote"
@@ -279,24 +296,50 @@ def test_a_shared_studio_lets_in_team_members_only_and_records_who_edited(
             "MLFLOW_TRACKING_PASSWORD": members["operator"],
         }
         url = f"http://{HOST}:{port}"
-        with running(command, f"{url}/health", tmp_path / "studio.log", operator, wait_s=120):
-            assert ask(f"{url}/api/scene")[0] == 401  # the browser then asks for credentials
-            assert ask(f"{url}/api/scene", "ann", "guess")[0] == 401
-            status, state = ask(f"{url}/api/scene", "ann", members["ann"])
-            assert status == 200 and state["author"] == "ann"
-            stroke = {
-                "kind": "paint",
-                "points": [[20, 20], [60, 20]],
-                "radius": 3,
-                "class_index": 0,
-                "tab": "t",
-            }
-            assert ask(f"{url}/api/edits", "ann", members["ann"], stroke)[0] == 200
-            status, answer = ask(f"{url}/api/retrain", "ann", members["ann"], {})
-            assert status == 200, (tmp_path / "studio.log").read_text()[-3000:]
+        shared.enter_context(
+            running(command, f"{url}/health", tmp_path / "studio.log", operator, wait_s=120)
+        )
+        assert ask(f"{url}/api/scene")[0] == 401  # the browser then asks for credentials
+        assert ask(f"{url}/api/scene", "ann", "guess")[0] == 401
+        status, state = ask(f"{url}/api/scene", "ann", members["ann"])
+        assert status == 200 and state["author"] == "ann"
+        stroke = {
+            "kind": "paint",
+            "points": [[20, 20], [60, 20]],
+            "radius": 3,
+            "class_index": 0,
+            "tab": "t",
+        }
+        assert ask(f"{url}/api/edits", "ann", members["ann"], stroke)[0] == 200
+        status, answer = ask(f"{url}/api/retrain", "ann", members["ann"], {})
+        assert status == 200, (tmp_path / "studio.log").read_text()[-3000:]
+
+        # ten wrong logins as the admin (whose password hash is the server's costly default)
+        # while ann works: before, each check blocked the event loop and she waited 9.7 s
+        guesses = [
+            threading.Thread(target=ask, args=(f"{url}/api/scene", "admin", f"guess-{i}"))
+            for i in range(10)
+        ]
+        for guess in guesses:
+            guess.start()
+        time.sleep(0.3)
+        began = time.perf_counter()
+        assert ask(f"{url}/api/scene", "ann", members["ann"])[0] == 200
+        ann_waited = time.perf_counter() - began
+        for guess in guesses:
+            guess.join(120)
         for key, value in operator.items():  # read the record back as the operator
             monkeypatch.setenv(key, value)
         run = MlflowClient(server).get_run(answer["version"]["run_id"])
+
+        team.close()  # the team server goes down while the studio runs
+        began = time.perf_counter()
+        status, refusal = ask_raw(f"{url}/api/scene", "newcomer", "pw")
+        down_after = time.perf_counter() - began
+    print(f"ann waited {ann_waited:.2f} s during 10 wrong logins; down: {down_after:.1f} s")
+    assert ann_waited < 1.0
+    assert status == 503 and "does not answer" in refusal and down_after < 15
+    assert "Traceback" not in (tmp_path / "studio.log").read_text()
     assert run.info.status == "FINISHED" and run.info.user_id == "operator"
     assert run.data.tags["landcover.studio.author"] == "ann"  # the member who asked for it
     rows = EditLog(tmp_path / "session", image, artifacts.load(str(model)).schema).rows()

@@ -162,9 +162,13 @@ def _run_in_folder(
             summary.run_id = _record_job(cfg, spec, summary, done, folder_mode, system)
     if summary.failed:
         lines = [f"  {shown(row.input)}: {row.error}" for row in summary.failed]
+        where = (  # a single file's job keeps no manifest: name none
+            f"see {folder}/manifest.csv; re-run the same command to retry them"
+            if folder_mode
+            else "re-run the same command to retry"
+        )
         raise MappingFailedError(
-            f"{len(summary.failed)} of {len(inputs)} inputs failed (see {folder}/manifest.csv; "
-            "re-run the same command to retry them):\n" + "\n".join(lines)
+            f"{len(summary.failed)} of {len(inputs)} inputs failed ({where}):\n" + "\n".join(lines)
         )
     log.info(
         "job done: %d mapped, %d skipped in %.1f s; %s",

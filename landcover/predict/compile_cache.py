@@ -23,19 +23,25 @@ import hashlib
 import importlib.metadata
 import json
 import logging
+import math
 import os
+import re
+import sys
 import time
 from pathlib import Path
 
 import numpy as np
 
 from landcover.artifacts.reference import LoadedModel
+from landcover.errors import LandcoverError
 
 log = logging.getLogger("landcover.cache")
 
 MAX_MB_ENV = "LANDCOVER_CACHE_MAX_MB"
 DEFAULT_MAX_MB = 2048
 GRAPH_SUFFIXES = (".onnx", ".xml", ".bin", ".blob")
+GRAPH_NAME = re.compile(r"^[0-9a-f]{32}\.(onnx|xml|bin|blob)$")  # model_key + suffix
+MAX_LIMIT_MB = 1e9  # a petabyte: anything larger is a typing slip
 OPSET = 17
 TOLERANCE = 1e-3  # max |compiled - PyTorch| logit difference accepted, as landcover-export
 
@@ -46,15 +52,50 @@ def cache_dir() -> Path:
     return Path(root) / "compiled"
 
 
+class CacheError(LandcoverError):
+    """A size limit that is not a size, or a cache folder that is not the cache's own."""
+
+
+def megabytes(text: str, source: str) -> int:
+    """`text` (MB, a finite number >= 0) in bytes, or one CacheError naming `source`."""
+    try:
+        value = float(text)
+    except (TypeError, ValueError):
+        value = math.nan
+    if not math.isfinite(value) or value < 0 or value > MAX_LIMIT_MB:
+        raise CacheError(
+            f"{source}={text!r}: the cache's size limit is a number of MB from 0 to "
+            f"{MAX_LIMIT_MB:.0e} (0 empties it)"
+        )
+    return int(value * 1e6)
+
+
 def max_bytes() -> int:
     """The cache's size limit."""
-    return int(float(os.environ.get(MAX_MB_ENV, DEFAULT_MAX_MB)) * 1e6)
+    return megabytes(os.environ.get(MAX_MB_ENV, str(DEFAULT_MAX_MB)), MAX_MB_ENV)
 
 
 def graphs(folder: Path) -> list[Path]:
-    """Compiled graphs, least recently used first (a use sets the file's access time)."""
-    found = [p for p in folder.glob("*") if p.is_file() and p.suffix in GRAPH_SUFFIXES]
+    """Compiled graphs, least recently used first (a use sets the file's access time). Only
+    files named as the cache names them (a model key and a graph suffix), never a link: a
+    file the cache did not write is never counted, let alone removed."""
+    found = [
+        p
+        for p in folder.glob("*")
+        if GRAPH_NAME.match(p.name) and not p.is_symlink() and p.is_file()
+    ]
     return sorted(found, key=lambda p: p.stat().st_atime)
+
+
+def own_folder(folder: Path) -> Path:
+    """The cache folder, refused when it is a link: pruning through a link would remove files
+    of wherever it points (name the cache's place with LANDCOVER_CACHE_DIR instead)."""
+    if folder.is_symlink():
+        raise CacheError(
+            f"{folder} is a link (to {os.readlink(folder)}): the cache prunes only a folder of "
+            "its own; set LANDCOVER_CACHE_DIR to where the cache should live"
+        )
+    return folder
 
 
 def touch(graph: Path) -> None:
@@ -67,7 +108,7 @@ def touch(graph: Path) -> None:
 def prune(limit: int | None = None, folder: Path | None = None) -> tuple[int, int]:
     """Remove least recently used graphs until the cache holds at most `limit` bytes; returns
     (graphs removed, bytes freed). Records of removed graphs go too."""
-    folder = folder or cache_dir()
+    folder = own_folder(folder or cache_dir())
     limit = max_bytes() if limit is None else limit
     if not folder.is_dir():
         return 0, 0
@@ -204,10 +245,18 @@ def main(argv: list[str] | None = None) -> None:
     commands = parser.add_subparsers(dest="command", required=True)
     commands.add_parser("show", help="where the cache is and what it holds")
     prune_parser = commands.add_parser("prune", help="cut the cache back to a size")
-    prune_parser.add_argument("--max-mb", type=float, default=None, help="0 empties it")
+    prune_parser.add_argument("--max-mb", default=None, help="0 empties it")
     args = parser.parse_args(argv)
     folder = cache_dir()
-    if args.command == "show":
+    try:
+        limit = None if args.max_mb is None else megabytes(args.max_mb, "--max-mb")
+        _run(args.command, folder, limit)
+    except LandcoverError as err:
+        sys.exit(f"error: {err}")
+
+
+def _run(command: str, folder: Path, limit: int | None) -> None:
+    if command == "show":
         found = graphs(folder) if folder.is_dir() else []
         size = sum(p.stat().st_size for p in found)
         print(
@@ -215,7 +264,6 @@ def main(argv: list[str] | None = None) -> None:
             f"(limit {max_bytes() / 1e6:.0f} MB, {MAX_MB_ENV})"
         )
         return
-    limit = None if args.max_mb is None else int(args.max_mb * 1e6)
     count, freed = prune(limit, folder)
     print(f"{folder}: {count} graph(s) removed, {freed / 1e6:.1f} MB freed")
 

@@ -31,7 +31,7 @@ class AccessError(LandcoverError):
     """The studio will not listen where it was asked to."""
 
 
-class TeamServerDown(LandcoverError):
+class TeamServerDownError(LandcoverError):
     """The team server did not answer: nobody can be signed in until it does (HTTP 503)."""
 
 
@@ -97,7 +97,7 @@ class TeamCredentials:
 
     def _server_accepts(self, authorization: str) -> bool:
         """Called from a worker thread (never the event loop: a slow check must not hold
-        other members' requests); a server that does not answer is TeamServerDown."""
+        other members' requests); a server that does not answer is TeamServerDownError."""
         request = urllib.request.Request(
             self.server + CHECK_PATH, headers={"Authorization": authorization}
         )
@@ -106,13 +106,13 @@ class TeamCredentials:
                 return answer.status == 200
         except urllib.error.HTTPError as err:
             if err.code >= 500:
-                raise TeamServerDown(
+                raise TeamServerDownError(
                     f"the team server {self.server} cannot check sign-ins (HTTP {err.code})"
                 ) from None
             return False
         except (OSError, ValueError) as err:
             reason = getattr(err, "reason", err)
-            raise TeamServerDown(
+            raise TeamServerDownError(
                 f"the team server {self.server} does not answer ({reason}): sign-in is "
                 "impossible until it does"
             ) from None

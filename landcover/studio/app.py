@@ -72,7 +72,7 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
     """The page, its tiles and its API over one open session."""
     from landcover.predict.writer import colormap
     from landcover.studio import tiles
-    from landcover.studio.access import TeamCredentials, TeamServerDown
+    from landcover.studio.access import TeamCredentials, TeamServerDownError
     from landcover.studio.bodies import EditBody, EmptyBody, UndoBody, parse
     from landcover.studio.gate import OPEN_PATHS, Gate
     from landcover.studio.retrain import retrain
@@ -108,7 +108,7 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
         if team is not None:
             try:
                 member = await run_in_threadpool(team.member, headers.get("authorization"))
-            except TeamServerDown as err:
+            except TeamServerDownError as err:
                 return refused(503, str(err))
             if member is None:
                 return Response(
@@ -391,8 +391,8 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     try:
         from landcover.data.scenes import quiet_georeferencing_warnings
-        from landcover.studio.access import check_bind
         from landcover.reachable import check_tracking_server
+        from landcover.studio.access import check_bind
         from landcover.studio.gate import Gate
         from landcover.studio.retrain import close_orphaned_runs
         from landcover.studio.session import Session

@@ -12,8 +12,8 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from landcover.errors import LandcoverError
-from landcover.studio.strokes import MAX_POINTS
 from landcover.studio.gate import MAX_BODY
+from landcover.studio.strokes import MAX_POINTS
 
 
 class BodyError(LandcoverError):

@@ -19,7 +19,7 @@ import fcntl
 import threading
 import uuid
 import warnings
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -29,12 +29,11 @@ import numpy as np
 import rasterio
 import shapely
 from affine import Affine
-from rasterio.features import rasterize, shapes
+from rasterio.features import shapes
 from shapely.geometry import shape
 
 from landcover.atomic import naming_full_disk
 from landcover.data.schema import ClassSchema, hex_to_rgb
-from landcover.errors import LandcoverError
 from landcover.studio.strokes import Area, EditError, area_of
 
 if TYPE_CHECKING:

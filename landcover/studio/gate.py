@@ -40,6 +40,7 @@ class Gate:
 
     @property
     def cookie(self) -> str:
+        """The cookie's name: one per port (cookies are shared by every port of a host)."""
         return COOKIE.format(port=self.port)
 
     def url(self) -> str:
@@ -82,9 +83,7 @@ class Gate:
             return f"a request from {origin!r} is refused"
         return None
 
-    def body_refusal(
-        self, method: str, headers: dict[str, str]
-    ) -> tuple[int, str] | None:
+    def body_refusal(self, method: str, headers: dict[str, str]) -> tuple[int, str] | None:
         """(status, reason) for a body the API will not read, or None: JSON only (a
         cross-site form or text/plain POST is then impossible without the browser asking
         first), and at most MAX_BODY bytes."""
@@ -114,7 +113,9 @@ class Gate:
         the running studio's address and token, as Jupyter's runtime files do."""
         path = folder / INFO_FILE
         temporary = path.with_name(f"{INFO_FILE}.{os.getpid()}.tmp")
-        descriptor = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+        descriptor = os.open(
+            temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600
+        )
         with os.fdopen(descriptor, "w") as out:
             json.dump({"url": self.url(), "token": self.token, "pid": os.getpid()}, out)
         os.replace(temporary, path)

@@ -44,6 +44,7 @@ class Area:
 
     @property
     def pixels(self) -> int:
+        """How many pixels the stroke covers."""
         return int(self.mask.sum())
 
     def full(self, height: int, width: int) -> np.ndarray:

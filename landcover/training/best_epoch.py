@@ -9,6 +9,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from landcover.metrics import metric_safe
 from landcover.tracking.figures import (
     confusion_matrix_figure,
     learning_curves_figure,
@@ -62,7 +63,9 @@ def log_best_epoch(trainer: Trainer) -> None:
     )
     at_best = next((h for h in state.history if h["epoch"] == state.best_epoch), {})
     scores = {
-        metric: {name: at_best.get(f"val/{metric.lower()}_{name}", 0.0) for name in names}
+        metric: {
+            name: at_best.get(f"val/{metric.lower()}_{metric_safe(name)}", 0.0) for name in names
+        }
         for metric in ("IoU", "F1")
     }
     trainer.tracker.log_figure(
