@@ -268,3 +268,17 @@ def test_landcover_serve_leaves_no_model_copy_and_refuses_lying_metadata_in_one_
     line = one_line(done.stderr)
     assert done.returncode != 0 and "bands = 3000000" in line, line
     assert not list(scratch.glob("landcover-serve-*"))  # its own copy and the dead one's
+
+
+def test_a_studio_session_folder_that_is_not_utf8_is_one_line(tmp_path):
+    """Before: a session folder named in Latin-1 was a UnicodeEncodeError traceback from
+    rasterio's writer, with the folder left behind."""
+    image = random_raster(tmp_path / "scene.tif", 64)
+    session = os.fsdecode(bytes(tmp_path) + b"/sess-\xe9t\xe9")
+    done, _ = run(
+        [str(BIN / "landcover-studio"), str(image), "--model",
+         str(tiny_model_checkpoint(tmp_path)), "--session", session],
+        tmp_path,
+    )  # fmt: skip
+    assert done.returncode != 0 and "not UTF-8" in one_line(done.stderr)
+    assert not os.path.exists(session)

@@ -14,7 +14,7 @@ from pathlib import Path
 PACKAGE = Path(__file__).resolve().parents[1] / "landcover"
 # the layers, lowest first: a module may import its own layer and those below
 LAYERS = [
-    ("errors", "paths", "ranks", "atomic", "locks", "upgrade"),
+    ("errors", "paths", "ranks", "atomic", "locks", "reachable", "upgrade"),
     # what a model is made of and how a run is set up
     ("data", "models", "metrics", "predict.prior", "config", "cluster", "training.distributed"),
     ("runtime", "tracking.system_metrics"),

@@ -402,6 +402,8 @@ def main(argv: list[str] | None = None) -> None:
         check_tracking_server(args.tracking_uri)
         if not args.image.is_file():
             raise LandcoverError(f"{args.image}: no such image file")
+        for what, path in (("image", args.image), ("session folder", args.session)):
+            readable_by_gdal(what, path.absolute())
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
@@ -438,6 +440,18 @@ def main(argv: list[str] | None = None) -> None:
     finally:
         info.unlink(missing_ok=True)
         os.close(held)
+
+
+def readable_by_gdal(what: str, path: Path) -> None:
+    """GDAL, which reads the scene and writes the session's rasters, takes UTF-8 paths only: a
+    name in another encoding is one line here, not a traceback from deep inside a write."""
+    try:
+        str(path).encode("utf-8")
+    except UnicodeEncodeError:
+        raise LandcoverError(
+            f"{os.fsencode(path)!r}: the {what}'s path is not UTF-8, which GDAL cannot open; "
+            "rename it or choose another --session"
+        ) from None
 
 
 def hold_session(folder: Path, port: int) -> int:
