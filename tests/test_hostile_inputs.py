@@ -163,6 +163,7 @@ def dead_server() -> str:
     return f"http://127.0.0.1:{free_port()}"
 
 
+@pytest.mark.slow  # starts a command that loads torch
 def test_a_command_needing_a_down_tracking_server_says_so_in_seconds(tmp_path):
     """Before: landcover-team took 252 s to say "INTERNAL_ERROR"; landcover-predict with a run
     id and a studio against a down team server failed after about 260 s."""
@@ -197,6 +198,7 @@ def test_a_command_needing_a_down_tracking_server_says_so_in_seconds(tmp_path):
         assert "INTERNAL_ERROR" not in done.stderr
 
 
+@pytest.mark.slow  # starts a command that loads torch
 def test_landcover_team_refuses_a_wrong_scheme_and_a_closed_stdin_in_one_line(tmp_path):
     """Before: `httpfoo://` was taken for a server, and add-user with stdin closed ended in
     an EOFError traceback."""
@@ -214,6 +216,7 @@ def test_landcover_team_refuses_a_wrong_scheme_and_a_closed_stdin_in_one_line(tm
     assert done.returncode != 0 and "LANDCOVER_NEW_USER_PASSWORD" in one_line(done.stderr)
 
 
+@pytest.mark.slow  # starts a command that loads torch
 def test_a_single_file_failure_names_no_manifest(tmp_path):
     """Before: mapping one file that failed said "see <folder>/manifest.csv", a file a single
     map never writes."""
@@ -270,6 +273,7 @@ def test_landcover_serve_leaves_no_model_copy_and_refuses_lying_metadata_in_one_
     assert not list(scratch.glob("landcover-serve-*"))  # its own copy and the dead one's
 
 
+@pytest.mark.slow  # starts a command that loads torch
 def test_a_studio_session_folder_that_is_not_utf8_is_one_line(tmp_path):
     """Before: a session folder named in Latin-1 was a UnicodeEncodeError traceback from
     rasterio's writer, with the folder left behind."""

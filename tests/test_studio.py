@@ -583,3 +583,42 @@ def test_a_studio_killed_mid_append_reopens_with_every_acknowledged_stroke(scene
     assert not (tmp_path / "edits.gpkg-journal").exists()
     log.add(drawn(log, "paint", [[80, 80]], 3), 2, author="a", tab="a")  # and it writes again
     assert len(log.active()) == 6
+
+
+def test_the_gate_lets_in_the_studios_own_page_only():
+    """The rules behind the attack tests (tests/test_studio_attacks.py), case by case."""
+    from landcover.studio.gate import Gate
+
+    local = Gate("127.0.0.1", 8765, team=False)
+    assert local.url().endswith(f"/?token={local.token}")
+    for host in ("127.0.0.1:8765", "localhost:8765", "[::1]:8765"):
+        assert local.host_refusal(host) is None
+    for host in ("evil.example:8765", "127.0.0.1:9999", "", "127.0.0.1"):
+        assert local.host_refusal(host)
+    post = "POST"
+    mine = {"origin": "http://127.0.0.1:8765", "host": "127.0.0.1:8765"}
+    assert local.origin_refusal(post, mine) is None
+    assert local.origin_refusal(post, {}) is None  # curl: judged by its token
+    for origin in (
+        "http://127.0.0.2:8000",
+        "null",
+        "http://localhost:8766",
+        "https://127.0.0.1:8765",
+    ):
+        assert local.origin_refusal(post, {**mine, "origin": origin}), origin
+    assert local.origin_refusal(post, {**mine, "sec-fetch-site": "cross-site"})
+    assert local.origin_refusal("GET", {"origin": "http://evil.example"}) is None
+    json_body = {"content-type": "application/json; charset=utf-8", "content-length": "20"}
+    assert local.body_refusal(post, json_body) is None
+    assert local.body_refusal(post, {"content-type": "text/plain"})[0] == 415
+    assert local.body_refusal(post, {**json_body, "content-length": str(10**9)})[0] == 413
+    assert local.token_matches({"x-landcover-token": local.token}, {})
+    assert local.token_matches({}, {local.cookie: local.token})
+    assert not local.token_matches({"x-landcover-token": "guess"}, {})
+    assert not local.token_matches({}, {})
+
+    team = Gate("0.0.0.0", 8765, team=True)
+    assert team.host_refusal("studio.lab.example") is None  # signed in instead
+    proxied = {"origin": "https://studio.lab.example", "host": "studio.lab.example"}
+    assert team.origin_refusal(post, proxied) is None  # behind a TLS proxy
+    assert team.origin_refusal(post, {**proxied, "origin": "https://evil.example"})
