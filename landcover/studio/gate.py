@@ -75,8 +75,8 @@ class Gate:
             same = scheme in ("http", "https") and netloc == headers.get("host")
         else:
             name, port = split_host(netloc)
-            same = scheme == "http" and port == self.port and (
-                is_loopback(name) or name == self.host
+            same = (
+                scheme == "http" and port == self.port and (is_loopback(name) or name == self.host)
             )
         return None if same else f"a request from {origin!r} is refused"
 
