@@ -375,7 +375,20 @@ class ExportCommandConfig:
     output: str
     opset: int
     tolerance: float
+    min_agreement: float
     log_to_mlflow: bool
+    tracking: TrackingConfig
+
+
+@dataclass
+class PackageCommandConfig:
+    """landcover-package."""
+
+    model: str
+    output: str
+    name: str | None
+    tile: int
+    resolution_cm: float
     tracking: TrackingConfig
 
 
@@ -431,6 +444,7 @@ COMMAND_SCHEMAS: dict[str, type] = {
     "predict": PredictCommandConfig,
     "evaluate": EvaluateCommandConfig,
     "export": ExportCommandConfig,
+    "package": PackageCommandConfig,
     "promote": PromoteCommandConfig,
     "import_cntk": ImportCntkCommandConfig,
 }

@@ -10,7 +10,7 @@ from omegaconf import DictConfig
 
 from landcover import artifacts
 from landcover.errors import LandcoverError
-from landcover.interop.onnx import export_onnx, max_abs_difference
+from landcover.interop.onnx import ForwardCheck, export_onnx, onnx_check
 from landcover.predict.writer import check_writable
 from landcover.tracking import runs as tracking
 
@@ -18,7 +18,7 @@ log = logging.getLogger("landcover.export")
 
 
 def log_export(
-    uri: str, run_id: str | None, experiment: str, path: Path, max_abs_diff: float, reference: str
+    uri: str, run_id: str | None, experiment: str, path: Path, check: ForwardCheck, reference: str
 ) -> None:
     """Attach an exported ONNX file to the model's training run (or a run of its own)."""
     mlflow.set_tracking_uri(uri)
@@ -30,11 +30,21 @@ def log_export(
             tags={"landcover.kind": "export", "landcover.model": reference},
         ):
             mlflow.log_artifact(str(path), "onnx")
-            mlflow.log_metric("onnx/max_abs_diff", max_abs_diff)
+            mlflow.log_metrics(check_metrics(check))
         return
     client = mlflow.tracking.MlflowClient(uri)
     client.log_artifact(run_id, str(path), "onnx")
-    client.log_metric(run_id, "onnx/max_abs_diff", max_abs_diff)
+    for key, value in check_metrics(check).items():
+        client.log_metric(run_id, key, value)
+
+
+def check_metrics(check: ForwardCheck) -> dict[str, float]:
+    """The export's check as metrics of the run."""
+    return {
+        "onnx/max_abs_diff": check.max_abs,
+        "onnx/relative_diff": check.relative,
+        "onnx/class_agreement": check.agreement,
+    }
 
 
 def run_export(cfg: DictConfig) -> tuple[Path, float]:
@@ -55,21 +65,21 @@ def run_export(cfg: DictConfig) -> tuple[Path, float]:
         "source_reference": model.reference,
     }
     export_onnx(model.torch_module, metadata, output, opset=int(cfg.opset))
-    difference = max_abs_difference(model.torch_module, output)
-    if difference > float(cfg.tolerance):
+    check = onnx_check(model.torch_module, output)
+    refusal = check.refusal(float(cfg.tolerance), float(cfg.min_agreement))
+    if refusal:
         output.unlink()
         raise LandcoverError(
-            f"ONNX export of {cfg.model} differs from PyTorch by {difference:.2e}"
-            f" (tolerance {cfg.tolerance}); nothing was written"
+            f"ONNX export of {cfg.model} is refused: {refusal}; nothing was written"
         )
-    log.info("wrote %s (max |onnx - torch| = %.2e)", output, difference)
+    log.info("wrote %s (%s)", output, check)
     if cfg.log_to_mlflow:
         log_export(
             cfg.tracking.uri,
             model.source_run_id,
             cfg.tracking.experiment,
             output,
-            difference,
+            check,
             model.reference,
         )
-    return output, difference
+    return output, check.max_abs

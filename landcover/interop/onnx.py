@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
@@ -71,33 +72,79 @@ def export_onnx(
     return path
 
 
-def max_abs_difference(
+RELATIVE_TOLERANCE = 1e-4  # |compiled - PyTorch| / the largest |logit| accepted
+MIN_AGREEMENT = 0.999  # share of the check input's pixels whose class must be PyTorch's
+
+
+@dataclass(frozen=True)
+class ForwardCheck:
+    """How a compiled copy of a model (an ONNX graph, an OpenVINO model) compares with PyTorch
+    on the check input: in the logits' own scale, and in the classes a user sees. An absolute
+    bound (1e-3) refused a normally trained U-Net whose logits reach tens (1.09e-3)."""
+
+    max_abs: float  # largest |compiled - PyTorch| logit difference
+    scale: float  # largest |logit| PyTorch gave
+    agreement: float  # share of pixels whose most probable class is the same
+
+    @property
+    def relative(self) -> float:
+        """The largest difference in units of the largest logit."""
+        return self.max_abs / max(self.scale, 1e-12)
+
+    def refusal(
+        self, tolerance: float = RELATIVE_TOLERANCE, min_agreement: float = MIN_AGREEMENT
+    ) -> str | None:
+        """Why the copy is not to be used, naming the figure, or None."""
+        if not self.agreement >= min_agreement:
+            return (
+                f"classes agree with PyTorch on {self.agreement:.4%} of the check input's "
+                f"pixels (at least {min_agreement:.2%} required)"
+            )
+        if not self.relative <= tolerance:
+            return (
+                f"|difference| {self.max_abs:.2e} is {self.relative:.2e} of the largest |logit| "
+                f"{self.scale:.3g} (tolerance {tolerance:g})"
+            )
+        return None
+
+    def __str__(self) -> str:
+        return (
+            f"max |difference| {self.max_abs:.2e} ({self.relative:.1e} of the largest |logit| "
+            f"{self.scale:.3g}), classes agree on {self.agreement:.4%} of pixels"
+        )
+
+
+def onnx_check(
     model: torch.nn.Module, path: Path, sizes=((1, 256, 256), (2, 320, 192)), seed: int = 0
-) -> float:
-    """Largest |ONNX - PyTorch| logit difference over random inputs of several shapes."""
+) -> ForwardCheck:
+    """How the ONNX file at `path` compares with `model` on random inputs of several shapes."""
     session, metadata = load_onnx(path)
 
     def forward(pixels: np.ndarray) -> np.ndarray:
         return session.run(None, {"pixels": pixels})[0]
 
-    return forward_difference(model, forward, int(metadata["bands"]), sizes, seed)
+    return forward_check(model, forward, int(metadata["bands"]), sizes, seed)
 
 
-def forward_difference(
+def forward_check(
     model: torch.nn.Module,
     forward: Callable[[np.ndarray], np.ndarray],
     bands: int,
     sizes=((1, 256, 256), (2, 320, 192)),
     seed: int = 0,
-) -> float:
-    """Largest |forward - PyTorch| logit difference over random pixels (0-255) of several
-    (batch, height, width) shapes: how any compiled copy of `model` is checked before use."""
+) -> ForwardCheck:
+    """How `forward` compares with PyTorch over random pixels (0-255) of several (batch,
+    height, width) shapes: how any compiled copy of `model` is checked before use."""
     generator = torch.Generator().manual_seed(seed)
-    worst = 0.0
+    worst, scale, same, total = 0.0, 0.0, 0, 0
     model = model.cpu().eval()
     for batch, height, width in sizes:
         pixels = torch.rand(batch, bands, height, width, generator=generator) * 255
         with torch.inference_mode():
             expected = model(pixels).numpy()
-        worst = max(worst, float(np.abs(forward(pixels.numpy()) - expected).max()))
-    return worst
+        found = forward(pixels.numpy())
+        worst = max(worst, float(np.abs(found - expected).max()))
+        scale = max(scale, float(np.abs(expected).max()))
+        same += int((found.argmax(1) == expected.argmax(1)).sum())
+        total += expected.shape[0] * expected.shape[2] * expected.shape[3]
+    return ForwardCheck(worst, scale, same / max(total, 1))

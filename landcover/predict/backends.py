@@ -25,7 +25,7 @@ import numpy as np
 
 from landcover.artifacts.reference import LoadedModel
 from landcover.errors import ConfigError
-from landcover.predict.compile_cache import TOLERANCE, compiled_onnx
+from landcover.predict.compile_cache import compiled_onnx
 
 if TYPE_CHECKING:
     import torch
@@ -269,8 +269,8 @@ def openvino_model(
 
 
 def _check_against_torch(module: torch.nn.Module, forward: Callable, bands: int) -> None:
-    from landcover.interop.onnx import forward_difference
+    from landcover.interop.onnx import forward_check
 
-    difference = forward_difference(module, forward, bands, sizes=(PROBE,))
-    if difference > TOLERANCE:
-        raise ValueError(f"|OpenVINO - PyTorch| = {difference:.2e} above {TOLERANCE:g}")
+    refusal = forward_check(module, forward, bands, sizes=(PROBE,)).refusal()
+    if refusal:
+        raise ValueError(f"the OpenVINO model is refused: {refusal}")

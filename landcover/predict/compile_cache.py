@@ -43,7 +43,6 @@ GRAPH_SUFFIXES = (".onnx", ".xml", ".bin", ".blob")
 GRAPH_NAME = re.compile(r"^[0-9a-f]{32}\.(onnx|xml|bin|blob)$")  # model_key + suffix
 MAX_LIMIT_MB = 1e9  # a petabyte: anything larger is a typing slip
 OPSET = 17
-TOLERANCE = 1e-3  # max |compiled - PyTorch| logit difference accepted, as landcover-export
 
 
 def cache_dir() -> Path:
@@ -153,7 +152,7 @@ def model_key(model: LoadedModel) -> str:
 def compiled_onnx(model: LoadedModel) -> Path:
     """The cached ONNX file of `model`, exported and checked on first use."""
     from landcover.atomic import atomic_target
-    from landcover.interop.onnx import export_onnx, max_abs_difference
+    from landcover.interop.onnx import export_onnx, onnx_check
 
     assert model.torch_module is not None
     folder = cache_dir()
@@ -163,15 +162,11 @@ def compiled_onnx(model: LoadedModel) -> Path:
         module = model.torch_module.cpu().eval()
         with atomic_target(path) as tmp:  # the file appears only once exported and checked
             export_onnx(module, dict(model.metadata), tmp, opset=OPSET)
-            difference = max_abs_difference(module, tmp)
-            if difference > TOLERANCE:
-                raise ValueError(f"|ONNX - PyTorch| = {difference:.2e} above {TOLERANCE:g}")
-        log.info(
-            "compiled %s to ONNX (max |ONNX - PyTorch| %.1e): %s",
-            model.reference,
-            difference,
-            path,
-        )
+            check = onnx_check(module, tmp)
+            refusal = check.refusal()  # the defaults of landcover-export
+            if refusal:
+                raise ValueError(f"the ONNX graph is refused: {refusal}")
+        log.info("compiled %s to ONNX (%s): %s", model.reference, check, path)
         prune()  # the cache keeps to its size, oldest use first
     else:
         touch(path)

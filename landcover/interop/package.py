@@ -1,0 +1,113 @@
+"""`landcover-package`: a model for the tools maps are made with, in one folder.
+
+    landcover-package model=models:/landcover@champion output=packages/champion/
+
+writes
+    qgis/<name>.onnx     for QGIS's Deepness plugin: a fixed tile in, class probabilities out,
+                         with the metadata Deepness reads (class names, tile size, overlap,
+                         resolution, the input scaling that hands the graph digital numbers)
+    qgis/<name>.qml      a paletted style for the class raster Deepness computes
+    arcgis/<name>.dlpk   for ArcGIS Pro ("Classify Pixels Using Deep Learning"): the Esri
+                         model definition, the same graph, and its raster function
+Every graph is checked before it is kept: its classes against PyTorch's on a random tile.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from omegaconf import DictConfig
+
+from landcover import artifacts
+from landcover.artifacts.onnx_file import METADATA_KEY
+from landcover.atomic import write_text
+from landcover.errors import LandcoverError
+from landcover.interop.deepness import deepness_properties, qml_style
+from landcover.interop.esri import model_definition, write_dlpk
+from landcover.interop.gis_graph import TileGraph, class_agreement, export_tile_graph, tiling
+
+log = logging.getLogger("landcover.package")
+MIN_AGREEMENT = 0.999  # of a random tile's pixels, graph vs PyTorch
+
+
+@dataclass(frozen=True)
+class Package:
+    """What was written, and the check it passed."""
+
+    folder: Path
+    graph: TileGraph
+    style: Path
+    dlpk: Path
+    agreement: float
+
+
+def package_name(reference: str) -> str:
+    """A file name from a model reference (`models:/landcover@champion` -> landcover_champion)."""
+    name = re.sub(r"^(models|runs):/", "", str(reference)).strip("/")
+    name = Path(name).stem if Path(name).suffix in (".pt", ".model", ".onnx") else name
+    return re.sub(r"[^A-Za-z0-9_.-]+", "_", name).strip("_.") or "model"
+
+
+def package_model(
+    reference: str,
+    folder: Path,
+    *,
+    tracking_uri: str | None = None,
+    tile: int = 512,
+    resolution_cm: float = 100.0,
+    name: str | None = None,
+) -> Package:
+    """Write the QGIS and ArcGIS packages of the model `reference` names into `folder`."""
+    model = artifacts.load(str(reference), tracking_uri=tracking_uri, device="cpu")
+    if model.torch_module is None or getattr(model.torch_module, "fitted_once", False):
+        raise LandcoverError(f"{reference}: only networks can be packaged (ONNX from PyTorch)")
+    metadata = {**model.metadata, "source_reference": model.reference}
+    name = name or package_name(reference)
+    tile, context = tiling(metadata, tile)
+    properties = deepness_properties(metadata, tile, context, resolution_cm)
+    properties[METADATA_KEY] = json.dumps(metadata, default=str)
+    (folder / "qgis").mkdir(parents=True, exist_ok=True)
+    (folder / "arcgis").mkdir(parents=True, exist_ok=True)
+    graph = export_tile_graph(
+        model.torch_module, metadata, folder / "qgis" / f"{name}.onnx", tile, properties=properties
+    )
+    agreement = class_agreement(model.torch_module, graph)
+    if agreement < MIN_AGREEMENT:
+        graph.path.unlink(missing_ok=True)
+        raise LandcoverError(
+            f"{reference}: the packaged graph's classes agree with PyTorch's on {agreement:.4%} "
+            f"of a tile's pixels (at least {MIN_AGREEMENT:.1%} required); nothing was written"
+        )
+    style = folder / "qgis" / f"{name}.qml"
+    write_text(style, qml_style(metadata))
+    dlpk = write_dlpk(
+        folder / "arcgis" / f"{name}.dlpk", model_definition(metadata, graph, name), graph, name
+    )
+    log.info(
+        "packaged %s: %s (tile %d, overlap %d px; classes agree with PyTorch on %.4f%%), %s",
+        reference,
+        graph.path,
+        graph.tile,
+        2 * graph.context,
+        100 * agreement,
+        dlpk,
+    )
+    return Package(folder, graph, style, dlpk, agreement)
+
+
+def run_package(cfg: DictConfig) -> Package:
+    """`landcover-package`."""
+    if float(cfg.resolution_cm) <= 0:
+        raise LandcoverError(f"resolution_cm={cfg.resolution_cm} must be a positive size")
+    return package_model(
+        str(cfg.model),
+        Path(cfg.output),
+        tracking_uri=cfg.tracking.uri,
+        tile=int(cfg.tile),
+        resolution_cm=float(cfg.resolution_cm),
+        name=cfg.name,
+    )
