@@ -35,8 +35,9 @@ def clients() -> Path:
 
 
 @pytest.fixture(scope="module")
-def trained(tmp_path_factory) -> tuple[str, str, Path]:
-    """A U-Net trained here for two epochs (tracking URI, run id) and a 960 px scene."""
+def trained(tmp_path_factory) -> tuple[str, str, Path, np.ndarray]:
+    """A U-Net trained here for two epochs (tracking URI, run id), a 960 px scene and the
+    classes landcover-predict gives it (with its default settings)."""
     from landcover.training.train import train
     from tests.conftest import compose_train
 
@@ -46,9 +47,9 @@ def trained(tmp_path_factory) -> tuple[str, str, Path]:
         "data=synthetic",
         f"data.root={root / 'train'}",
         "data.synthetic.scenes={train: 3, val: 1}",
-        "data.synthetic.size=256",
+        "data.synthetic.size=192",
         "data.patch_size=128",
-        "data.patches_per_epoch=64",
+        "data.patches_per_epoch=32",
         "data.batch_size=8",
         "trainer.max_epochs=2",
         "trainer.progress=false",
@@ -56,8 +57,9 @@ def trained(tmp_path_factory) -> tuple[str, str, Path]:
         f"tracking.uri={uri}",
     )
     result = train(cfg)
-    generate(root / "scene", SyntheticSpec(scenes={"train": 0, "val": 1}, size=960, seed=3))
-    return uri, result.run_id, next((root / "scene" / "val").glob("*_naip.tif"))
+    generate(root / "scene", SyntheticSpec(scenes={"train": 0, "val": 1}, size=704, seed=3))
+    scene = next((root / "scene" / "val").glob("*_naip.tif"))
+    return uri, result.run_id, scene, predicted(result.run_id, scene, root / "map.tif", uri)
 
 
 def predicted(model: str, scene: Path, target: Path, uri: str) -> np.ndarray:
@@ -85,15 +87,21 @@ def packaged(model: str, folder: Path, uri: str) -> dict[str, Path]:
     }
 
 
+@pytest.fixture(scope="module")
+def package(trained, tmp_path_factory) -> dict[str, Path]:
+    """The trained U-Net packaged by `landcover-package` (once for the module)."""
+    uri, run_id, _, _ = trained
+    return packaged(run_id, tmp_path_factory.mktemp("package"), uri)
+
+
 @pytest.mark.slow
-def test_arcgis_image_classifier_maps_as_landcover_predict(trained, tmp_path):
+def test_arcgis_image_classifier_maps_as_landcover_predict(trained, package, tmp_path):
     functions = clients() / "esri-raster-deep-learning" / "python_raster_functions"
-    uri, run_id, scene = trained
-    files = packaged(run_id, tmp_path / "package", uri)
+    _, _, scene, expected = trained
+    files = package
     with rasterio.open(scene) as src:
         pixels = src.read()
     codes, table = classify_with_arcgis(files["dlpk"], pixels, functions, tmp_path)
-    expected = predicted(run_id, scene, tmp_path / "predict.tif", uri)
     agreement = float(np.mean(codes == expected))
     print(f"ArcGIS ImageClassifier vs landcover-predict: {agreement:.5f}")
     assert agreement >= 0.999
@@ -136,16 +144,15 @@ def deepness(onnx: Path, scene: Path, result: Path) -> dict:
 
 
 @pytest.mark.slow
-def test_deepness_in_qgis_maps_with_the_models_names_and_scaling(trained, tmp_path):
-    uri, run_id, scene = trained
-    files = packaged(run_id, tmp_path / "package", uri)
+def test_deepness_in_qgis_maps_with_the_models_names_and_scaling(trained, package, tmp_path):
+    _, _, scene, expected = trained
+    files = package
     read = deepness(files["onnx"], scene, tmp_path / "deepness.npy")
     assert read["class_names"] == ["water", "tree_canopy", "low_vegetation", "barren_impervious"]
     assert read["tile"] == 512 and read["overlap_px"] >= 64 and read["resolution_cm"] == 100
     numbers = np.load(tmp_path / "deepness.npy")[0]  # Deepness: class number + 1
     assert (numbers > 0).all()  # every pixel classified (before: 67 % "no class")
     codes = np.array([0, 1, 2, 3, 4])[numbers]
-    expected = predicted(run_id, scene, tmp_path / "predict.tif", uri)
     agreement = float(np.mean(codes == expected))
     inner = float(np.mean((codes == expected)[64:-64, 64:-64]))
     print(f"Deepness vs landcover-predict: {agreement:.5f} (inside a 64 px border {inner:.5f})")
@@ -159,7 +166,7 @@ def test_a_unet_trained_two_epochs_exports_with_the_defaults(trained, tmp_path):
     """Before: |onnx - torch| = 1.09e-3 on raw logits against an absolute tolerance of 1e-3
     refused a newcomer's first export. Now the difference is judged against the logits'
     scale, and the classes a user sees must agree."""
-    uri, run_id, _ = trained
+    uri, run_id, _, _ = trained
     done = subprocess.run(
         [str(BIN / "landcover-export"), f"model={run_id}", f"output={tmp_path / 'm.onnx'}",
          f"tracking.uri={uri}"],
