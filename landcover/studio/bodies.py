@@ -12,7 +12,6 @@ from typing import Annotated, Literal, TypeVar
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError
 
 from landcover.errors import LandcoverError
-from landcover.studio.gate import MAX_BODY
 from landcover.studio.strokes import MAX_POINTS
 
 
@@ -61,9 +60,8 @@ class EmptyBody(BaseModel):
 
 
 def parse(model: type[Model], raw: bytes) -> Model:
-    """`raw` as a `model`, or one BodyError naming the first problem."""
-    if len(raw) > MAX_BODY:
-        raise BodyError(f"a request body is at most {MAX_BODY // 1024} KiB")
+    """`raw` (read within the size limit by the app's `read_body`) as a `model`, or one
+    BodyError naming the first problem."""
     if not raw.strip():
         raise BodyError("the request body is empty: send a JSON object")
     try:

@@ -81,45 +81,28 @@ def area_of(geometry: shapely.Geometry, width: int, height: int) -> Area:
     """The pixels whose centres `geometry` (pixel coordinates) covers, within its bounds."""
     if geometry.is_empty:
         return _empty()
-    x0, y0, x1, y1 = geometry.bounds
-    col0, row0 = max(0, int(np.floor(x0))), max(0, int(np.floor(y0)))
-    col1, row1 = min(width, int(np.ceil(x1)) + 1), min(height, int(np.ceil(y1)) + 1)
-    if col1 <= col0 or row1 <= row0:
+    window = _window(tuple(geometry.bounds), 0, width, height)
+    if window is None:
         return _empty()
-    mask = rasterize(
-        [(geometry, 1)],
-        out_shape=(row1 - row0, col1 - col0),
-        transform=Affine.translation(col0, row0),
-        fill=0,
-        dtype="uint8",
-    ).astype(bool)
-    return _with_outline(row0, col0, mask)
+    row0, col0, row1, col1 = window
+    return _with_outline(row0, col0, _burn(geometry, row0, col0, row1, col1))
 
 
 def _brush(coords: np.ndarray, radius: float, width: int, height: int) -> Area:
     """A line of `radius`: its pixels burnt, then every pixel within `radius` of them."""
     reach = int(np.ceil(radius)) + 1
-    col0 = max(0, int(np.floor(coords[:, 0].min())) - reach)
-    row0 = max(0, int(np.floor(coords[:, 1].min())) - reach)
-    col1 = min(width, int(np.ceil(coords[:, 0].max())) + reach + 1)
-    row1 = min(height, int(np.ceil(coords[:, 1].max())) + reach + 1)
-    if col1 <= col0 or row1 <= row0:
+    window = _window(_bounds(coords), reach, width, height)
+    if window is None:
         return _empty()
+    row0, col0, row1, col1 = window
     # the line within reach of the window only: a far-off end must not be walked to
     line: Any = Point(coords[0]) if len(coords) == 1 else LineString(coords)
     line = shapely.clip_by_rect(line, col0 - reach, row0 - reach, col1 + reach, row1 + reach)
-    h, w = row1 - row0, col1 - col0
     if line.is_empty:
         return _empty()
-    burnt = rasterize(
-        [(line, 1)],
-        out_shape=(h, w),
-        transform=Affine.translation(col0, row0),
-        fill=0,
-        all_touched=True,
-        dtype="uint8",
-    ).astype(bool)
+    burnt = _burn(line, row0, col0, row1, col1, all_touched=True)
     if isinstance(line, Point):  # a dot: the pixel it falls in (rasterize may miss an edge)
+        h, w = burnt.shape
         burnt[min(h - 1, int(line.y) - row0), min(w - 1, int(line.x) - col0)] = True
     return _with_outline(row0, col0, _widen(burnt, radius, reach))
 
@@ -129,12 +112,10 @@ def _enclosed(coords: np.ndarray, width: int, height: int) -> Area:
     the polygon as a vector, GEOS's make_valid, took 150 s for 500 random corners.)"""
     from scipy.ndimage import binary_fill_holes
 
-    col0 = max(0, int(np.floor(coords[:, 0].min())) - 1)
-    row0 = max(0, int(np.floor(coords[:, 1].min())) - 1)
-    col1 = min(width, int(np.ceil(coords[:, 0].max())) + 2)
-    row1 = min(height, int(np.ceil(coords[:, 1].max())) + 2)
-    if col1 <= col0 or row1 <= row0:
+    window = _window(_bounds(coords), 1, width, height)
+    if window is None:
         return _empty()
+    row0, col0, row1, col1 = window
     ring = shapely.clip_by_rect(
         LineString([*coords, coords[0]]), col0 - 1, row0 - 1, col1 + 1, row1 + 1
     )
@@ -142,17 +123,45 @@ def _enclosed(coords: np.ndarray, width: int, height: int) -> Area:
         return _empty()
     # burnt into a frame one pixel wider on each side, so that an outline running along the
     # window's edge still encloses what is inside it
-    h, w = row1 - row0 + 2, col1 - col0 + 2
-    line = rasterize(
-        [(ring, 1)],
-        out_shape=(h, w),
-        transform=Affine.translation(col0 - 1, row0 - 1),
+    line = _burn(ring, row0 - 1, col0 - 1, row1 + 1, col1 + 1, all_touched=True)
+    return _with_outline(row0, col0, binary_fill_holes(line)[1:-1, 1:-1])
+
+
+def _bounds(coords: np.ndarray) -> tuple[float, float, float, float]:
+    """(x0, y0, x1, y1) of points (pixel coordinates), as shapely's `bounds`."""
+    (x0, y0), (x1, y1) = coords.min(axis=0), coords.max(axis=0)
+    return float(x0), float(y0), float(x1), float(y1)
+
+
+def _window(
+    bounds: tuple[float, ...], pad: int, width: int, height: int
+) -> tuple[int, int, int, int] | None:
+    """(row0, col0, row1, col1): the pixels of `bounds` (x0, y0, x1, y1, pixel coordinates)
+    widened by `pad`, clipped to the image; None when nothing of it is on the image."""
+    x0, y0, x1, y1 = bounds
+    col0, row0 = max(0, int(np.floor(x0)) - pad), max(0, int(np.floor(y0)) - pad)
+    col1 = min(width, int(np.ceil(x1)) + pad + 1)
+    row1 = min(height, int(np.ceil(y1)) + pad + 1)
+    return None if col1 <= col0 or row1 <= row0 else (row0, col0, row1, col1)
+
+
+def _burn(
+    geometry: shapely.Geometry,
+    row0: int,
+    col0: int,
+    row1: int,
+    col1: int,
+    all_touched: bool = False,
+) -> np.ndarray:
+    """The pixels of rows row0..row1, cols col0..col1 that `geometry` covers (GDAL's burn)."""
+    return rasterize(
+        [(geometry, 1)],
+        out_shape=(row1 - row0, col1 - col0),
+        transform=Affine.translation(col0, row0),
         fill=0,
-        all_touched=True,
+        all_touched=all_touched,
         dtype="uint8",
     ).astype(bool)
-    filled = binary_fill_holes(line)[1:-1, 1:-1]
-    return _with_outline(row0, col0, filled)
 
 
 def _widen(burnt: np.ndarray, radius: float, reach: int) -> np.ndarray:
