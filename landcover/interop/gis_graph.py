@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from landcover.atomic import atomic_target
+from landcover.interop.onnx import write_graph
 
 if TYPE_CHECKING:
     from landcover.models import SegmentationModel
@@ -86,29 +86,18 @@ def export_tile_graph(
     properties: dict[str, str] | None = None,
 ) -> TileGraph:
     """Write the fixed-tile probability graph (batch 1) with `properties` as ONNX metadata."""
-    import onnx
-
     tile, context = tiling(metadata, tile)
     bands = int(metadata["bands"])
     margin = int(metadata.get("output_margin", 0))
     network = cast("SegmentationModel", model.cpu().eval())
-    module = _TileProbabilities(network, margin).eval()
-    example = torch.rand(1, bands, tile, tile) * 255
-    with atomic_target(Path(path)) as tmp:
-        torch.onnx.export(
-            module,
-            (example,),
-            str(tmp),
-            input_names=["pixels"],
-            output_names=["probabilities"],
-            opset_version=opset,
-            dynamo=False,
-        )
-        proto = onnx.load(str(tmp))
-        for key, value in (properties or {}).items():
-            entry = proto.metadata_props.add()
-            entry.key, entry.value = key, value
-        onnx.save(proto, str(tmp))
+    write_graph(
+        _TileProbabilities(network, margin).eval(),
+        torch.rand(1, bands, tile, tile) * 255,
+        Path(path),
+        output_name="probabilities",
+        properties=properties or {},
+        opset=opset,
+    )
     classes = len(metadata["schema"]["classes"])
     return TileGraph(Path(path), tile, context, bands, classes, margin)
 

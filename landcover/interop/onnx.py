@@ -44,30 +44,53 @@ def export_onnx(
     example_size: int = 256,
 ) -> Path:
     """Write `path` atomically (a temporary file renamed into place)."""
-    import onnx
-
-    path = Path(path)
     model = model.cpu().eval()
     divisor = int(metadata.get("size_divisor", model.size_divisor))
     size = max(divisor, example_size // divisor * divisor)
     example = torch.rand(1, int(metadata["bands"]), size, size) * 255
+    return write_graph(
+        _Exportable(cast("SegmentationModel", model)),
+        example,
+        Path(path),
+        output_name="logits",
+        properties={METADATA_KEY: json.dumps(metadata)},
+        opset=opset,
+        dynamic_axes={
+            "pixels": {0: "batch", 2: "height", 3: "width"},
+            "logits": {0: "batch", 2: "out_height", 3: "out_width"},
+        },
+    )
+
+
+def write_graph(
+    module: torch.nn.Module,
+    example: torch.Tensor,
+    path: Path,
+    *,
+    output_name: str,
+    properties: dict[str, str],
+    opset: int = 17,
+    dynamic_axes: dict[str, dict[int, str]] | None = None,
+) -> Path:
+    """`module` traced on `example` into an ONNX file (input "pixels") carrying `properties`
+    as metadata, written whole or not at all: every graph this project writes goes here."""
+    import onnx
+
     with atomic_target(path) as tmp:
         torch.onnx.export(
-            _Exportable(cast("SegmentationModel", model)),
+            module,
             (example,),
             str(tmp),
             input_names=["pixels"],
-            output_names=["logits"],
+            output_names=[output_name],
             opset_version=opset,
             dynamo=False,
-            dynamic_axes={
-                "pixels": {0: "batch", 2: "height", 3: "width"},
-                "logits": {0: "batch", 2: "out_height", 3: "out_width"},
-            },
+            dynamic_axes=dynamic_axes,
         )
         proto = onnx.load(str(tmp))
-        entry = proto.metadata_props.add()
-        entry.key, entry.value = METADATA_KEY, json.dumps(metadata)
+        for key, value in properties.items():
+            entry = proto.metadata_props.add()
+            entry.key, entry.value = key, value
         onnx.save(proto, str(tmp))
     return path
 
