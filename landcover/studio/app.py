@@ -390,20 +390,24 @@ def main(argv: list[str] | None = None) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
     args = parse_args(argv)
     try:
-        from landcover.data.scenes import quiet_georeferencing_warnings
+        # what the command line alone decides, before the heavy imports (torch, MLflow,
+        # rasterio take seconds): a wrong address or a down server is said at once
         from landcover.reachable import check_tracking_server
         from landcover.studio.access import check_bind
         from landcover.studio.gate import Gate
-        from landcover.studio.retrain import close_orphaned_runs
-        from landcover.studio.session import Session
 
-        quiet_georeferencing_warnings()
         check_bind(args.host, args.allow_remote, args.tracking_uri)
         check_tracking_server(args.tracking_uri)
         if not args.image.is_file():
             raise LandcoverError(f"{args.image}: no such image file")
         for what, path in (("image", args.image), ("session folder", args.session)):
             readable_by_gdal(what, path.absolute())
+
+        from landcover.data.scenes import quiet_georeferencing_warnings
+        from landcover.studio.retrain import close_orphaned_runs
+        from landcover.studio.session import Session
+
+        quiet_georeferencing_warnings()
         import torch
 
         torch.set_num_threads(os.cpu_count() or 1)
