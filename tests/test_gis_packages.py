@@ -34,10 +34,34 @@ def clients() -> Path:
     return folder
 
 
+def test_nodata_past_a_layers_edge_is_mirrored_as_numpy_pads_a_scene():
+    """Deepness reads zeros where its tile grid runs past the layer (above the top, right of
+    the right edge): the graph mirrors the tile's own pixels there instead."""
+    import torch
+
+    from landcover.interop.gis_graph import mirror_nodata_edges
+
+    rng = np.random.default_rng(0)
+    inside = rng.integers(1, 255, (1, 4, 50, 37)).astype(np.float32)
+    tile = np.zeros((1, 4, 64, 64), np.float32)
+    tile[..., 14:, :37] = inside  # 14 rows of nodata on top, 27 columns on the right
+    expected = np.pad(inside, ((0, 0), (0, 0), (14, 0), (0, 27)), mode="symmetric")
+    assert np.array_equal(mirror_nodata_edges(torch.from_numpy(tile)).numpy(), expected)
+    short = np.zeros((1, 4, 64, 64), np.float32)
+    short[..., :, :5] = inside[..., :1, :5]  # 59 columns of nodata: mirrored back and forth
+    expected = np.pad(short[..., :5], ((0, 0), (0, 0), (0, 0), (0, 59)), mode="symmetric")
+    assert np.array_equal(mirror_nodata_edges(torch.from_numpy(short)).numpy(), expected)
+    blank = torch.zeros(1, 4, 16, 16)
+    assert torch.equal(mirror_nodata_edges(blank), blank)  # nothing to mirror from
+
+
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory) -> tuple[str, str, Path, np.ndarray]:
-    """A U-Net trained here for two epochs (tracking URI, run id), a 960 px scene and the
-    classes landcover-predict gives it (with its default settings)."""
+    """A U-Net trained here for two epochs of 256 patches (tracking URI, run id), a 704 px
+    scene and the classes landcover-predict gives it (with its default settings). With 32
+    patches an epoch the network is so unsure that moving a tile's cut by a few pixels changes
+    0.4 % of its classes (landcover-predict vs the whole scene at once: 99.64 %), which no tool
+    that cuts tiles elsewhere can match."""
     from landcover.training.train import train
     from tests.conftest import compose_train
 
@@ -49,7 +73,7 @@ def trained(tmp_path_factory) -> tuple[str, str, Path, np.ndarray]:
         "data.synthetic.scenes={train: 3, val: 1}",
         "data.synthetic.size=192",
         "data.patch_size=128",
-        "data.patches_per_epoch=32",
+        "data.patches_per_epoch=256",
         "data.batch_size=8",
         "trainer.max_epochs=2",
         "trainer.progress=false",
@@ -62,10 +86,10 @@ def trained(tmp_path_factory) -> tuple[str, str, Path, np.ndarray]:
     return uri, result.run_id, scene, predicted(result.run_id, scene, root / "map.tif", uri)
 
 
-def predicted(model: str, scene: Path, target: Path, uri: str) -> np.ndarray:
+def predicted(model: str, scene: Path, target: Path, uri: str, *overrides: str) -> np.ndarray:
     done = subprocess.run(
         [str(BIN / "landcover-predict"), f"model={model}", f"input={scene}", f"output={target}",
-         f"tracking.uri={uri}", "log_to_mlflow=false", "predict.progress=false"],
+         f"tracking.uri={uri}", "log_to_mlflow=false", "predict.progress=false", *overrides],
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert done.returncode == 0, done.stderr[-2000:]
@@ -115,6 +139,88 @@ def test_arcgis_image_classifier_maps_as_landcover_predict(trained, package, tmp
     assert colours[0] == (0, 0, 255)  # water in its schema colour
 
 
+def real_mosaic(shared: Path, target: Path) -> Path:
+    """Four real val patches (NAIP 2014, 256 px each) side by side: a 512 px scene, put on a
+    1 m UTM grid (the patches carry none; Deepness needs a georeferenced layer)."""
+    from rasterio.transform import from_origin
+
+    patches = sorted((shared / "data" / "chesapeake-sample" / "val").glob("*_naip-new.tif"))[:4]
+    if len(patches) < 4:
+        pytest.skip(f"{shared / 'data'} holds fewer than 4 val patches")
+    tiles = []
+    for patch in patches:
+        with rasterio.open(patch) as src:
+            tiles.append(src.read())
+    pixels = np.concatenate(
+        [np.concatenate(tiles[:2], axis=2), np.concatenate(tiles[2:], axis=2)], axis=1
+    )
+    profile = {
+        "driver": "GTiff", "width": pixels.shape[2], "height": pixels.shape[1], "count": 4,
+        "dtype": "uint8", "crs": "EPSG:26917", "transform": from_origin(500000, 4100000, 1, 1),
+    }  # fmt: skip
+    with rasterio.open(target, "w", **profile) as dst:
+        dst.write(pixels)
+    return target
+
+
+@pytest.fixture(scope="module")
+def network_2018(tmp_path_factory) -> tuple[Path, Path, np.ndarray, dict[str, Path]]:
+    """The imported 2018 CNTK network (250 epochs), a real 512 px mosaic, landcover-predict's
+    map of it and the network's package."""
+    shared = shared_dir()
+    if shared is None:
+        pytest.skip("../shared is absent: the 2018 network lives in ../shared/models/seed-cntk")
+    model = shared / "models" / "seed-cntk" / "250epochs.model"
+    root = tmp_path_factory.mktemp("cntk")
+    scene = real_mosaic(shared, root / "mosaic.tif")
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    expected = predicted(str(model), scene, root / "map.tif", uri)
+    return model, scene, expected, packaged(str(model), root / "package", uri)
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_arcgis_maps_the_2018_network_as_landcover_predict(network_2018, tmp_path):
+    """Before: the graph mirrored the network's 64 px margin inside each tile, so ArcGIS's
+    tiles saw mirrored pixels where landcover-predict's saw the scene (99.73 %). The ArcGIS
+    graph now cuts the margin and ArcGIS pads each block with the scene itself."""
+    functions = clients() / "esri-raster-deep-learning" / "python_raster_functions"
+    _, scene, expected, files = network_2018
+    with rasterio.open(scene) as src:
+        pixels = src.read()
+    codes, table = classify_with_arcgis(files["dlpk"], pixels, functions, tmp_path)
+    agreement = float(np.mean(codes == expected))
+    print(f"2018 network, ArcGIS ImageClassifier vs landcover-predict: {agreement:.5f}")
+    assert agreement >= 0.999
+    names = [f["attributes"]["Class"] for f in table["features"]]
+    assert names == ["no_data", "water", "trees", "herbaceous", "barren_impervious"]
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_deepness_maps_the_2018_network_with_its_names(network_2018, tmp_path):
+    """Deepness cuts tiles from the layer's edge, landcover-predict (and ArcGIS) from one margin
+    outside it, and this network's answer depends on where a tile is cut far more than its
+    64 px margin suggests: on this mosaic landcover-predict's own map (384 px cores) and the
+    network run on the whole mosaic at once agree on 99.14 % of pixels. Deepness (one 512 px
+    tile here, mirrored 64 px) gives the whole-mosaic answer: landcover-predict with one tile
+    for the mosaic (predict.tile_size=640) is the same to >= 99.9 %."""
+    model, scene, expected, files = network_2018
+    read = deepness(files["onnx"], scene, tmp_path / "deepness.npy")
+    assert read["class_names"] == ["no_data", "water", "trees", "herbaceous", "barren_impervious"]
+    numbers = np.load(tmp_path / "deepness.npy")[0]
+    assert (numbers > 0).all()
+    codes = numbers.astype(int) - 1  # Deepness numbers classes from 1; this schema's codes from 0
+    agreement = float(np.mean(codes == expected))
+    whole = predicted(str(model), scene, tmp_path / "whole.tif", f"sqlite:///{tmp_path / 'm.db'}",
+                      "predict.tile_size=640")  # fmt: skip
+    same_tiles = float(np.mean(codes == whole))
+    print(f"2018 network, Deepness vs landcover-predict: {agreement:.5f}; with one tile for the "
+          f"mosaic as Deepness: {same_tiles:.5f}")  # fmt: skip
+    assert agreement >= 0.99 and same_tiles >= 0.999
+    assert np.isin(codes, [2, 3]).mean() > 0.9  # trees and herbaceous, as landcover-predict
+
+
 def deepness(onnx: Path, scene: Path, result: Path) -> dict:
     """The plugin's MapProcessorSegmentation in headless QGIS (tests/qgis_deepness.py)."""
     if (
@@ -156,7 +262,7 @@ def test_deepness_in_qgis_maps_with_the_models_names_and_scaling(trained, packag
     agreement = float(np.mean(codes == expected))
     inner = float(np.mean((codes == expected)[64:-64, 64:-64]))
     print(f"Deepness vs landcover-predict: {agreement:.5f} (inside a 64 px border {inner:.5f})")
-    assert agreement >= 0.98
+    assert agreement >= 0.999
     style = files["qml"].read_text()
     assert 'label="water"' in style and 'value="1"' in style
 

@@ -8,7 +8,8 @@ writes
                          resolution, the input scaling that hands the graph digital numbers)
     qgis/<name>.qml      a paletted style for the class raster Deepness computes
     arcgis/<name>.dlpk   for ArcGIS Pro ("Classify Pixels Using Deep Learning"): the Esri
-                         model definition, the same graph, and its raster function
+                         model definition, its graph (tiles padded with the scene) and
+                         its raster function
 Every graph is checked before it is kept: its classes against PyTorch's on a random tile.
 """
 
@@ -17,8 +18,10 @@ from __future__ import annotations
 import json
 import logging
 import re
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from omegaconf import DictConfig
 
@@ -29,6 +32,9 @@ from landcover.errors import LandcoverError
 from landcover.interop.deepness import deepness_properties, qml_style
 from landcover.interop.esri import model_definition, write_dlpk
 from landcover.interop.gis_graph import TileGraph, class_agreement, export_tile_graph, tiling
+
+if TYPE_CHECKING:
+    import torch
 
 log = logging.getLogger("landcover.package")
 MIN_AGREEMENT = 0.999  # of a random tile's pixels, graph vs PyTorch
@@ -84,9 +90,14 @@ def package_model(
         )
     style = folder / "qgis" / f"{name}.qml"
     write_text(style, qml_style(metadata))
-    dlpk = write_dlpk(
-        folder / "arcgis" / f"{name}.dlpk", model_definition(metadata, graph, name), graph, name
-    )
+    with tempfile.TemporaryDirectory(dir=folder / "arcgis") as scratch:
+        padded = _padded_graph(model.torch_module, metadata, graph, Path(scratch) / graph.path.name)
+        dlpk = write_dlpk(
+            folder / "arcgis" / f"{name}.dlpk",
+            model_definition(metadata, padded, name),
+            padded,
+            name,
+        )
     log.info(
         "packaged %s: %s (tile %d, overlap %d px; classes agree with PyTorch on %.4f%%), %s",
         reference,
@@ -97,6 +108,21 @@ def package_model(
         dlpk,
     )
     return Package(folder, graph, style, dlpk, agreement)
+
+
+def _padded_graph(
+    network: torch.nn.Module, metadata: dict[str, Any], graph: TileGraph, path: Path
+) -> TileGraph:
+    """The graph for a tool that pads each tile with the scene itself (ArcGIS's ModelPadding):
+    the network on the tile as given, its margin cut, checked as Deepness's."""
+    padded = export_tile_graph(network, metadata, path, graph.tile, mirror=False)
+    agreement = class_agreement(network, padded)
+    if agreement < MIN_AGREEMENT:
+        raise LandcoverError(
+            f"the ArcGIS graph's classes agree with PyTorch's on {agreement:.4%} of a tile's "
+            f"pixels (at least {MIN_AGREEMENT:.1%} required); nothing was written"
+        )
+    return padded
 
 
 def run_package(cfg: DictConfig) -> Package:

@@ -6,7 +6,8 @@ Shipped inside the `.dlpk` and run by ArcGIS's Python: numpy and ONNX Runtime on
 landcover. ArcGIS hands each block padded by `ModelPadding` on every side; past the raster's edge
 it has no data (the mask is 0 there). Those pixels are filled by mirroring the raster's own
 (numpy's "symmetric"), as `landcover-predict` pads a scene's edge, so that the classes agree
-with it to the edge; the graph answers every pixel of the block, and the padding is cut.
+with it to the edge; the graph answers the block (less the network's own margin, which it cuts),
+and what is left of the padding is cut here.
 """
 
 import json
@@ -77,6 +78,6 @@ class ChildImageClassifier:
         pixels = np.asarray(pixelBlocks["raster_pixels"], dtype=np.float32)
         pixels = mirror_outside(pixels, pixelBlocks.get("raster_mask"))
         probabilities = self.session.run(None, {"pixels": pixels[None]})[0][0]
-        p = self.padding
+        p = self.padding - (pixels.shape[1] - probabilities.shape[1]) // 2  # margin cut inside
         classes = probabilities[:, p : probabilities.shape[1] - p, p : probabilities.shape[2] - p]
         return self.codes[classes.argmax(axis=0)][None]
