@@ -108,6 +108,7 @@ def packaged(model: str, folder: Path, uri: str) -> dict[str, Path]:
         "onnx": folder / "qgis" / "model.onnx",
         "qml": folder / "qgis" / "model.qml",
         "dlpk": folder / "arcgis" / "model.dlpk",
+        "item": folder / "model.stac.json",
     }
 
 
@@ -265,6 +266,40 @@ def test_deepness_in_qgis_maps_with_the_models_names_and_scaling(trained, packag
     assert agreement >= 0.999
     style = files["qml"].read_text()
     assert 'label="water"' in style and 'value="1"' in style
+
+
+@pytest.mark.slow
+def test_the_packages_mlm_item_validates_and_names_its_graph(trained, package):
+    """A STAC Item with the MLM extension: valid offline (STAC core, stac-model), its
+    checksum the ONNX file's, its classes and colours the schema's, its run linked."""
+    import hashlib
+
+    import pystac
+
+    from landcover.interop.stac_model_item import StacValidationError, validate_item
+
+    _, run_id, _, _ = trained
+    document = json.loads(package["item"].read_text())
+    properties = validate_item(document)
+    assert properties.tasks == {"semantic-segmentation"}
+    assert properties.input[0].bands == ["red", "green", "blue", "nir"]
+    assert properties.input[0].input.shape == [1, 4, 512, 512]
+    assert properties.total_parameters > 1_000_000
+    assert document["properties"]["mlm:input"][0]["value_scaling"] is None  # the graph scales
+    classes = document["properties"]["mlm:output"][0]["classification:classes"]
+    assert [(c["name"], c["color_hint"]) for c in classes][0] == ("water", "0000FF")
+    assert document["properties"]["mlm:hyperparameters"]["trainer.max_epochs"] == "2"
+    item = pystac.Item.from_file(str(package["item"]))
+    model = item.assets["model"]
+    assert "mlm:model" in model.roles
+    onnx_path = Path(model.get_absolute_href())
+    assert onnx_path == package["onnx"].resolve()
+    digest = hashlib.sha256(onnx_path.read_bytes()).hexdigest()
+    assert model.extra_fields["file:checksum"] == "1220" + digest
+    assert {link.href for link in item.links if link.rel == "via"} >= {f"runs:/{run_id}"}
+    document["properties"]["mlm:tasks"] = ["dancing"]
+    with pytest.raises(StacValidationError, match="mlm:tasks"):
+        validate_item(document)
 
 
 @pytest.mark.slow

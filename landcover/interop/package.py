@@ -7,6 +7,9 @@ writes
                          with the metadata Deepness reads (class names, tile size, overlap,
                          resolution, the input scaling that hands the graph digital numbers)
     qgis/<name>.qml      a paletted style for the class raster Deepness computes
+    <name>.stac.json     a STAC Item with the Machine Learning Model extension (MLM 1.4): the
+                         graph's bands, tile, classes and colours, framework, size, training
+                         settings, checksum, and links to its MLflow run and registry version
     arcgis/<name>.dlpk   for ArcGIS Pro ("Classify Pixels Using Deep Learning"): the Esri
                          model definition, its graph (tiles padded with the scene) and
                          its raster function
@@ -32,6 +35,8 @@ from landcover.errors import LandcoverError
 from landcover.interop.deepness import deepness_properties, qml_style
 from landcover.interop.esri import model_definition, write_dlpk
 from landcover.interop.gis_graph import TileGraph, class_agreement, export_tile_graph, tiling
+from landcover.interop.stac_model_item import Provenance, model_item
+from landcover.registry.promotion import MODEL_URI, resolve_version
 
 if TYPE_CHECKING:
     import torch
@@ -49,6 +54,30 @@ class Package:
     style: Path
     dlpk: Path
     agreement: float
+    item: Path
+
+
+HYPERPARAMETER_PREFIXES = ("model.", "optimizer.", "scheduler.", "loss.", "trainer.max_epochs",
+                           "data.batch_size", "data.patch_size", "seed")  # fmt: skip
+
+
+def provenance_of(reference: str, run_id: str | None, tracking_uri: str | None) -> Provenance:
+    """The run and registry version a reference came from, and the run's training settings
+    (what the MLM Item links to and records); a file reference has neither."""
+    if run_id is None:
+        return Provenance(reference)
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri)
+    run = client.get_run(run_id)
+    params = run.data.params
+    dataset = run.data.tags.get("data")
+    hyper = {k: v for k, v in sorted(params.items()) if k.startswith(HYPERPARAMETER_PREFIXES)}
+    found = resolve_version(client, str(reference)) if MODEL_URI.match(str(reference)) else None
+    if found is None:
+        return Provenance(reference, run_id, tracking_uri, hyperparameters=hyper, dataset=dataset)
+    version = str(found.version)
+    return Provenance(reference, run_id, tracking_uri, found.name, version, hyper, dataset)
 
 
 def package_name(reference: str) -> str:
@@ -98,6 +127,16 @@ def package_model(
             padded,
             name,
         )
+    item_path = folder / f"{name}.stac.json"
+    item = model_item(
+        metadata,
+        graph,
+        item_path,
+        sum(p.numel() for p in model.torch_module.parameters()),
+        provenance_of(str(reference), model.source_run_id, tracking_uri),
+        name,
+    )
+    write_text(item_path, json.dumps(item.to_dict(include_self_link=False), indent=2))
     log.info(
         "packaged %s: %s (tile %d, overlap %d px; classes agree with PyTorch on %.4f%%), %s",
         reference,
@@ -107,7 +146,7 @@ def package_model(
         100 * agreement,
         dlpk,
     )
-    return Package(folder, graph, style, dlpk, agreement)
+    return Package(folder, graph, style, dlpk, agreement, item_path)
 
 
 def _padded_graph(
