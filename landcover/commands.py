@@ -259,6 +259,7 @@ evaluate = command_main("landcover.evaluate:run_evaluation", "evaluate")
 export = command_main("landcover.interop.export:run_export", "export")
 package = command_main("landcover.interop.package:run_package", "package")
 promote = command_main("landcover.registry.promote:run_promotion", "promote")
+champion = command_main("landcover.registry.champion:run_champion", "champion")
 _import_cntk = command_main("landcover.interop.import_cntk:run_import", "import_cntk")
 
 

@@ -423,6 +423,22 @@ class PromoteCommandConfig:
     registry: RegistryConfig
     against: str | None
     force: bool
+    reason: str
+    package: bool
+    tracking: TrackingConfig
+
+
+@dataclass
+class ChampionCommandConfig:
+    """landcover-champion."""
+
+    action: str
+    to: str | None
+    reason: str
+    metric: str
+    force: bool
+    package: bool
+    registry: RegistryConfig
     tracking: TrackingConfig
 
 
@@ -446,6 +462,7 @@ COMMAND_SCHEMAS: dict[str, type] = {
     "export": ExportCommandConfig,
     "package": PackageCommandConfig,
     "promote": PromoteCommandConfig,
+    "champion": ChampionCommandConfig,
     "import_cntk": ImportCntkCommandConfig,
 }
 

@@ -32,6 +32,7 @@ LAYERS = [
         "sweep",
         "interop",
         "registry.promote",
+        "registry.champion",
         "serving.server",
         "tracking.team",
         "studio.app",

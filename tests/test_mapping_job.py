@@ -407,3 +407,43 @@ def test_the_job_run_spans_the_job_and_describes_it(tmp_path):
     description = run.data.tags["mlflow.note.content"]
     assert description.startswith("Mapping job: 4 mapped, 0 already mapped, 0 failed")
     assert f"model: {MODEL}" in description or "model:" in description
+
+
+def test_a_job_is_a_stac_collection_of_its_maps(tmp_path):
+    """Four maps -> <folder>/stac/: a Collection over the region and an Item per map that
+    pystac reads back, each asset a map that exists with the map's own classes and colours,
+    its grid (projection), `derived_from` its input and a link to the model."""
+    import pystac
+    from pystac.extensions.classification import ClassificationExtension
+    from pystac.extensions.projection import ProjectionExtension
+
+    from landcover.interop.stac_model_item import validate_core
+
+    paths = tiles(tmp_path / "in", 4)
+    done = job(tmp_path, f"{tmp_path}/in/*.tif", tmp_path / "out")
+    assert done.returncode == 0, done.stderr[-2000:]
+    collection = pystac.Collection.from_file(str(tmp_path / "out" / "stac" / "collection.json"))
+    stac = tmp_path / "out" / "stac"
+    validate_core(json.loads((stac / "collection.json").read_text()), "collection")
+    items = sorted(collection.get_items(), key=lambda item: item.id)
+    assert [item.id for item in items] == [f"tile_{i:02d}_landcover" for i in range(4)]
+    west, south, east, north = collection.extent.spatial.bboxes[0]
+    for item, source in zip(items, paths, strict=True):
+        validate_core(json.loads((stac / f"{item.id}.json").read_text()), "item")
+        asset = item.assets["map"]
+        path = Path(asset.get_absolute_href())
+        assert path.is_file() and path.parent == tmp_path / "out"
+        with rasterio.open(path) as src:
+            colours = src.colormap(1)
+            assert ProjectionExtension.ext(item).epsg == src.crs.to_epsg()
+            assert ProjectionExtension.ext(item).shape == [src.height, src.width]
+        classes = ClassificationExtension.ext(asset).classes
+        names = gdal_category_names(path)
+        assert [c.name for c in classes] == [n for n in names if n]
+        for c in classes:
+            assert c.color_hint == "".join(f"{v:02X}" for v in colours[c.value][:3])
+        (derived,) = item.get_links("derived_from")
+        assert Path(derived.href) == source.resolve()
+        assert [link.href for link in item.get_links("via")] == [str(MODEL)]
+        left, bottom, right, top = item.bbox
+        assert west <= left < right <= east and south <= bottom < top <= north

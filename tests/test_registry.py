@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -307,3 +308,91 @@ def test_concurrent_promotions_stay_consistent(store, client):
         assert sorted(per_run) == sorted(set(per_run)), f"round {round_}: {per_run}"
         champion = client.get_model_version_by_alias(name, "champion")
         assert champion.run_id == better, f"round {round_}: champion is {champion.run_id}"
+
+
+def test_champion_history_records_every_decision_and_restore_puts_a_version_back(store, client):
+    """Three promotions (one refused, one forced) and a restore through `landcover-champion`:
+    four entries in order with who, when, versions and both values; the restored version is
+    the champion every models:/...@champion reference loads, and it carries its GIS package."""
+    from landcover.interop.stac_model_item import validate_item
+    from landcover.registry.history import current_user, entries
+
+    uri, ranked, values, other, tmp = store
+    name = "history_model"  # its own registered model: the history outlives `client`'s cleanup
+    middle, worst = ranked[1], ranked[0]
+
+    def promote_one(run_id, **kwargs):
+        candidate = candidate_of_run(client, run_id, METRIC)
+        return promote(client, candidate, name=name, experiment="reg", **kwargs)
+
+    first = promote_one(middle, reason="first good model")
+    refused = promote_one(worst)
+    forced = promote_one(other, force=True, reason="new imagery")
+    assert (first.champion, refused.champion, forced.champion) == (True, False, True)
+    script = f"{sys.prefix}/bin/landcover-champion"
+    done = subprocess.run(
+        [script, "action=restore", "to=previous", f"registry.name={name}", f"tracking.uri={uri}",
+         "reason=forced model misses roads", "force=true"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+
+    found = entries(client, name)
+    assert [e.action for e in found] == ["promoted", "refused", "forced", "restored"]
+    assert [(e.from_version, e.to_version) for e in found] == [
+        (None, "1"), ("1", "2"), ("1", "3"), ("3", "1"),
+    ]  # fmt: skip
+    assert [e.moved for e in found] == [True, False, True, True]
+    other_value = metric_of(client, client.get_run(other), METRIC)
+    assert found[1].from_value == values[middle] and found[1].to_value == values[worst]
+    assert found[3].from_value == other_value and found[3].to_value == values[middle]
+    assert found[3].reason == "forced model misses roads" and found[2].reason == "new imagery"
+    assert all(e.who == current_user() for e in found)
+    assert [e.when for e in found] == sorted(e.when for e in found)
+
+    aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+    assert aliases == {"champion": "1", "previous": "3"}
+    loaded = artifacts.load(f"models:/{name}@champion", tracking_uri=uri, device="cpu")
+    assert loaded.source_run_id == middle
+    listed = subprocess.run(
+        [script, f"registry.name={name}", f"tracking.uri={uri}"],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert listed.returncode == 0, listed.stderr[-2000:]
+    lines = [line for line in listed.stdout.splitlines() if line.strip()]
+    assert len(lines) == 4 and "restored" in lines[3] and "v3 -> v1" in lines[3]
+
+    # the restored champion carries its package: QGIS, ArcGIS Pro and an MLM Item
+    version = client.get_model_version(name, "1")
+    assert version.tags["landcover.package"] == f"runs:/{middle}/gis"
+    kept = {f.path for f in client.list_artifacts(middle, "gis")}
+    assert {"gis/qgis", "gis/arcgis", f"gis/{name}.stac.json"} <= kept
+    item = json.loads(
+        (Path(client.download_artifacts(middle, f"gis/{name}.stac.json", str(tmp)))).read_text()
+    )
+    validate_item(item)
+    assert item["properties"]["landcover:model_version"] == "1"
+    # a mapping job with the champion links its catalog to that Item
+    from landcover.mapping.job import model_link
+
+    link = model_link(f"models:/{name}@champion", uri)
+    assert link.item_href == f"runs:/{middle}/gis/{name}.stac.json"
+
+
+def test_a_restore_has_a_promotions_guards(store, client):
+    from landcover.registry.restore import restore
+
+    uri, ranked, _, other, _ = store
+    name = "restore_guards"
+    promote(client, candidate_of_run(client, ranked[0], METRIC), name=name, experiment="reg")
+    with pytest.raises(PromotionError, match="names no registered version"):
+        restore(client, name=name, to="previous", metric=METRIC)
+    with pytest.raises(PromotionError, match="already champion"):
+        restore(client, name=name, to="1", metric=METRIC)
+    promote(
+        client, candidate_of_run(client, other, METRIC), name=name, experiment="reg", force=True
+    )
+    with pytest.raises(PromotionError, match="other data.*force=true"):
+        restore(client, name=name, to="previous", metric=METRIC)
+    aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+    assert aliases == {"champion": "2", "previous": "1"}  # a refused restore moves nothing

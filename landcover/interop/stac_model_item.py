@@ -192,24 +192,31 @@ class StacValidationError(ValueError):
     """The Item does not follow STAC core or the MLM extension."""
 
 
-def validate_item(document: dict[str, Any]) -> MLModelProperties:
-    """Check an MLM Item offline: STAC core against the schemas pystac ships (no network),
-    the MLM fields with stac-model's models; each failure names the field."""
+def validate_core(document: dict[str, Any], kind: str = "item") -> None:
+    """Check a STAC Item, Catalog or Collection against STAC core's schemas as pystac ships
+    them (no network); the first failure names where."""
     from jsonschema import Draft7Validator
     from jsonschema.exceptions import best_match
-    from pydantic import ValidationError
     from pystac.validation.local_validator import get_local_schema_cache
     from referencing import Registry, Resource
 
     cache = get_local_schema_cache()
-    item_uri = next(uri for uri in cache if uri.endswith("item-spec/json-schema/item.json"))
+    uri = next(uri for uri in cache if uri.endswith(f"{kind}-spec/json-schema/{kind}.json"))
     registry: Registry = Registry().with_resources(
         (uri, Resource.from_contents(schema)) for uri, schema in cache.items()
     )
-    error = best_match(Draft7Validator(cache[item_uri], registry=registry).iter_errors(document))
+    error = best_match(Draft7Validator(cache[uri], registry=registry).iter_errors(document))
     if error is not None:
         where = "/".join(str(part) for part in error.absolute_path) or "the document"
-        raise StacValidationError(f"not a STAC Item: {where}: {error.message[:200]}")
+        raise StacValidationError(f"not a STAC {kind}: {where}: {error.message[:200]}")
+
+
+def validate_item(document: dict[str, Any]) -> MLModelProperties:
+    """Check an MLM Item offline: STAC core against the schemas pystac ships (no network),
+    the MLM fields with stac-model's models; each failure names the field."""
+    from pydantic import ValidationError
+
+    validate_core(document, "item")
     mlm = {k[4:]: v for k, v in document.get("properties", {}).items() if k.startswith("mlm:")}
     try:
         return MLModelProperties.model_validate(mlm)

@@ -17,6 +17,7 @@ import os
 import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,7 @@ from landcover.mapping.manifest import (
     job_lock,
     output_is_complete,
 )
+from landcover.mapping.stac_catalog import MappedRaster, ModelLink, write_collection
 from landcover.tracking.system_metrics import SystemSamples, sampling
 
 # the longer side of the region's overview COG (what the job's run holds of the region)
@@ -60,6 +62,7 @@ class JobSummary:
     skipped: list[Row] = field(default_factory=list)
     failed: list[Row] = field(default_factory=list)
     mosaics: dict[str, Path] = field(default_factory=dict)
+    catalog: Path | None = None  # <folder>/stac/collection.json: the maps as STAC Items
     run_id: str | None = None
     seconds: float = 0.0
     started_at: float = field(default_factory=time.time)  # wall clock, for the run's start
@@ -158,6 +161,7 @@ def _run_in_folder(
         done = [rows[i.source] for i in inputs if rows[i.source].status == DONE]
         if folder_mode:
             summary.mosaics = _region_outputs(folder, done, int(cfg.quicklook_size))
+            summary.catalog = _catalog(cfg, summary, done)
         if cfg.log_to_mlflow:
             summary.run_id = _record_job(cfg, spec, summary, done, folder_mode, system)
     if summary.failed:
@@ -324,6 +328,39 @@ def _region_outputs(folder: Path, done: list[Row], quicklook_size: int) -> dict[
             figure.savefig(staged, dpi=100, format="png")
         plt.close(figure)
     return mosaics
+
+
+def model_link(reference: str, tracking_uri: str | None) -> ModelLink:
+    """The model a job's catalog links to: a registry version's MLM Item when the version
+    carries its GIS package (every champion does), else the reference itself."""
+    if not reference.startswith("models:/"):
+        return ModelLink(reference)
+    from mlflow.tracking import MlflowClient
+
+    from landcover.registry.promotion import PACKAGE_TAG, resolve_version
+
+    try:
+        version = resolve_version(MlflowClient(tracking_uri), reference)
+    except LandcoverError:
+        version = None
+    package = version.tags.get(PACKAGE_TAG) if version is not None else None
+    if version is None or not package:
+        return ModelLink(reference)
+    return ModelLink(
+        f"models:/{version.name}/{version.version}", f"{package}/{version.name}.stac.json"
+    )
+
+
+def _catalog(cfg: DictConfig, summary: JobSummary, done: list[Row]) -> Path:
+    """The job's maps as a STAC Collection in `<folder>/stac/`."""
+    reference = summary.model_reference or str(cfg.model)
+    rasters = [MappedRaster(row.input, Path(row.output)) for row in done]
+    return write_collection(
+        summary.folder / "stac",
+        rasters,
+        model_link(reference, cfg.tracking.uri),
+        datetime.fromtimestamp(summary.started_at, UTC),
+    )
 
 
 def _record_job(

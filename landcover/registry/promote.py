@@ -13,6 +13,7 @@ from omegaconf import DictConfig
 
 from landcover.config import plain_dict
 from landcover.errors import ConfigError
+from landcover.registry.champion import package_if_moved
 from landcover.registry.promotion import Promotion, candidate_of_run, find_best_run, promote
 
 log = logging.getLogger("landcover.registry.promote")
@@ -47,6 +48,7 @@ def run_promotion(cfg: DictConfig) -> Promotion:
         previous_alias=cfg.registry.previous_alias,
         against=cfg.against,
         force=bool(cfg.force),
+        reason=str(cfg.reason or ""),
     )
     log.info(
         "run %s (%s %.4f) -> %s version %s (%s); %s; aliases %s",
@@ -59,4 +61,5 @@ def run_promotion(cfg: DictConfig) -> Promotion:
         result.reason,
         result.aliases,
     )
+    package_if_moved(cfg, result)
     return result

@@ -25,11 +25,16 @@ from mlflow.tracking import MlflowClient
 
 from landcover import locks
 from landcover.errors import LandcoverError
+from landcover.registry import history
 
 log = logging.getLogger("landcover.registry.promotion")
 
 MODEL_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/]+)|/(?P<version>\d+))$")
 FINGERPRINT_TAG = "dataset_fingerprint"
+# a champion's GIS package (landcover-package) is logged with its run under PACKAGE_ARTIFACTS;
+# the version's PACKAGE_TAG names where (runs:/<run>/gis), its MLM Item is <model name>.stac.json
+PACKAGE_TAG = "landcover.package"
+PACKAGE_ARTIFACTS = "gis"
 LINEAGE_RUN_TAGS = (
     FINGERPRINT_TAG,
     "git.commit",
@@ -327,9 +332,12 @@ def promote(
     previous_alias: str = "previous",
     against: str | None = None,
     force: bool = False,
+    reason: str = "",
 ) -> Promotion:
     """Register the candidate and move `alias` to it if it beats the version `against` names
-    (default `models:/<name>@<alias>`) on the same metric and the same data.
+    (default `models:/<name>@<alias>`) on the same metric and the same data. Every decision,
+    refusals included, is appended to the champion's history (`registry.history`) with
+    `reason`, the reason the person gave.
 
     Decide, register and move the alias under one lock on the registry's store (a file lock
     beside SQLite, an advisory lock on PostgreSQL): two promotions at once never give one run
@@ -346,6 +354,7 @@ def promote(
             previous_alias=previous_alias,
             against=against,
             force=force,
+            reason=reason,
         )
 
 
@@ -360,25 +369,36 @@ def _promote(
     previous_alias: str,
     against: str | None,
     force: bool,
+    reason: str,
 ) -> Promotion:
     direction = resolve_direction(candidate.metric, direction)
     champion = resolve_version(client, against or f"models:/{name}@{alias}")
     if champion is None and against:
         raise PromotionError(f"against={against!r} names no registered model version")
     champion_value: float | None = None
+
+    def refuse(message: str) -> PromotionError:
+        history.record(
+            client, action="refused", alias=alias, model=name,
+            from_version=str(champion.version) if champion else None, to_version=None,
+            metric=candidate.metric, from_value=champion_value, to_value=candidate.value,
+            reason=reason, decision=f"run {candidate.run_id}: {message}", moved=False,
+        )  # fmt: skip
+        return PromotionError(message)
+
     if champion is not None and champion.run_id != candidate.run_id:
         champion_run = client.get_run(str(champion.run_id))
         fingerprint = champion_run.data.tags.get(FINGERPRINT_TAG)
+        champion_value = metric_of(client, champion_run, candidate.metric)
         if fingerprint != candidate.fingerprint and not force:
-            raise PromotionError(
+            raise refuse(
                 f"run {candidate.run_id} was evaluated on other data than the current champion "
                 f"({name} version {champion.version}, run {champion.run_id}): dataset "
                 f"fingerprint {candidate.fingerprint} vs {fingerprint}; their {candidate.metric} "
                 "values are not comparable (force=true promotes anyway)"
             )
-        champion_value = metric_of(client, champion_run, candidate.metric)
         if champion_value is None and not force:
-            raise PromotionError(
+            raise refuse(
                 f"the current champion ({name} version {champion.version}) has no metric "
                 f"{candidate.metric!r} to compare with (force=true promotes anyway)"
             )
@@ -419,4 +439,16 @@ def _promote(
         client.set_registered_model_alias(name, alias, version.version)
     client.set_model_version_tag(name, version.version, "landcover.promotion", result.reason)
     result.aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+    if already:
+        action = "kept"
+    elif not result.champion:
+        action = "refused"
+    else:
+        action = "forced" if force and result.reason == "forced" else "promoted"
+    history.record(
+        client, action=action, alias=alias, model=name,
+        from_version=str(champion.version) if champion else None, to_version=result.version,
+        metric=candidate.metric, from_value=champion_value, to_value=candidate.value,
+        reason=reason, decision=result.reason, moved=result.champion and not already,
+    )  # fmt: skip
     return result
