@@ -359,6 +359,7 @@ def test_champion_history_records_every_decision_and_restore_puts_a_version_back
         capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert listed.returncode == 0, listed.stderr[-2000:]
+    print(listed.stdout)
     lines = [line for line in listed.stdout.splitlines() if line.strip()]
     assert len(lines) == 4 and "restored" in lines[3] and "v3 -> v1" in lines[3]
 
