@@ -344,3 +344,60 @@ def test_a_shared_studio_lets_in_team_members_only_and_records_who_edited(
     assert run.data.tags["landcover.studio.author"] == "ann"  # the member who asked for it
     rows = EditLog(tmp_path / "session", image, artifacts.load(str(model)).schema).rows()
     assert [row.author for row in rows] == ["ann"]
+
+
+def screen_colours(shot: Path, points: list[dict]) -> np.ndarray:
+    from PIL import Image
+
+    picture = np.asarray(Image.open(shot).convert("RGB")).astype(int)
+    return np.array([picture[int(p["y"]), int(p["x"])] for p in points])
+
+
+@pytest.mark.slow
+@pytest.mark.shared
+def test_real_naip_shows_in_true_and_false_colour_in_chromium(scene, shared, tmp_path):
+    """A real patch (band 4 tagged alpha, as the USDA tags NAIP): the page's imagery is the
+    GeoTIFF's bands after the scene's stretch, in true colour and NIR false colour."""
+    from landcover.studio.tiles import Display
+
+    sync_api = pytest.importorskip("playwright.sync_api", reason="pip install playwright")
+    if not Path(CHROMIUM).exists():
+        pytest.skip("no Chromium: apt-get install chromium (Debian's package; .ci/run does)")
+    image = shared / "data" / "chesapeake-sample" / "val" / "m_3708035_ne_17_1-2_naip-old.tif"
+    display = Display.of(image)
+    with rasterio.open(image) as src:
+        pixels = src.read()
+    rng = np.random.default_rng(0)
+    sample = rng.integers(8, 248, (300, 2))  # (row, col), away from the edge
+    real = (image, scene[1])
+    with studio(real, tmp_path, free_port()) as app, sync_api.sync_playwright() as pw:
+        browser = pw.chromium.launch(executable_path=CHROMIUM, args=["--no-sandbox"])
+        page = browser.new_page(viewport={"width": 1100, "height": 760})
+        page.goto(app.printed)
+        page.wait_for_selector("body[data-ready='1']", timeout=30_000)
+        page.get_by_label("model's map").uncheck()
+        page.get_by_label("corrections").uncheck()
+        points = page.evaluate(
+            "(pixels) => pixels.map(([c, r]) => studio.screenPoint(c + 0.5, r + 0.5))",
+            [[int(c), int(r)] for r, c in sample],
+        )
+        shots = {}
+        for kind, label in (
+            ("rgb", "imagery (true colour)"),
+            ("nir", "imagery (NIR false colour)"),
+        ):
+            page.get_by_label(label).check()
+            page.wait_for_load_state("networkidle")
+            time.sleep(0.8)  # tiles fade in
+            shots[kind] = tmp_path / f"{kind}.png"
+            page.screenshot(path=str(shots[kind]))
+        browser.close()
+    for kind, shot in shots.items():
+        seen = screen_colours(shot, points)
+        bands = np.array(display.bands(kind)) - 1
+        chosen = pixels[bands][:, sample[:, 0], sample[:, 1]]  # (3, points)
+        expected = np.round(display.stretched(chosen[:, :, None], kind)[:, :, 0] * 255).T
+        difference = np.abs(seen - expected)
+        print(f"{kind}: mean |screen - GeoTIFF after stretch| {difference.mean():.1f}")
+        assert seen.std() > 20, kind  # a picture, not a grey ghost
+        assert np.median(difference) <= 12, kind  # the page's zoom resamples the tiles

@@ -81,7 +81,7 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
 
     app = FastAPI(title="landcover-studio", docs_url=None, redoc_url=None, openapi_url=None)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
-    stretch = tiles.Stretch.of(session.image)
+    display = session.display or tiles.Display.of(session.image)
     maxzoom = tiles.max_zoom(session.image)
     team = TeamCredentials(settings.tracking_uri) if settings.allow_remote else None
     gate: Gate = settings.gate
@@ -192,6 +192,7 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
             "author": request.state.author,
             "session": str(session.folder),
             "train_command": train_command(session),
+            "bands": {"rgb": list(display.rgb), "nir": display.nir},
         }
 
     @app.get("/api/scene")
@@ -202,7 +203,7 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
     def tile(layer: str, version: str, z: int, x: int, y: int) -> Response:
         found = next((v for v in session.versions if v.id == version), None)
         if layer in tiles.IMAGERY:
-            data = tiles.imagery_tile(session.image, layer, stretch, x, y, z)
+            data = tiles.imagery_tile(display, layer, x, y, z)
         elif layer == "corrections":
             data = tiles.class_tile(session.edits.raster, corrections_colours, x, y, z)
         elif layer in ("classes", "confidence") and found is not None:
@@ -328,6 +329,17 @@ def train_command(session: Any) -> str:
     )
 
 
+def _bands(text: str) -> tuple[int, int, int]:
+    """`R,G,B` -> three band numbers (1-based)."""
+    try:
+        bands = tuple(int(part) for part in text.split(","))
+    except ValueError:
+        bands = ()
+    if len(bands) != 3 or min(bands) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not three band numbers R,G,B (from 1)")
+    return bands
+
+
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     """The command line (a plain parser: the studio is a server, not a Hydra job)."""
     from landcover.locks import absolute_sqlite_url
@@ -358,6 +370,20 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         type=Path,
         help="folder of the session (default studio/<image>, or "
         "studio/<image>_<col>_<row>_<width>x<height> with --window)",
+    )
+    parser.add_argument(
+        "--rgb-bands",
+        type=_bands,
+        metavar="R,G,B",
+        help="bands drawn as true colour (default: from the bands' names or colour "
+        "interpretation, else 1,2,3; 8-band WorldView: 5,3,2)",
+    )
+    parser.add_argument(
+        "--nir-band",
+        type=int,
+        metavar="N",
+        help="the near-infrared band of the false colour layer (default: from the bands' names, "
+        "else the 4th of 4 as in NAIP, which tags it alpha; none for 3 bands)",
     )
     parser.add_argument("--host", default="127.0.0.1")
     parser.add_argument("--port", type=int, default=8765)
@@ -419,7 +445,11 @@ def main(argv: list[str] | None = None) -> None:
 
             image, labels = cut_scene(image, labels, tuple(args.window), args.session)
             log.info("window %s of %s: %s", " ".join(map(str, args.window)), args.image, image)
+        from landcover.studio.tiles import Display
+
+        display = Display.of(image, args.rgb_bands, args.nir_band)  # a wrong band: said now
         session = Session.open(image, args.model, args.session, args.tracking_uri, log, labels)
+        session.display = display
         closed = close_orphaned_runs(session, args.tracking_uri, args.experiment)
         if closed:
             log.info("%d retrain run(s) left RUNNING by a stopped studio ended FAILED", closed)

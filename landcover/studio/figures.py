@@ -13,19 +13,26 @@ import rasterio  # noqa: E402
 from matplotlib.patches import Patch  # noqa: E402
 
 from landcover.data.schema import IGNORE_INDEX, ClassSchema  # noqa: E402
+from landcover.studio.tiles import Display  # noqa: E402
 
 MAX_EDGE = 1024  # pixels drawn per side: larger scenes are decimated for the picture
 
 
 def before_after(
-    image: Path, before: np.ndarray, corrections: np.ndarray, after: np.ndarray, schema: ClassSchema
+    image: Path,
+    before: np.ndarray,
+    corrections: np.ndarray,
+    after: np.ndarray,
+    schema: ClassSchema,
+    display: Display | None = None,
 ) -> plt.Figure:
-    """Four panels side by side, class colours from the schema, uncorrected pixels blank."""
+    """Four panels side by side, class colours from the schema, uncorrected pixels blank; the
+    imagery in the page's bands and stretch (`display`)."""
     step = max(1, max(before.shape) // MAX_EDGE)
+    display = display or Display.of(image)
     with rasterio.open(image) as src:
-        rgb = src.read((1, 2, 3))[:, ::step, ::step].astype(np.float32)
-    low, high = np.percentile(rgb, 2), np.percentile(rgb, 98)
-    rgb = np.clip((rgb - low) / max(high - low, 1.0), 0, 1).transpose(1, 2, 0)
+        pixels = src.read(display.rgb)[:, ::step, ::step]
+    rgb = display.stretched(pixels).transpose(1, 2, 0)
     palette = np.vstack([schema.rgb_palette(), [[255, 255, 255]]]).astype(np.float32) / 255
     shown = np.where(corrections == IGNORE_INDEX, len(schema.classes), corrections)
     panels = [

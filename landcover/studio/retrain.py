@@ -157,7 +157,9 @@ def _log_evidence(
             mlflow.log_artifact(str(Path(tmp) / path.name), "corrections")
     from landcover.studio.figures import before_after
 
-    figure = before_after(session.image, before, corrections, after, session.schema)
+    figure = before_after(
+        session.image, before, corrections, after, session.schema, session.display
+    )
     mlflow.log_figure(figure, "studio/before_after.png")
     import matplotlib.pyplot as plt
 

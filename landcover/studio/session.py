@@ -78,6 +78,8 @@ class Session:
     # the map of one version (id, class indices, confidence), kept: the current version's is
     # read by every retrain (its start) and every "accept the map" stroke
     shown: tuple[str, np.ndarray, np.ndarray] | None = None
+    # how the imagery is drawn (bands, stretch), the same in the page and the pictures
+    display: Any = None
 
     # -- opening -------------------------------------------------------------------------
     @classmethod

@@ -1,5 +1,11 @@
 """Map tiles cut from the scene's GeoTIFFs as the page asks for them (rio-tiler).
 
+Imagery is drawn from the scene's bands whatever their colour interpretation says: real NAIP
+tags band 4 (near-infrared) as *alpha*, and rio-tiler, as any GDAL reader, would then make the
+near-infrared the tiles' transparency (the page showed a dark grey ghost). So the imagery is read
+through a VRT that sets every band's interpretation aside, and the bands for true and false
+colour are chosen from the bands' names, their interpretation, or their count (`Display`).
+
 Tiles are in the image's own pixel grid (rio-tiler's `ImageReader`: zoom `maxzoom` is full
 resolution, each zoom out halves it), so the page shows every pixel as it is in the file, with
 no reprojection, and works the same for rasters without a CRS (the real sample patches). The
@@ -11,6 +17,7 @@ from __future__ import annotations
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
+from xml.sax.saxutils import escape
 
 import numpy as np
 import rasterio
@@ -18,8 +25,22 @@ from rio_tiler.colormap import cmap
 from rio_tiler.errors import NoOverviewWarning, TileOutsideBounds
 from rio_tiler.io import ImageReader
 
+from landcover.errors import LandcoverError
+
 TILE = 256
-IMAGERY = {"rgb": (1, 2, 3), "nir": (4, 1, 2)}  # false colour: vegetation red
+IMAGERY = (
+    "rgb",
+    "nir",
+)  # true colour; NIR false colour (near-infrared, red, green: vegetation red)
+# band order by count where the file names none: NAIP (R, G, B, NIR); WorldView-2/3's 8 bands
+# (coastal, blue, green, yellow, red, red edge, NIR1, NIR2)
+BANDS_BY_COUNT = {3: ((1, 2, 3), None), 4: ((1, 2, 3), 4), 8: ((5, 3, 2), 7)}
+NAMES = {
+    "red": ("red", "r"),
+    "green": ("green", "g"),
+    "blue": ("blue", "b"),
+    "nir": ("nir", "nir1", "near-infrared", "near infrared", "nearinfrared", "n"),
+}
 
 
 @dataclass(frozen=True)
@@ -43,6 +64,90 @@ class Stretch:
         return cls(low, high)
 
 
+def choose_bands(path: Path) -> tuple[tuple[int, int, int], int | None]:
+    """(red, green, blue) and near-infrared band numbers of `path`: from the bands' names
+    (descriptions), else their red/green/blue interpretation (near-infrared: a 4th band, even
+    tagged alpha as NAIP tags it), else by count (`BANDS_BY_COUNT`); a scene of one or two bands
+    is grey."""
+    with rasterio.open(path) as src:
+        count, names = src.count, [(d or "").strip().lower() for d in src.descriptions]
+        interpretation = [c.name for c in src.colorinterp]
+    found = {
+        colour: next((i + 1 for i, n in enumerate(names) if n in aliases), None)
+        for colour, aliases in NAMES.items()
+    }
+    if found["red"] and found["green"] and found["blue"]:
+        return (found["red"], found["green"], found["blue"]), found["nir"]
+    if all(c in interpretation for c in ("red", "green", "blue")):
+        rgb = tuple(interpretation.index(c) + 1 for c in ("red", "green", "blue"))
+        rest = [b for b in range(1, count + 1) if b not in rgb]
+        return rgb, (found["nir"] or (rest[0] if rest else None))  # type: ignore[return-value]
+    if count in BANDS_BY_COUNT:
+        return BANDS_BY_COUNT[count]
+    return ((1, 2, 3), None) if count >= 3 else ((1, 1, 1), None)
+
+
+def band_source(path: Path) -> str:
+    """A VRT (XML, opened by GDAL as it is) of every band of `path` with no colour
+    interpretation and no mask taken from an alpha band: its pixels as they are."""
+    from rasterio.dtypes import _gdal_typename
+
+    with rasterio.open(path) as src:
+        width, height, nodata = src.width, src.height, src.nodata
+        types = [_gdal_typename(dtype) for dtype in src.dtypes]
+    source = escape(str(Path(path).resolve()))
+    fill = "" if nodata is None else f"<NoDataValue>{nodata!r}</NoDataValue>"
+    bands = "".join(
+        f'<VRTRasterBand dataType="{kind}" band="{b}">{fill}<ColorInterp>Undefined</ColorInterp>'
+        f'<SimpleSource><SourceFilename relativeToVRT="0">{source}</SourceFilename>'
+        f"<SourceBand>{b}</SourceBand></SimpleSource></VRTRasterBand>"
+        for b, kind in enumerate(types, start=1)
+    )
+    return f'<VRTDataset rasterXSize="{width}" rasterYSize="{height}">{bands}</VRTDataset>'
+
+
+@dataclass(frozen=True)
+class Display:
+    """How the scene is drawn, the same in the page's tiles and the retrain's pictures: the
+    bands of true and false colour, each band's stretch, and the source tiles are read from."""
+
+    source: str
+    rgb: tuple[int, int, int]
+    nir: int | None
+    stretch: Stretch
+
+    @classmethod
+    def of(
+        cls, path: Path, rgb: tuple[int, int, int] | None = None, nir: int | None = None
+    ) -> Display:
+        """`rgb`/`nir`: the bands to use (1-based) where the file's own are not the right ones."""
+        chosen_rgb, chosen_nir = choose_bands(path)
+        with rasterio.open(path) as src:
+            count = src.count
+        rgb = rgb or chosen_rgb
+        nir = nir or chosen_nir
+        for band in (*rgb, *([nir] if nir else [])):
+            if not 1 <= band <= count:
+                raise LandcoverError(
+                    f"{path}: band {band} does not exist (the scene has {count}): "
+                    "see --rgb-bands and --nir-band"
+                )
+        return cls(band_source(path), rgb, nir, Stretch.of(path))
+
+    def bands(self, kind: str) -> tuple[int, int, int] | None:
+        """The bands drawn as red, green and blue for `kind` (None: the scene has no NIR)."""
+        if kind == "rgb":
+            return self.rgb
+        return (self.nir, self.rgb[0], self.rgb[1]) if self.nir else None
+
+    def stretched(self, pixels: np.ndarray, kind: str = "rgb") -> np.ndarray:
+        """(3, rows, cols) of `kind`'s bands -> floats in [0, 1] with the tiles' stretch."""
+        bands = self.bands(kind) or self.rgb
+        low = np.array([self.stretch.low[b - 1] for b in bands], np.float32)[:, None, None]
+        high = np.array([self.stretch.high[b - 1] for b in bands], np.float32)[:, None, None]
+        return np.clip((pixels.astype(np.float32) - low) / (high - low), 0, 1)
+
+
 def max_zoom(path: Path) -> int:
     """The zoom level at which one tile pixel is one image pixel (rio-tiler's local grid)."""
     with warnings.catch_warnings():
@@ -51,7 +156,7 @@ def max_zoom(path: Path) -> int:
             return int(reader.maxzoom)
 
 
-def _read(path: Path, x: int, y: int, z: int, indexes: tuple[int, ...]):  # noqa: ANN202
+def _read(path: Path | str, x: int, y: int, z: int, indexes: tuple[int, ...]):  # noqa: ANN202
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", NoOverviewWarning)
         with ImageReader(str(path)) as reader:
@@ -61,13 +166,16 @@ def _read(path: Path, x: int, y: int, z: int, indexes: tuple[int, ...]):  # noqa
                 return None
 
 
-def imagery_tile(path: Path, kind: str, stretch: Stretch, x: int, y: int, z: int) -> bytes | None:
-    """A PNG of the imagery in true colour (`rgb`) or NIR false colour (`nir`)."""
-    indexes = IMAGERY[kind]
-    data = _read(path, x, y, z, indexes)
+def imagery_tile(display: Display, kind: str, x: int, y: int, z: int) -> bytes | None:
+    """A PNG of the imagery in true colour (`rgb`) or NIR false colour (`nir`); None where the
+    tile is outside the scene or the scene has no near-infrared band."""
+    indexes = display.bands(kind)
+    if indexes is None:
+        return None
+    data = _read(display.source, x, y, z, indexes)
     if data is None:
         return None
-    ranges = [(stretch.low[i - 1], stretch.high[i - 1]) for i in indexes]
+    ranges = [(display.stretch.low[i - 1], display.stretch.high[i - 1]) for i in indexes]
     return data.rescale(in_range=ranges).render(img_format="PNG")
 
 

@@ -294,13 +294,17 @@ async function start() {
   });
   fitImage();
   layers.rgb = tileLayer("rgb/now").addTo(map);
-  layers.nir = tileLayer("nir/now");
+  const imagery = { "imagery (true colour)": layers.rgb };
+  if (scene.bands.nir) {  // a scene without a near-infrared band has no false colour
+    layers.nir = tileLayer("nir/now");
+    imagery["imagery (NIR false colour)"] = layers.nir;
+  }
   layers.classes = tileLayer(`classes/${scene.version.id}`).addTo(map);
   layers.confidence = tileLayer(`confidence/${scene.version.id}`);
   layers.corrections = tileLayer("corrections/now", "?n=0").addTo(map);
   layers.classes.setOpacity(0.6);
   L.control.layers(
-    { "imagery (true colour)": layers.rgb, "imagery (NIR false colour)": layers.nir },
+    imagery,
     { "model's map": layers.classes, confidence: layers.confidence, corrections: layers.corrections },
     { collapsed: false },
   ).addTo(map);
