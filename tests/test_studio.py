@@ -311,6 +311,16 @@ def test_a_retrain_is_a_run_with_its_start_its_data_and_a_promotable_model(sessi
     water = labels_of(session.image) == 1
     assert (mapped[water] == 0).mean() > 0.6  # whole-image forward: no context at the borders
     assert session.current == 1 and report.corrected_pixels > 0 and seconds < 30
+    # named after the scene and the version it makes, described; scored before and after
+    assert run.info.run_name == f"studio {session.image.stem} v1"
+    assert "corrected pixels in 1 stroke(s) by ann" in run.data.tags["mlflow.note.content"]
+    assert report.scores["before"]["mIoU"] == pytest.approx(
+        run.data.metrics["start/val/mIoU"], abs=1e-4
+    )
+    assert report.scores["after"]["mIoU"] == pytest.approx(run.data.metrics["val/mIoU"], abs=1e-4)
+    assert "labels" in report.scores["scored_on"]
+    with pytest.raises(StudioError, match="nothing new since the last retrain"):
+        retrain(session, uri, EXPERIMENT, "ann")  # R again with the same corrections
 
     classes_path, confidence_path = session.map_paths(version)
     with rasterio.open(classes_path) as src, rasterio.open(session.image) as img:

@@ -9,7 +9,8 @@ that is what the retrain's metrics report.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -36,6 +37,9 @@ class FitReport:
     corrected_accuracy_after: float
     changed_pixels: int  # pixels of the scene whose class changed
     steps: int
+    # overall accuracy and mIoU before and after, and what they were scored on (the scene's
+    # labels or the corrections): filled once the retrain's run has them
+    scores: dict[str, Any] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)

@@ -296,6 +296,7 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
         return {
             **state(request),
             "report": {**report.__dict__, "seconds": round(seconds, 2)},
+            "run": run_link(settings.tracking_uri, str(version.run_id)),
         }
 
     @app.post("/api/undo-retrain")
@@ -327,6 +328,21 @@ def train_command(session: Any) -> str:
         f"landcover-train data={data} data.root={session.folder.resolve()} "
         f"data/schema={session.schema.name} model={arch} init.model={session.version.model}"
     )
+
+
+def run_link(tracking_uri: str, run_id: str) -> dict[str, str]:
+    """The retrain's run for the page: its name, and its page in the MLflow UI when the
+    tracking store is a server (a SQLite file has no UI until `mlflow ui` serves it)."""
+    from mlflow.tracking import MlflowClient
+
+    run = MlflowClient(tracking_uri).get_run(run_id)
+    link = {"name": str(run.info.run_name), "url": "", "hint": ""}
+    if tracking_uri.startswith(("http://", "https://")):
+        base = tracking_uri.rstrip("/")
+        link["url"] = f"{base}/#/experiments/{run.info.experiment_id}/runs/{run_id}"
+    else:
+        link["hint"] = f"see it with: mlflow ui --backend-store-uri {tracking_uri}"
+    return link
 
 
 def _bands(text: str) -> tuple[int, int, int]:

@@ -15,7 +15,9 @@ import shutil
 import tempfile
 import time
 from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
+from typing import Any
 
 import mlflow
 import numpy as np
@@ -32,7 +34,25 @@ from landcover.tracking.datasets import ProfiledDataset, log_input_once_shared, 
 from landcover.tracking.runs import log_landcover_model, use_experiment
 
 log = logging.getLogger(__name__)
-RUN_NAME = "studio retrain"
+
+
+def run_name(session: Session) -> str:
+    """`studio <scene> v<n>`: the scene and the version the retrain makes (the start is v0)."""
+    return f"studio {session.image.stem} v{session.current + 1}"
+
+
+def run_description(session: Session, start: Version, corrections: np.ndarray) -> str:
+    """What the MLflow UI shows under the run's name."""
+    active = session.edits.active()
+    strokes = len({row.stroke for row in active})
+    authors = ", ".join(sorted({row.author for row in active})) or "nobody"
+    return (
+        f"Correction of `{start.model}` on `{session.image}` (session `{session.folder}`): "
+        f"{int((corrections != IGNORE_INDEX).sum())} corrected pixels in {strokes} stroke(s) "
+        f"by {authors}. The network's features are kept; its last layer is fitted to the "
+        "corrections, so the model is specific to this scene (a one-scene score: "
+        "`landcover-promote` wants `force=true` for it)."
+    )
 
 
 def corrections_dataset(session: Session, corrections: np.ndarray) -> ProfiledDataset:
@@ -66,9 +86,19 @@ def retrain(
     if not (corrections != IGNORE_INDEX).any():
         raise StudioError("no corrections yet: paint some pixels with a class first")
     start = session.version
+    digest = session.edits.digest()
+    if start.edits_digest == digest:
+        raise StudioError(
+            f"nothing new since the last retrain (v{session.current}): the corrections in force "
+            "are the ones it was fitted on; paint, accept or undo something first"
+        )
     use_experiment(tracking_uri, experiment)
-    tags = {**session.owner_tags(), "landcover.studio.author": author}
-    with mlflow.start_run(run_name=RUN_NAME, tags=tags) as run:
+    tags = {
+        **session.owner_tags(),
+        "landcover.studio.author": author,
+        "mlflow.note.content": run_description(session, start, corrections),
+    }
+    with mlflow.start_run(run_name=run_name(session), tags=tags) as run:
         try:
             version, report, seconds = _fit_and_log(session, start, corrections, run.info.run_id)
         except BaseException as err:
@@ -106,19 +136,19 @@ def _fit_and_log(
             "retrain/changed_share": report.changed_pixels / corrections.size,
         }
     )
-    _log_scores(session, before, fitted.classes, corrections)
+    report = replace(report, scores=_log_scores(session, before, fitted.classes, corrections))
     _log_evidence(session, before, fitted.classes, corrections)
     module = with_head(session.module, fitted.head, session.schema.num_classes)
     metadata = {**session.metadata, "init_model": start.model, "studio_image": str(session.image)}
     log_landcover_model(module, metadata)
-    version = Version(run_id, f"runs:/{run_id}/model", run_id)
+    version = Version(run_id, f"runs:/{run_id}/model", run_id, session.edits.digest())
     session.push(version, fitted.head, fitted.classes, fitted.confidence)
     return version, report, seconds
 
 
 def _log_scores(
     session: Session, before: np.ndarray, after: np.ndarray, corrections: np.ndarray
-) -> None:
+) -> dict[str, Any]:
     """`val/*` of the adapted model's map (`after`) and `start/val/*` of the one it started
     from (`before`), on the scene's own labels when the session has them (`--labels`), else on
     the corrections themselves; the tag `dataset_fingerprint` names which, so
@@ -137,14 +167,21 @@ def _log_scores(
     else:
         target, digest, scored_on = corrections, session.edits.digest(), "the corrections"
     scored = session.schema.scored_classes
-    for prefix, mapped in (("val/", after), ("start/val/", before)):
+    shown: dict[str, Any] = {"scored_on": scored_on}
+    for prefix, mapped, when in (("val/", after, "after"), ("start/val/", before, "before")):
         matrix = ConfusionMatrix(session.schema.num_classes)  # skips unlabelled pixels
         matrix.update(torch.from_numpy(mapped), torch.from_numpy(target))
         metrics = scores_from_matrix(matrix.numpy(), scored).as_metrics(
             session.schema.names, scored, prefix=prefix
         )
         mlflow.log_metrics({k: float(v) for k, v in metrics.items() if np.isfinite(v)})
+        shown[when] = {
+            name: round(float(metrics[f"{prefix}{name}"]), 4)
+            for name in ("overall_accuracy", "mIoU")
+            if f"{prefix}{name}" in metrics and np.isfinite(metrics[f"{prefix}{name}"])
+        }
     mlflow.set_tags({FINGERPRINT_TAG: digest, "landcover.studio.scored_on": scored_on})
+    return shown
 
 
 def _log_evidence(

@@ -54,10 +54,16 @@ class Version:
     id: str
     model: str
     run_id: str | None = None
+    edits_digest: str | None = None  # the corrections it was fitted on (None: the start)
 
     def to_dict(self) -> dict[str, Any]:
         """Plain form for state.json."""
-        return {"id": self.id, "model": self.model, "run_id": self.run_id}
+        return {
+            "id": self.id,
+            "model": self.model,
+            "run_id": self.run_id,
+            "edits_digest": self.edits_digest,
+        }
 
 
 @dataclass

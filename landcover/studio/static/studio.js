@@ -210,14 +210,31 @@ async function retrain() {
       `${r.corrected_pixels} corrected px, fit ${r.seconds} s\n` +
       `corrected px right: ${(100 * r.corrected_accuracy_before).toFixed(0)}% → ` +
       `${(100 * r.corrected_accuracy_after).toFixed(0)}%\n` +
-      `${r.changed_pixels} px of the map changed`;
+      `${r.changed_pixels} px of the map changed` + scoresText(r.scores);
     say(`retrained in ${((performance.now() - started) / 1000).toFixed(1)} s: ` +
-        `run ${answer.version.run_id}`);
+        `run "${answer.run.name}" ${answer.version.run_id}` +
+        (answer.run.url ? "" : ` (${answer.run.hint})`));
+    if (answer.run.url) {
+      const link = document.createElement("a");
+      link.href = answer.run.url;
+      link.target = "_blank";
+      link.rel = "noopener noreferrer";
+      link.textContent = " open the run in MLflow";
+      $("status").appendChild(link);
+    }
   } catch (err) {
     say(err.message, true);
   } finally {
     $("retrain").disabled = false;
   }
+}
+
+function scoresText(scores) {
+  if (!scores || !scores.after) return "";
+  const pct = (v) => (v === undefined ? "–" : `${(100 * v).toFixed(1)}%`);
+  return `\non ${scores.scored_on}:\n` +
+    `OA ${pct(scores.before.overall_accuracy)} → ${pct(scores.after.overall_accuracy)}, ` +
+    `mIoU ${pct(scores.before.mIoU)} → ${pct(scores.after.mIoU)}`;
 }
 
 async function undoRetrain() {
