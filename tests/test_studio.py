@@ -27,7 +27,7 @@ from landcover.data.schema import IGNORE_INDEX, ClassSchema
 from landcover.data.synthetic import SyntheticSpec, generate
 from landcover.errors import LandcoverError
 from landcover.models import build_model
-from landcover.registry.promotion import candidate_of_run, promote
+from landcover.registry.promotion import PromotionError, candidate_of_run, promote
 from landcover.studio.access import AccessError, TeamCredentials, check_bind
 from landcover.studio.adapt import fit_head
 from landcover.studio.app import hold_session
@@ -334,12 +334,10 @@ def test_a_retrain_is_a_run_with_its_start_its_data_and_a_promotable_model(sessi
     assert {"val/mIoU", "start/val/mIoU", "val/overall_accuracy"} <= set(metrics)
     assert run.data.tags["dataset_fingerprint"] == files_digest(session.edits.base_labels)
     client = MlflowClient(uri)
-    promoted = promote(
-        client,
-        candidate_of_run(client, version.run_id, "val/mIoU"),
-        name="studio",
-        experiment=EXPERIMENT,
-    )
+    candidate = candidate_of_run(client, version.run_id, "val/mIoU")
+    with pytest.raises(PromotionError, match="scored on one scene.*force=true"):
+        promote(client, candidate, name="studio", experiment=EXPERIMENT)  # before: silently
+    promoted = promote(client, candidate, name="studio", experiment=EXPERIMENT, force=True)
     assert "champion" in promoted.aliases
     champion = artifacts.load("models:/studio@champion", tracking_uri=uri, device="cpu")
     assert torch.equal(find_head_conv(champion.torch_module, 4).weight, logged_head.weight)

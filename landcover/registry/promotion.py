@@ -34,6 +34,8 @@ FINGERPRINT_TAG = "dataset_fingerprint"
 # a champion's GIS package (landcover-package) is logged with its run under PACKAGE_ARTIFACTS;
 # the version's PACKAGE_TAG names where (runs:/<run>/gis), its MLM Item is <model name>.stac.json
 PACKAGE_TAG = "landcover.package"
+# a studio retrain's run says on what it was scored: one scene's labels or its corrections
+ONE_SCENE_TAG = "landcover.studio.scored_on"
 PACKAGE_ARTIFACTS = "gis"
 LINEAGE_RUN_TAGS = (
     FINGERPRINT_TAG,
@@ -386,6 +388,14 @@ def _promote(
         )  # fmt: skip
         return PromotionError(message)
 
+    one_scene = candidate.run.data.tags.get(ONE_SCENE_TAG)
+    if one_scene and not force:
+        raise refuse(
+            f"run {candidate.run_id} is a studio retrain scored on one scene ({one_scene}): "
+            "its score says little about other scenes (force=true promotes it anyway)"
+        )
+    if one_scene:
+        log.warning("promoting run %s, scored on one scene (%s)", candidate.run_id, one_scene)
     if champion is not None and champion.run_id != candidate.run_id:
         champion_run = client.get_run(str(champion.run_id))
         fingerprint = champion_run.data.tags.get(FINGERPRINT_TAG)

@@ -157,7 +157,7 @@ def _log_scores(
     import torch
 
     from landcover.metrics import ConfusionMatrix, scores_from_matrix
-    from landcover.registry.promotion import FINGERPRINT_TAG
+    from landcover.registry.promotion import FINGERPRINT_TAG, ONE_SCENE_TAG
 
     if session.edits.base_labels is not None:
         with rasterio.open(session.edits.base_labels) as src:
@@ -180,7 +180,7 @@ def _log_scores(
             for name in ("overall_accuracy", "mIoU")
             if f"{prefix}{name}" in metrics and np.isfinite(metrics[f"{prefix}{name}"])
         }
-    mlflow.set_tags({FINGERPRINT_TAG: digest, "landcover.studio.scored_on": scored_on})
+    mlflow.set_tags({FINGERPRINT_TAG: digest, ONE_SCENE_TAG: scored_on})
     return shown
 
 
