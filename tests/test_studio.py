@@ -630,3 +630,31 @@ def test_the_gate_lets_in_the_studios_own_page_only():
     proxied = {"origin": "https://studio.lab.example", "host": "studio.lab.example"}
     assert team.origin_refusal(post, proxied) is None  # behind a TLS proxy
     assert team.origin_refusal(post, {**proxied, "origin": "https://evil.example"})
+
+
+def test_the_pages_training_command_runs_as_written(session, tmp_path):
+    """Before: `landcover-train ... ` without the venv's path, the tracking store or the
+    model's patch size (the 2018 network's 64 px margin left no output at 128 px)."""
+    import shlex
+    import subprocess
+
+    from landcover.studio.app import train_command
+
+    uri = tracking(tmp_path)
+    session.edits.add(water_outline(session.image), 0, author="ann", tab="a", kind="polygon")
+    command = train_command(session, uri)
+    words = shlex.split(command)
+    assert Path(words[0]).is_file() and f"tracking.uri={uri}" in words
+    extra = "trainer.max_epochs=1 data.patches_per_epoch=8 data.batch_size=4 trainer.progress=false"
+    done = subprocess.run(f"{command} {extra}", shell=True, capture_output=True, text=True,
+                          timeout=600, cwd=tmp_path)  # fmt: skip
+    assert done.returncode == 0, done.stderr[-2000:]
+    runs = MlflowClient(uri).search_runs(
+        [e.experiment_id for e in MlflowClient(uri).search_experiments()]
+    )
+    trained = [r for r in runs if r.data.params.get("init.model") == session.version.model]
+    assert trained and trained[0].info.status == "FINISHED"
+
+    cntk = {**session.metadata, "output_margin": 64, "patch_size": 128, "arch": "seed"}
+    session.metadata = cntk
+    assert "data.patch_size=256" in train_command(session, uri)  # 64 px margin: 256 patches

@@ -191,7 +191,7 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
             "edits": len(session.edits.active()),
             "author": request.state.author,
             "session": str(session.folder),
-            "train_command": train_command(session),
+            "train_command": train_command(session, settings.tracking_uri),
             "bands": {"rgb": list(display.rgb), "nir": display.nir},
         }
 
@@ -320,14 +320,37 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
     return app
 
 
-def train_command(session: Any) -> str:
-    """The full training that learns from this session's corrections."""
+def train_command(session: Any, tracking_uri: str) -> str:
+    """The full training that learns from this session's corrections, as a shell runs it: this
+    environment's `landcover-train`, the model's own patch size (one its margin leaves output
+    for), the studio's tracking store, every value quoted."""
+    import shlex
+
+    import rasterio
+
+    from landcover.paths import CONFIG_DIR
+
     data = "corrections_mixed" if session.edits.base_labels else "corrections"
-    arch = session.metadata.get("model", {}).get("arch", "unet")
-    return (
-        f"landcover-train data={data} data.root={session.folder.resolve()} "
-        f"data/schema={session.schema.name} model={arch} init.model={session.version.model}"
-    )
+    arch = session.metadata.get("model", {}).get("arch") or session.metadata.get("arch", "unet")
+    margin = int(session.metadata.get("output_margin", 0))
+    patch = int(session.metadata.get("patch_size") or 256)
+    with rasterio.open(session.image) as src:  # no patch larger than the scene
+        divisor = int(session.metadata.get("size_divisor", 32))
+        patch = min(patch, min(src.width, src.height) // divisor * divisor)
+    if margin:  # half the patch is margin at most: the 2018 network (64 px) trains on 256
+        patch = max(patch, 4 * margin)
+    parts = [
+        str(Path(sys.executable).parent / "landcover-train"),
+        f"data={data}",
+        f"data.root={session.folder.resolve()}",
+        f"data.patch_size={patch}",
+        f"model={arch}",
+        f"init.model={session.version.model}",
+        f"tracking.uri={tracking_uri}",
+    ]
+    if (Path(CONFIG_DIR) / "data" / "schema" / f"{session.schema.name}.yaml").is_file():
+        parts.insert(3, f"data/schema={session.schema.name}")
+    return " ".join(shlex.quote(part) for part in parts)
 
 
 def run_link(tracking_uri: str, run_id: str) -> dict[str, str]:
