@@ -391,7 +391,26 @@ def test_real_naip_shows_in_true_and_false_colour_in_chromium(scene, shared, tmp
             time.sleep(0.8)  # tiles fade in
             shots[kind] = tmp_path / f"{kind}.png"
             page.screenshot(path=str(shots[kind]))
+        # where to label next: dashed circles on the page, N goes to the first
+        page.get_by_label("imagery (true colour)").check()
+        page.get_by_label("model's map").check()
+        suggested = app.get("/api/suggestions")["suggestions"]
+        assert page.get_attribute("body", "data-suggestions") == str(len(suggested)) != "0"
+        page.evaluate("() => document.activeElement.blur()")  # keys go to the map, not a box
+        page.keyboard.press("n")
+        page.wait_for_selector("body[data-suggestion-at='0']", timeout=5_000)
+        first = suggested[0]
+        centre = page.evaluate(f"() => studio.screenPoint({first['col']}, {first['row']})")
+        box = page.evaluate(
+            "() => { const b = document.getElementById('map').getBoundingClientRect();"
+            " return {x: b.left + b.width / 2, y: b.top + b.height / 2}; }"
+        )
+        assert abs(centre["x"] - box["x"]) < 40 and abs(centre["y"] - box["y"]) < 40
+        assert "1 of" in page.inner_text("#suggestion")
+        page.screenshot(path=str(tmp_path / "suggestions.png"))
         browser.close()
+    if os.environ.get("LANDCOVER_STUDIO_SHOTS"):
+        shutil.copy(tmp_path / "suggestions.png", os.environ["LANDCOVER_STUDIO_SHOTS"])
     for kind, shot in shots.items():
         seen = screen_colours(shot, points)
         bands = np.array(display.bands(kind)) - 1

@@ -68,8 +68,12 @@ async def read_body(request: Request) -> bytes:
     return b"".join(chunks)
 
 
+SUGGESTIONS = 12  # places to correct next the page shows at once
+
+
 def create_app(session: Any, settings: argparse.Namespace) -> Any:
     """The page, its tiles and its API over one open session."""
+    from landcover.data.schema import IGNORE_INDEX as IGNORE
     from landcover.predict.writer import colormap
     from landcover.studio import tiles
     from landcover.studio.access import TeamCredentials, TeamServerDownError
@@ -198,6 +202,24 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
     @app.get("/api/scene")
     def scene(request: Request) -> dict[str, Any]:
         return state(request)
+
+    suggested: dict[str, list[dict[str, Any]]] = {}  # by version and corrections, computed once
+
+    @app.get("/api/suggestions")
+    def suggestions() -> dict[str, Any]:
+        """Where to correct next on the current map (a sync handler: FastAPI runs it in the
+        thread pool)."""
+        from landcover.studio.suggest import suggest
+
+        key = f"{session.version.id}:{session.edits.digest()}"
+        if key not in suggested:
+            classes, confidence = session.map_of(session.version)
+            corrected = session.corrections_as_indices() != IGNORE
+            skip = {i for i, info in enumerate(session.schema.classes) if info.ignore}
+            found = suggest(classes, confidence, corrected, SUGGESTIONS, skip=skip)
+            suggested.clear()
+            suggested[key] = [s.to_dict() for s in found]
+        return {"suggestions": suggested[key]}
 
     @app.get("/tiles/{layer}/{version}/{z}/{x}/{y}.png")
     def tile(layer: str, version: str, z: int, x: int, y: int) -> Response:

@@ -153,6 +153,7 @@ async function sendStroke(kind) {
     const answer = await api("/api/edits", body);
     refreshCorrections(answer.edits);
     say(`${kind}: ${answer.pixels} px saved`);
+    refreshSuggestions();  // a corrected area is answered: suggest elsewhere
   } catch (err) {
     say(err.message, true);
   } finally {
@@ -205,6 +206,7 @@ async function retrain() {
   try {
     const answer = await api("/api/retrain", {});
     showScene(answer);
+    refreshSuggestions();  // the new map hesitates elsewhere
     const r = answer.report;
     $("report").textContent =
       `${r.corrected_pixels} corrected px, fit ${r.seconds} s\n` +
@@ -237,9 +239,53 @@ function scoresText(scores) {
     `mIoU ${pct(scores.before.mIoU)} → ${pct(scores.after.mIoU)}`;
 }
 
+// -- where to label next: the model's most uncertain areas, spread over scene and classes --
+let suggestions = [];
+let suggestionAt = -1;
+let suggestionLayer = null;
+
+async function refreshSuggestions() {
+  try {
+    suggestions = (await api("/api/suggestions")).suggestions;
+  } catch (err) {
+    suggestions = [];
+  }
+  suggestionAt = -1;
+  if (suggestionLayer) suggestionLayer.remove();
+  suggestionLayer = L.layerGroup(
+    suggestions.map((s, i) =>
+      L.circle(toLatLng(s.col + 0.5, s.row + 0.5), {
+        radius: (s.radius * 1.8) / scale,
+        color: "#ff00ff",
+        weight: 2,
+        fill: false,
+        dashArray: "4 3",
+        interactive: false,
+      }),
+    ),
+  ).addTo(map);
+  document.body.dataset.suggestions = String(suggestions.length);
+  $("suggestion").textContent = suggestions.length
+    ? `${suggestions.length} places where the model hesitates (dashed circles); N goes to the next`
+    : "no suggestion: the map is sure everywhere not corrected";
+}
+
+function nextSuggestion() {
+  if (!suggestions.length) return;
+  suggestionAt = (suggestionAt + 1) % suggestions.length;
+  const s = suggestions[suggestionAt];
+  map.setView(toLatLng(s.col + 0.5, s.row + 0.5), Math.max(map.getZoom(), scene.maxzoom + 1));
+  const name = scene.classes[s.class_index] ? scene.classes[s.class_index].name : "?";
+  $("suggestion").textContent =
+    `${suggestionAt + 1} of ${suggestions.length}: the map says ${name} here, ` +
+    `uncertainty ${(100 * s.score).toFixed(0)}%`;
+  document.body.dataset.suggestionAt = String(suggestionAt);
+}
+
 async function undoRetrain() {
   try {
     showScene(await api("/api/undo-retrain", {}));
+    refreshSuggestions();
     $("report").textContent = "";
     say("back to the earlier model");
   } catch (err) {
@@ -290,6 +336,7 @@ function bindKeys() {
     if (tools[key]) setTool(tools[key]);
     else if (key === "u") undoStroke();
     else if (key === "r") retrain();
+    else if (key === "n") nextSuggestion();
     else if (e.key === "[") setRadius(radius - 1);
     else if (e.key === "]") setRadius(radius + 1);
     else if (e.key === "Enter") finishPolygon();
@@ -336,8 +383,10 @@ async function start() {
   $("undo").addEventListener("click", undoStroke);
   $("retrain").addEventListener("click", retrain);
   $("undo-retrain").addEventListener("click", undoRetrain);
+  $("next-suggestion").addEventListener("click", nextSuggestion);
   setTool("pan");
   setRadius(radius);
+  await refreshSuggestions();
   say("ready");
   document.body.dataset.ready = "1";
 }
