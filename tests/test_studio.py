@@ -658,3 +658,69 @@ def test_the_pages_training_command_runs_as_written(session, tmp_path):
     cntk = {**session.metadata, "output_margin": 64, "patch_size": 128, "arch": "seed"}
     session.metadata = cntk
     assert "data.patch_size=256" in train_command(session, uri)  # 64 px margin: 256 patches
+
+
+QGIS_VECTOR_CHECK = """
+import json, os, sys
+from qgis.core import QgsApplication, QgsVectorLayer
+app = QgsApplication([], False); app.initQgis()
+layer = QgsVectorLayer(sys.argv[1] + "|layername=corrections", "corrections", "ogr")
+message, loaded = layer.loadDefaultStyle()
+renderer = layer.renderer()
+print(json.dumps({"valid": layer.isValid(), "features": layer.featureCount(), "style": loaded,
+                  "renderer": renderer.type(),
+                  "labels": [c.label() for c in getattr(renderer, "categories", lambda: [])()]}))
+sys.stdout.flush(); os._exit(0)
+"""
+
+
+def test_the_export_holds_the_edits_in_force_styled_for_qgis_and_the_session_zipped(
+    scene, tmp_path
+):
+    """The log keeps undone strokes and undo rows; the export only what is in force, in the
+    image's CRS, one feature per stroke, opened by QGIS with the classes' colours and names."""
+    import json
+    import subprocess
+    import zipfile
+
+    import pyogrio
+
+    from landcover.studio.export import export_session
+
+    image, _, model = scene
+    log = EditLog(tmp_path / "session", image, schema_of(model))
+    kept, _ = log.add(drawn(log, "paint", [[10, 10], [20, 12]], 4), 1, author="ann", tab="a")
+    log.add(drawn(log, "paint", [[60, 60]], 4), 2, author="ann", tab="a")
+    log.undo(author="ann", tab="a")  # the second stroke taken back
+    done = export_session(log, tmp_path / "session" / "export")
+    from pyogrio.raw import read
+
+    meta, _, _, values = read(done.layer, layer="corrections")
+    fields = dict(zip(meta["fields"], values, strict=True))
+    assert list(fields["stroke"]) == [kept] and done.features == 1
+    with rasterio.open(image) as src:
+        assert (
+            pyogrio.read_info(done.layer, layer="corrections")["crs"] == f"EPSG:{src.crs.to_epsg()}"
+        )
+    assert done.raster.is_file() and done.raster.read_bytes() == log.raster.read_bytes()
+    names = zipfile.ZipFile(done.archive).namelist()
+    assert "session/edits.gpkg" in names and not any("export" in n for n in names)
+    assert not any(n.endswith(".edits.lock") for n in names)
+
+    if (
+        not Path("/usr/bin/python3").exists()
+        or subprocess.run(
+            ["/usr/bin/python3", "-c", "import qgis.core"], capture_output=True
+        ).returncode
+    ):
+        pytest.skip("no PyQGIS to open the export with: apt-get install python3-qgis")
+    opened = subprocess.run(
+        ["/usr/bin/python3", "-c", QGIS_VECTOR_CHECK, str(done.layer)],
+        capture_output=True, text=True, timeout=300,
+        env={**os.environ, "QT_QPA_PLATFORM": "offscreen"},
+    )  # fmt: skip
+    assert opened.returncode == 0, opened.stderr[-2000:]
+    read = json.loads(opened.stdout.strip().splitlines()[-1])
+    assert read["valid"] and read["features"] == 1 and read["style"]
+    assert read["renderer"] == "categorizedSymbol"
+    assert read["labels"] == [c.name for c in schema_of(model).classes if not c.ignore]

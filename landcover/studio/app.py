@@ -321,6 +321,21 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
             "run": run_link(settings.tracking_uri, str(version.run_id)),
         }
 
+    @app.post("/api/export")
+    async def export(request: Request) -> dict[str, Any]:
+        """The edits in force as a styled GeoPackage layer, the corrections raster and the
+        session zipped, into `<session>/export/`."""
+        from landcover.studio.export import export_session
+
+        parse(EmptyBody, await read_body(request))
+        done = await run_in_threadpool(export_session, session.edits, session.folder / "export")
+        return {
+            "layer": str(done.layer),
+            "raster": str(done.raster),
+            "archive": str(done.archive),
+            "features": done.features,
+        }
+
     @app.post("/api/undo-retrain")
     async def undo_retrain(request: Request) -> dict[str, Any]:
         parse(EmptyBody, await read_body(request))

@@ -282,6 +282,16 @@ function nextSuggestion() {
   document.body.dataset.suggestionAt = String(suggestionAt);
 }
 
+async function exportSession() {
+  try {
+    const done = await api("/api/export", {});
+    say(`exported ${done.features} stroke(s) in force: ${done.layer} (with its QGIS style), ` +
+        `${done.raster}, and the session as ${done.archive}`);
+  } catch (err) {
+    say(err.message, true);
+  }
+}
+
 async function undoRetrain() {
   try {
     showScene(await api("/api/undo-retrain", {}));
@@ -384,6 +394,7 @@ async function start() {
   $("retrain").addEventListener("click", retrain);
   $("undo-retrain").addEventListener("click", undoRetrain);
   $("next-suggestion").addEventListener("click", nextSuggestion);
+  $("export").addEventListener("click", exportSession);
   setTool("pan");
   setRadius(radius);
   await refreshSuggestions();
