@@ -42,7 +42,7 @@ def vector_style(log: EditLog) -> str:
     and outlined in it, labelled with its name."""
     categories, symbols = [], []
     for number, info in enumerate(log.schema.classes):
-        codes = info.codes or []
+        codes: tuple[int, ...] = info.codes or ()
         if info.ignore or not codes:
             continue
         r, g, b = hex_to_rgb(info.color)
