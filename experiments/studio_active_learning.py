@@ -127,8 +127,7 @@ def simulate(
         clicks += len(centres)
         if (corrections != IGNORE_INDEX).any():
             fitted = fit_head(features, head, classes, corrections, IGNORE_INDEX, seed=seed)
-            head = fitted.head
-            classes, confidence = features.classes_and_confidence(head)
+            head, classes, confidence = fitted.head, fitted.classes, fitted.confidence
         if clicks in BUDGETS:
             other_oa = [
                 oa(to_four[f.classes_and_confidence(head)[0]], truth)
