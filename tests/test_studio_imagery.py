@@ -74,3 +74,18 @@ def test_bands_are_chosen_from_names_interpretation_or_count(tmp_path):
     assert Display.of(scene("three_again.tif", 3)).bands("nir") is None  # no false colour
     with pytest.raises(LandcoverError, match="band 9 does not exist.*--nir-band"):
         Display.of(scene("four.tif", 4), nir=9)
+
+
+def test_corrections_are_outlined_apart_from_the_map(tmp_path):
+    """Corrections in the map's colours, inside a white outline and a dark one outside it."""
+    from landcover.studio.tiles import outlined_tile
+
+    codes = np.full((1, 64, 64), 255, np.uint8)  # 255: not corrected
+    codes[0, 20:40, 10:30] = 1
+    path = write_raster(tmp_path / "corrections.tif", codes)
+    colours = {1: (0, 0, 255, 255), 255: (0, 0, 0, 0)}
+    tile = png_pixels(outlined_tile(path, colours, 0, 0, max_zoom(path)))[:64, :64]
+    assert tuple(tile[30, 20]) == (0, 0, 255, 255)  # inside: the class's colour
+    assert tuple(tile[20, 20]) == (255, 255, 255, 255)  # its edge: white
+    assert tuple(tile[19, 20][:3]) == (20, 20, 20)  # just outside: dark
+    assert tile[5, 5, 3] == 0 and tile[30, 50, 3] == 0  # elsewhere: the map shows through

@@ -197,6 +197,7 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
             "session": str(session.folder),
             "train_command": train_command(session, settings.tracking_uri),
             "bands": {"rgb": list(display.rgb), "nir": display.nir},
+            "has_labels": session.edits.base_labels is not None,
         }
 
     @app.get("/api/scene")
@@ -227,7 +228,9 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
         if layer in tiles.IMAGERY:
             data = tiles.imagery_tile(display, layer, x, y, z)
         elif layer == "corrections":
-            data = tiles.class_tile(session.edits.raster, corrections_colours, x, y, z)
+            data = tiles.outlined_tile(session.edits.raster, corrections_colours, x, y, z)
+        elif layer == "labels" and session.edits.base_labels is not None:
+            data = tiles.class_tile(session.edits.base_labels, corrections_colours, x, y, z)
         elif layer in ("classes", "confidence") and found is not None:
             classes_path, confidence_path = session.map_paths(found)
             data = (

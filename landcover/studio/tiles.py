@@ -189,6 +189,41 @@ def class_tile(
     return data.render(img_format="PNG", colormap=colours)
 
 
+def _table(colours: dict[int, tuple[int, int, int, int]]) -> np.ndarray:
+    """(256, 4) RGBA for every code, transparent where `colours` names none."""
+    table = np.zeros((256, 4), np.uint8)
+    for code, colour in colours.items():
+        table[int(code)] = colour
+    return table
+
+
+def outlined_tile(
+    path: Path, colours: dict[int, tuple[int, int, int, int]], x: int, y: int, z: int
+) -> bytes | None:
+    """A PNG of the corrections: each class's colour inside a white outline (and a dark one
+    just outside it), so corrections read apart from the map below in the same colours."""
+    from rio_tiler.utils import render
+
+    data = _read(path, x, y, z, (1,))
+    if data is None:
+        return None
+    codes = data.data[0].astype(np.uint8)
+    rgba = _table(colours)[codes].copy()
+    painted = rgba[..., 3] > 0
+    padded = np.pad(painted, 1, mode="edge")
+    inner_edge = painted & ~(
+        padded[:-2, 1:-1] & padded[2:, 1:-1] & padded[1:-1, :-2] & padded[1:-1, 2:]
+    )
+    outer_edge = ~painted & (
+        padded[:-2, 1:-1] | padded[2:, 1:-1] | padded[1:-1, :-2] | padded[1:-1, 2:]
+    )
+    rgba[inner_edge] = (255, 255, 255, 255)
+    rgba[outer_edge] = (20, 20, 20, 230)
+    if data.mask is not None:
+        rgba[np.asarray(data.mask) == 0, 3] = 0  # outside the scene
+    return render(rgba[..., :3].transpose(2, 0, 1), rgba[..., 3], img_format="PNG")
+
+
 CONFIDENCE_COLOURS = cmap.get("magma")
 
 

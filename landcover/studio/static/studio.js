@@ -377,11 +377,19 @@ async function start() {
   layers.confidence = tileLayer(`confidence/${scene.version.id}`);
   layers.corrections = tileLayer("corrections/now", "?n=0").addTo(map);
   layers.classes.setOpacity(0.6);
-  L.control.layers(
-    imagery,
-    { "model's map": layers.classes, confidence: layers.confidence, corrections: layers.corrections },
-    { collapsed: false },
-  ).addTo(map);
+  layers.confidence.setOpacity(0.65);  // the imagery shows through where the model is sure
+  const overlays = {
+    "model's map": layers.classes,
+    confidence: layers.confidence,
+    corrections: layers.corrections,
+  };
+  if (scene.has_labels) {  // the scene's own labels (--labels), to compare with the map
+    layers.labels = tileLayer("labels/now");
+    overlays.labels = layers.labels;
+  }
+  L.control.layers(imagery, overlays, { collapsed: false }).addTo(map);
+  map.on("overlayadd", (e) => { if (e.layer === layers.confidence) $("confidence-scale").hidden = false; });
+  map.on("overlayremove", (e) => { if (e.layer === layers.confidence) $("confidence-scale").hidden = true; });
   buildLegend();
   bindMap();
   bindKeys();
