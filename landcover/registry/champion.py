@@ -19,12 +19,13 @@ from pathlib import Path
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig
 
-from landcover.errors import ConfigError
+from landcover.errors import ConfigError, LandcoverError, first_line
 from landcover.registry.history import entries
 from landcover.registry.promotion import PACKAGE_ARTIFACTS, PACKAGE_TAG, Promotion
 from landcover.registry.restore import restore
 
 log = logging.getLogger("landcover.champion")
+PACKAGE_ERROR_TAG = "landcover.package_error"
 
 
 def package_version(tracking_uri: str | None, name: str, version: str) -> str:
@@ -54,7 +55,15 @@ def package_if_moved(cfg: DictConfig, result: Promotion) -> None:
     client = MlflowClient(cfg.tracking.uri)
     if client.get_model_version(result.name, result.version).tags.get(PACKAGE_TAG):
         return
-    package_version(cfg.tracking.uri, result.name, result.version)
+    try:
+        package_version(cfg.tracking.uri, result.name, result.version)
+    except LandcoverError as err:  # the alias moved: a package that cannot be made is a warning
+        reason = first_line(err)
+        client.set_model_version_tag(result.name, result.version, PACKAGE_ERROR_TAG, reason)
+        log.warning(
+            "%s version %s is %s but was not packaged for GIS tools: %s",
+            result.name, result.version, cfg.registry.alias, reason,
+        )  # fmt: skip
 
 
 def run_champion(cfg: DictConfig) -> Promotion | None:
