@@ -109,6 +109,17 @@ def simulate(
     skip: set[int],
 ) -> dict[int, dict[str, float]]:
     rng = np.random.default_rng(seed)
+
+    def score(head: Head, classes: np.ndarray, clicked: np.ndarray, seconds: list) -> dict:
+        other_oa = [
+            oa(to_four[f.classes_and_confidence(head)[0]], truth) for f, truth in others.values()
+        ]
+        return {
+            "miou": miou(to_four[classes], truth_four, ~clicked),
+            "other_oa": float(np.mean(other_oa)),
+            "choice_s": float(np.mean(seconds)),
+        }
+
     head = base
     classes, confidence = features.classes_and_confidence(head)
     corrections = np.full(classes.shape, IGNORE_INDEX, np.uint8)
@@ -119,25 +130,22 @@ def simulate(
     while clicks < max(BUDGETS):
         centres, seconds = choose(strategy, classes, confidence, clicked, truth_index, rng, skip)
         choice_seconds.append(seconds)
-        for row, col in centres:
+        if not centres:  # nothing left to suggest: the rest of the budget is not spent
+            break
+        for row, col in centres[: max(BUDGETS) - clicks]:
             area = disk(classes.shape, row, col, CLICK_RADIUS)
             clicked |= area
             labelled = area & (truth_index != IGNORE_INDEX)
             corrections[labelled] = truth_index[labelled]
-        clicks += len(centres)
+            clicks += 1
         if (corrections != IGNORE_INDEX).any():
             fitted = fit_head(features, head, classes, corrections, IGNORE_INDEX, seed=seed)
             head, classes, confidence = fitted.head, fitted.classes, fitted.confidence
-        if clicks in BUDGETS:
-            other_oa = [
-                oa(to_four[f.classes_and_confidence(head)[0]], truth)
-                for f, truth in others.values()
-            ]
-            results[clicks] = {
-                "miou": miou(to_four[classes], truth_four, ~clicked),
-                "other_oa": float(np.mean(other_oa)),
-                "choice_s": float(np.mean(choice_seconds)),
-            }
+        for budget in BUDGETS:  # the first time the clicks reach a budget
+            if clicks >= budget and budget not in results:
+                results[budget] = score(head, classes, clicked, choice_seconds)
+    for budget in BUDGETS:  # a budget never reached is scored where the clicks stopped
+        results.setdefault(budget, score(head, classes, clicked, choice_seconds))
     return results
 
 
