@@ -299,32 +299,7 @@ class EditLog:
         )
 
     def _append(self, rows: list[Row]) -> None:
-        from pyogrio.raw import write
-
-        empty = shapely.Point().wkb
-        geometry = np.array([r.geometry or empty for r in rows], dtype=object)
-        field_data = [
-            np.array(
-                [getattr(r, name) for r in rows], dtype=object if name != "class_code" else np.int32
-            )
-            for name in FIELDS
-        ]
-        with warnings.catch_warnings():  # no CRS: the real sample patches have none, on purpose
-            warnings.filterwarnings("ignore", message="'crs' was not provided")
-            self._write_rows(write, geometry, field_data)
-
-    def _write_rows(self, write: Any, geometry: np.ndarray, field_data: list[np.ndarray]) -> None:
-        write(
-            self.gpkg,
-            geometry,
-            field_data,
-            FIELDS,
-            layer=LAYER,
-            driver="GPKG",
-            geometry_type="Unknown",
-            crs=self.grid.crs.to_wkt() if self.grid.crs else None,
-            append=self.gpkg.exists(),
-        )
+        write_rows(self.gpkg, rows, FIELDS, LAYER, self.grid.crs, append=self.gpkg.exists())
 
     def _replayed(self, rows: list[Row]) -> np.ndarray:
         """The label raster's codes that `rows` (a whole log) draw."""
@@ -408,6 +383,34 @@ class EditLog:
         }
         colours[self.nodata] = (0, 0, 0, 0)
         return colours
+
+
+def write_rows(
+    target: Path,
+    rows: list[Row],
+    fields: list[str] | tuple[str, ...],
+    layer: str,
+    crs: Any,
+    append: bool = False,
+) -> None:
+    """`rows` (their `fields`, an undo's geometry empty) into a GeoPackage layer in `crs`
+    (None for a scene without one: the real sample patches have none, on purpose)."""
+    from pyogrio.raw import write
+
+    empty = shapely.Point().wkb
+    geometry = np.array([r.geometry or empty for r in rows], dtype=object)
+    field_data = [
+        np.array(
+            [getattr(r, name) for r in rows], dtype=object if name != "class_code" else np.int32
+        )
+        for name in fields
+    ]
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="'crs' was not provided")
+        write(
+            target, geometry, field_data, list(fields), layer=layer, driver="GPKG",
+            geometry_type="Unknown", crs=crs.to_wkt() if crs else None, append=append,
+        )  # fmt: skip
 
 
 def _check_same_grid(labels: Path, image: Path, grid: Grid) -> None:

@@ -10,17 +10,14 @@ class, coloured by class.
 from __future__ import annotations
 
 import shutil
-import warnings
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 from xml.sax.saxutils import quoteattr
 
-import numpy as np
-
 from landcover.atomic import atomic_target, write_text
 from landcover.data.schema import hex_to_rgb
-from landcover.studio.edits import EditLog
+from landcover.studio.edits import EditLog, write_rows
 
 EXPORT_FIELDS = ("stroke", "time", "author", "kind", "class_name", "class_code")
 SKIPPED = {".edits.lock", ".studio.json", "export"}  # locks, the live token, earlier exports
@@ -76,23 +73,10 @@ def vector_style(log: EditLog) -> str:
 
 def _write_layer(log: EditLog, target: Path) -> int:
     """The active strokes into `target` (written whole); returns how many."""
-    from pyogrio.raw import write
-
     rows = log.active()
-    geometry = np.array([row.geometry for row in rows], dtype=object)
-    fields = [
-        np.array([getattr(row, name) for row in rows], dtype=object)
-        if name != "class_code"
-        else np.array([row.class_code for row in rows], dtype=np.int32)
-        for name in EXPORT_FIELDS
-    ]
-    with atomic_target(target) as staged, warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="'crs' was not provided")
+    with atomic_target(target) as staged:
         staged.unlink()  # GDAL creates the GeoPackage itself
-        write(
-            staged, geometry, fields, EXPORT_FIELDS, layer="corrections", driver="GPKG",
-            geometry_type="Unknown", crs=log.grid.crs.to_wkt() if log.grid.crs else None,
-        )  # fmt: skip
+        write_rows(staged, rows, EXPORT_FIELDS, "corrections", log.grid.crs)
     return len(rows)
 
 
