@@ -119,15 +119,22 @@ def package(trained, tmp_path_factory) -> dict[str, Path]:
     return packaged(run_id, tmp_path_factory.mktemp("package"), uri)
 
 
-@pytest.mark.slow
-def test_arcgis_image_classifier_maps_as_landcover_predict(trained, package, tmp_path):
+def arcgis_agreement(
+    dlpk: Path, scene: Path, expected: np.ndarray, work: Path
+) -> tuple[float, dict]:
+    """Esri's ImageClassifier over the scene with the package: share of pixels whose class is
+    landcover-predict's, and the raster attribute table it declares."""
     functions = clients() / "esri-raster-deep-learning" / "python_raster_functions"
-    _, _, scene, expected = trained
-    files = package
     with rasterio.open(scene) as src:
         pixels = src.read()
-    codes, table = classify_with_arcgis(files["dlpk"], pixels, functions, tmp_path)
-    agreement = float(np.mean(codes == expected))
+    codes, table = classify_with_arcgis(dlpk, pixels, functions, work)
+    return float(np.mean(codes == expected)), table
+
+
+@pytest.mark.slow
+def test_arcgis_image_classifier_maps_as_landcover_predict(trained, package, tmp_path):
+    _, _, scene, expected = trained
+    agreement, table = arcgis_agreement(package["dlpk"], scene, expected, tmp_path)
     print(f"ArcGIS ImageClassifier vs landcover-predict: {agreement:.5f}")
     assert agreement >= 0.999
     rows = [(f["attributes"]["Value"], f["attributes"]["Class"]) for f in table["features"]]
@@ -185,12 +192,8 @@ def test_arcgis_maps_the_2018_network_as_landcover_predict(network_2018, tmp_pat
     """Before: the graph mirrored the network's 64 px margin inside each tile, so ArcGIS's
     tiles saw mirrored pixels where landcover-predict's saw the scene (99.73 %). The ArcGIS
     graph now cuts the margin and ArcGIS pads each block with the scene itself."""
-    functions = clients() / "esri-raster-deep-learning" / "python_raster_functions"
     _, scene, expected, files = network_2018
-    with rasterio.open(scene) as src:
-        pixels = src.read()
-    codes, table = classify_with_arcgis(files["dlpk"], pixels, functions, tmp_path)
-    agreement = float(np.mean(codes == expected))
+    agreement, table = arcgis_agreement(files["dlpk"], scene, expected, tmp_path)
     print(f"2018 network, ArcGIS ImageClassifier vs landcover-predict: {agreement:.5f}")
     assert agreement >= 0.999
     names = [f["attributes"]["Class"] for f in table["features"]]

@@ -323,6 +323,29 @@ def link_version_to_logged_model(
         )
 
 
+def move_alias(
+    client: MlflowClient,
+    name: str,
+    alias: str,
+    previous_alias: str,
+    current: ModelVersion | None,
+    version: str,
+) -> str | None:
+    """Point `alias` at `version`; the version it leaves (`current`, when another one) becomes
+    `previous_alias`. Returns the version left, if any."""
+    left = None
+    if current is not None and str(current.version) != str(version):
+        client.set_registered_model_alias(name, previous_alias, current.version)
+        left = str(current.version)
+    client.set_registered_model_alias(name, alias, version)
+    return left
+
+
+def aliases_of(client: MlflowClient, name: str) -> dict[str, str]:
+    """Every alias of the registered model and the version it names."""
+    return {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+
+
 def promote(
     client: MlflowClient,
     candidate: Candidate,
@@ -443,12 +466,11 @@ def _promote(
         current = (
             champion if against is None else resolve_version(client, f"models:/{name}@{alias}")
         )
-        if current is not None and str(current.version) != str(version.version):
-            client.set_registered_model_alias(name, previous_alias, current.version)
-            result.previous_version = str(current.version)
-        client.set_registered_model_alias(name, alias, version.version)
+        result.previous_version = move_alias(
+            client, name, alias, previous_alias, current, str(version.version)
+        )
     client.set_model_version_tag(name, version.version, "landcover.promotion", result.reason)
-    result.aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+    result.aliases = aliases_of(client, name)
     if already:
         action = "kept"
     elif not result.champion:

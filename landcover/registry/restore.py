@@ -17,8 +17,10 @@ from landcover.registry.promotion import (
     FINGERPRINT_TAG,
     Promotion,
     PromotionError,
+    aliases_of,
     candidate_of_run,
     metric_of,
+    move_alias,
     resolve_version,
 )
 
@@ -74,8 +76,7 @@ def restore(
                     reason=reason, decision=f"restore refused: {message}", moved=False,
                 )  # fmt: skip
                 raise PromotionError(message)
-            client.set_registered_model_alias(name, previous_alias, current.version)
-        client.set_registered_model_alias(name, alias, target.version)
+        left = move_alias(client, name, alias, previous_alias, current, str(target.version))
         decision = f"restored version {target.version} ({uri})" + (" forced" if force else "")
         client.set_model_version_tag(name, target.version, "landcover.promotion", decision)
         history.record(
@@ -85,6 +86,6 @@ def restore(
             to_value=candidate.value, reason=reason, decision=decision, moved=True,
         )  # fmt: skip
         result = Promotion(name, str(target.version), candidate, False, True, decision)
-        result.previous_version = str(current.version) if current else None
-        result.aliases = {a: str(v) for a, v in client.get_registered_model(name).aliases.items()}
+        result.previous_version = left
+        result.aliases = aliases_of(client, name)
         return result

@@ -366,17 +366,15 @@ def train_command(session: Any, tracking_uri: str) -> str:
     for), the studio's tracking store, every value quoted."""
     import shlex
 
-    import rasterio
-
     from landcover.paths import CONFIG_DIR
 
     data = "corrections_mixed" if session.edits.base_labels else "corrections"
     arch = session.metadata.get("model", {}).get("arch") or session.metadata.get("arch", "unet")
     margin = int(session.metadata.get("output_margin", 0))
     patch = int(session.metadata.get("patch_size") or 256)
-    with rasterio.open(session.image) as src:  # no patch larger than the scene
-        divisor = int(session.metadata.get("size_divisor", 32))
-        patch = min(patch, min(src.width, src.height) // divisor * divisor)
+    divisor = int(session.metadata.get("size_divisor", 32))
+    grid = session.edits.grid  # no patch larger than the scene
+    patch = min(patch, min(grid.width, grid.height) // divisor * divisor)
     if margin:  # half the patch is margin at most: the 2018 network (64 px) trains on 256
         patch = max(patch, 4 * margin)
     parts = [

@@ -55,7 +55,7 @@ def run_description(session: Session, start: Version, corrections: np.ndarray) -
     )
 
 
-def corrections_dataset(session: Session, corrections: np.ndarray) -> ProfiledDataset:
+def corrections_dataset(session: Session, corrections: np.ndarray, digest: str) -> ProfiledDataset:
     """The corrections in force as an MLflow dataset: digest over the edits, a profile of
     pixels per class and of who made them."""
     active = session.edits.active()
@@ -72,7 +72,7 @@ def corrections_dataset(session: Session, corrections: np.ndarray) -> ProfiledDa
     return ProfiledDataset(
         source_of(str(session.edits.gpkg)),
         name="corrections",
-        digest=session.edits.digest(),
+        digest=digest,
         profile=profile,
     )
 
@@ -100,7 +100,9 @@ def retrain(
     }
     with mlflow.start_run(run_name=run_name(session), tags=tags) as run:
         try:
-            version, report, seconds = _fit_and_log(session, start, corrections, run.info.run_id)
+            version, report, seconds = _fit_and_log(
+                session, start, corrections, run.info.run_id, digest
+            )
         except BaseException as err:
             mlflow.set_tag("landcover.error", first_line(err)[:5000])
             mlflow.end_run("FAILED")
@@ -109,7 +111,7 @@ def retrain(
 
 
 def _fit_and_log(
-    session: Session, start: Version, corrections: np.ndarray, run_id: str
+    session: Session, start: Version, corrections: np.ndarray, run_id: str, digest: str
 ) -> tuple[Version, FitReport, float]:
     mlflow.log_params(
         {
@@ -119,7 +121,7 @@ def _fit_and_log(
             "studio.adapts": "final convolution (features frozen)",
         }
     )
-    log_input_once_shared(corrections_dataset(session, corrections), "train")
+    log_input_once_shared(corrections_dataset(session, corrections, digest), "train")
     before = session.class_indices(start)
     began = time.perf_counter()
     fitted = fit_head(session.features, session.head_of(start), before, corrections, IGNORE_INDEX)
@@ -141,7 +143,7 @@ def _fit_and_log(
     module = with_head(session.module, fitted.head, session.schema.num_classes)
     metadata = {**session.metadata, "init_model": start.model, "studio_image": str(session.image)}
     log_landcover_model(module, metadata)
-    version = Version(run_id, f"runs:/{run_id}/model", run_id, session.edits.digest())
+    version = Version(run_id, f"runs:/{run_id}/model", run_id, digest)
     session.push(version, fitted.head, fitted.classes, fitted.confidence)
     return version, report, seconds
 
