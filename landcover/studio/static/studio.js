@@ -274,12 +274,16 @@ function nextSuggestion() {
   if (!suggestions.length) return;
   suggestionAt = (suggestionAt + 1) % suggestions.length;
   const s = suggestions[suggestionAt];
+  // the page says where it is once the (animated) move has ended, so anyone who waits for it
+  // finds the suggestion in the middle of the map
+  const at = suggestionAt;
+  delete document.body.dataset.suggestionAt;
+  map.once("moveend", () => { document.body.dataset.suggestionAt = String(at); });
   map.setView(toLatLng(s.col + 0.5, s.row + 0.5), Math.max(map.getZoom(), scene.maxzoom + 1));
   const name = scene.classes[s.class_index] ? scene.classes[s.class_index].name : "?";
   $("suggestion").textContent =
     `${suggestionAt + 1} of ${suggestions.length}: the map says ${name} here, ` +
     `uncertainty ${(100 * s.score).toFixed(0)}%`;
-  document.body.dataset.suggestionAt = String(suggestionAt);
 }
 
 async function exportSession() {
