@@ -252,6 +252,117 @@ def test_kept_features_give_the_models_own_map_and_a_fit_learns_the_corrections(
     assert report.corrected_pixels == int(water.sum())
 
 
+def test_a_scene_of_many_blocks_keeps_its_features_on_disk_and_learns_every_corner(
+    scene, tmp_path, monkeypatch
+):
+    """A scene larger than one block: its features, read window by window from the file and
+    kept on disk, are the ones of the whole scene in memory; a stroke at each corner is kept and
+    learnt; a reopened session reads the features back; a store a crash left unfinished is
+    computed anew."""
+    from landcover.studio import head as heads
+    from landcover.studio.head import RasterPixels
+
+    monkeypatch.setattr(heads, "WINDOW", 64)  # the 96 px test scene: 2 x 2 blocks
+    monkeypatch.setattr(heads, "CACHE_BYTES", 1)  # one block in memory at a time
+    image, labels, model = scene
+    loaded = artifacts.load(str(model), device="cpu")
+    with rasterio.open(image) as src:
+        pixels = src.read().astype(np.float32)
+    whole = scene_features(loaded.torch_module, pixels, 4, loaded.output_margin)
+    store = tmp_path / "store"
+    on_disk = scene_features(
+        loaded.torch_module, RasterPixels(image), 4, loaded.output_margin, store=store
+    )
+    assert sorted(p.name for p in store.glob("*.npy")) == [
+        "0_0.npy",
+        "0_1.npy",
+        "1_0.npy",
+        "1_1.npy",
+    ]
+    for key in whole.block_keys():
+        assert np.array_equal(whole.block(key), on_disk.block(key)), key
+    rows, cols = np.array([0, 63, 64, 95, 40]), np.array([95, 64, 63, 0, 40])
+    assert np.array_equal(whole.neighbourhoods(rows, cols), on_disk.neighbourhoods(rows, cols))
+    assert len(on_disk._blocks) == 1  # the cache held no more than its budget
+
+    session = Session.open(image, str(model), tmp_path / "session", tracking(tmp_path))
+    classes = session.class_indices()
+    truth = session.schema.lookup_table()[labels_of(image)]
+    painted = [
+        corner_mistake(truth, classes, radius=5, rows=rows, cols=cols)
+        for rows in (slice(0, 32), slice(64, 96))
+        for cols in (slice(0, 32), slice(64, 96))
+    ]
+    for row, col, target in painted:  # a person fixes a mistake of the map near each corner
+        session.edits.add(shapely.Point(col, row).buffer(5), target, author="t", tab="t")
+    _, report, _ = retrain(session, tracking(tmp_path), EXPERIMENT, "t")
+    corrections, after = session.corrections_as_indices(), session.class_indices()
+    for row, col, target in painted:
+        area = (slice(row - 3, row + 4), slice(col - 3, col + 4))
+        assert (corrections[area] == target).all()  # kept
+    assert report.corrected_accuracy_after > report.corrected_accuracy_before  # (an untrained net)
+    # and learnt exactly as the scene in one block in memory learns it
+    fitted = fit_head(whole, whole.head, classes, corrections, IGNORE_INDEX)
+    assert np.array_equal(fitted.classes, after)
+
+    (kept,) = (tmp_path / "session" / "features").iterdir()
+    written = {p.name: p.stat().st_mtime_ns for p in kept.glob("*.npy")}
+    again = Session.open(image, str(model), tmp_path / "session", tracking(tmp_path))
+    assert {p.name: p.stat().st_mtime_ns for p in kept.glob("*.npy")} == written  # read back
+    assert np.array_equal(again.class_indices(), after)
+    (kept / "complete.json").unlink()  # a crash before the store was finished
+    (kept / "1_1.npy").unlink()
+    Session.open(image, str(model), tmp_path / "session", tracking(tmp_path))
+    assert (kept / "complete.json").exists() and (kept / "1_1.npy").exists()
+
+
+def test_anchors_are_drawn_without_listing_every_pixel_as_before():
+    """The anchors of a tile are found by counting rows, not by listing its 45 M free pixels
+    (720 MB): the draws are the ones np.nonzero would give."""
+    from landcover.studio.adapt import anchor_pixels, nth_true
+
+    rng = np.random.default_rng(3)
+    classes = rng.integers(0, 5, (180, 230)).astype(np.uint8)
+    corrected = rng.random(classes.shape) < 0.2
+    rows, cols = np.nonzero(~corrected)
+    picks = rng.choice(len(rows), 400, replace=False)
+    assert all(
+        np.array_equal(a, b)
+        for a, b in zip(nth_true(~corrected, picks), (rows[picks], cols[picks]))
+    )
+    found = anchor_pixels(classes, corrected, seed=0)
+    reference = np.random.default_rng(0)  # the draws of the listing version, step by step
+    pick = reference.choice(len(rows), size=min(len(rows), 6000), replace=False)
+    expected_rows, expected_cols = [rows[pick]], [cols[pick]]
+    for value in np.unique(classes[~corrected]):
+        r, c = np.nonzero(~corrected & (classes == value))
+        few = reference.choice(len(r), size=min(len(r), 300), replace=False)
+        expected_rows.append(r[few])
+        expected_cols.append(c[few])
+    assert np.array_equal(found[0], np.concatenate(expected_rows))
+    assert np.array_equal(found[1], np.concatenate(expected_cols))
+    assert not corrected[found[0], found[1]].any()
+
+
+def corner_mistake(
+    truth: np.ndarray, classes: np.ndarray, radius: int, rows: slice, cols: slice
+) -> tuple[int, int, int]:
+    """(row, col, true class) of the disk in the given area where the map is most wrong and the
+    truth is one class: where a person would paint."""
+    best: tuple[int, tuple[int, int, int]] | None = None
+    for row in range(rows.start + radius, rows.stop - radius):
+        for col in range(cols.start + radius, cols.stop - radius):
+            disk = (slice(row - radius, row + radius + 1), slice(col - radius, col + radius + 1))
+            values = np.unique(truth[disk])
+            if len(values) == 1 and values[0] != IGNORE_INDEX:
+                middle = (slice(row - 3, row + 4), slice(col - 3, col + 4))
+                wrong = int((classes[middle] != values[0]).sum())
+                if best is None or wrong > best[0]:
+                    best = (wrong, (row, col, int(values[0])))
+    assert best is not None and best[0] > 0, "no mistake of the map to correct there"
+    return best[1]
+
+
 def labels_of(image: Path) -> np.ndarray:
     with rasterio.open(str(image).replace("_naip", "_lc")) as src:
         return src.read(1)

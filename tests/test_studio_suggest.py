@@ -50,3 +50,25 @@ def test_a_class_that_is_no_target_is_never_suggested():
     classes, confidence = scene()
     found = suggest(classes, confidence, np.zeros(classes.shape, bool), count=4, skip={1})
     assert found and all(s.class_index == 0 for s in found)
+
+
+def test_a_tile_is_scored_strip_by_strip_as_the_whole_scene_would_be(monkeypatch):
+    """A whole tile's scores are never held at once: the candidates found strip by strip (each
+    with its neighbours' rows) are the local maxima of the whole scene's scores, in order."""
+    from scipy import ndimage
+
+    from landcover.studio import suggest as suggestions
+
+    rng = np.random.default_rng(0)
+    confidence = ndimage.uniform_filter(rng.random((301, 157)).astype(np.float32), 5)
+    corrected = np.zeros(confidence.shape, bool)
+    corrected[95:105, 20:60] = True  # across a strip's edge
+    whole = suggestions.area_scores(confidence, corrected)  # one strip: the whole scene
+    rows, cols = suggestions.local_peaks(whole, suggestions.RADIUS)
+    order = np.argsort(-whole[rows, cols], kind="stable")[: suggestions.CANDIDATES]
+    monkeypatch.setattr(suggestions, "STRIP", 50)
+    assert np.array_equal(suggestions.area_scores(confidence, corrected), whole)
+    found = suggestions.candidates(confidence, corrected)
+    assert len(found[0]) > 20
+    assert np.array_equal(found[0], rows[order]) and np.array_equal(found[1], cols[order])
+    assert np.array_equal(found[2], whole[rows[order], cols[order]])

@@ -53,6 +53,33 @@ class Fitted:
     confidence: np.ndarray
 
 
+def nth_true(mask: np.ndarray, picks: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Rows and cols of the `picks`-th True pixels of `mask` in row-major order: what
+    `np.nonzero(mask)` indexed by `picks` gives, without listing every True pixel (16 bytes
+    each: 720 MB for a 45 Mpx tile)."""
+    per_row = np.count_nonzero(mask, axis=1)
+    ends = np.cumsum(per_row)
+    rows = np.searchsorted(ends, picks, side="right")
+    within = picks - (ends[rows] - per_row[rows])
+    cols = np.empty(len(picks), np.int64)
+    for row in np.unique(rows):
+        chosen = rows == row
+        cols[chosen] = np.flatnonzero(mask[row])[within[chosen]]
+    return rows.astype(np.int64), cols
+
+
+def value_counts(values: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
+    """How many pixels hold each byte value (where `where`), strip by strip: np.bincount widens
+    its input to 8 bytes a pixel, 360 MB for a whole 45 Mpx tile at once."""
+    counts = np.zeros(256, np.int64)
+    for top in range(0, values.shape[0], 1024):
+        part = values[top : top + 1024]
+        if where is not None:
+            part = part[where[top : top + 1024]]
+        counts += np.bincount(part.ravel(), minlength=256)
+    return counts
+
+
 def anchor_pixels(
     classes: np.ndarray, corrected: np.ndarray, seed: int
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -60,14 +87,18 @@ def anchor_pixels(
     the uncorrected pixels (each class by its area), plus a few of every class present so
     that a rare one is held too."""
     rng = np.random.default_rng(seed)
-    free_rows, free_cols = np.nonzero(~corrected)
-    pick = rng.choice(len(free_rows), size=min(len(free_rows), UNIFORM_ANCHORS), replace=False)
-    rows, cols = [free_rows[pick]], [free_cols[pick]]
-    for value in np.unique(classes[free_rows, free_cols]):
-        r, c = np.nonzero(~corrected & (classes == value))
-        few = rng.choice(len(r), size=min(len(r), ANCHORS_PER_CLASS), replace=False)
-        rows.append(r[few])
-        cols.append(c[few])
+    free = ~corrected
+    count = int(np.count_nonzero(free))
+    pick = rng.choice(count, size=min(count, UNIFORM_ANCHORS), replace=False)
+    picked = nth_true(free, pick)
+    rows, cols = [picked[0]], [picked[1]]
+    for value in np.flatnonzero(value_counts(classes, free)):
+        of_class = free & (classes == value)
+        count = int(np.count_nonzero(of_class))
+        few = rng.choice(count, size=min(count, ANCHORS_PER_CLASS), replace=False)
+        r, c = nth_true(of_class, few)
+        rows.append(r)
+        cols.append(c)
     all_rows, all_cols = np.concatenate(rows), np.concatenate(cols)
     return all_rows, all_cols, classes[all_rows, all_cols].astype(np.int64)
 
@@ -77,12 +108,12 @@ def sample_corrected(corrected: np.ndarray, seed: int) -> tuple[np.ndarray, np.n
     when a person accepted or painted most of a scene (each holds a k x k x channels vector:
     millions would not fit in memory, and a sample of this size teaches the same head). When
     nothing is left uncorrected there are no anchors, and the corrections alone hold the map."""
-    rows, cols = np.nonzero(corrected)
-    if len(rows) <= MAX_CORRECTED:
-        return rows, cols
-    pick = np.random.default_rng(seed).choice(len(rows), size=MAX_CORRECTED, replace=False)
+    count = int(np.count_nonzero(corrected))
+    if count <= MAX_CORRECTED:
+        return nth_true(corrected, np.arange(count))
+    pick = np.random.default_rng(seed).choice(count, size=MAX_CORRECTED, replace=False)
     pick.sort()
-    return rows[pick], cols[pick]
+    return nth_true(corrected, pick)
 
 
 def fit_head(

@@ -30,15 +30,19 @@ def before_after(
     imagery in the page's bands and stretch (`display`)."""
     step = max(1, max(before.shape) // MAX_EDGE)
     display = display or Display.of(image)
-    with rasterio.open(image) as src:
-        pixels = src.read(display.rgb)[:, ::step, ::step]
+    height, width = before.shape
+    with rasterio.open(image) as src:  # read decimated: a whole tile's bands never in memory
+        pixels = src.read(
+            display.rgb, out_shape=(len(display.rgb), -(-height // step), -(-width // step))
+        )
     rgb = display.stretched(pixels).transpose(1, 2, 0)
     palette = np.vstack([schema.rgb_palette(), [[255, 255, 255]]]).astype(np.float32) / 255
-    shown = np.where(corrections == IGNORE_INDEX, len(schema.classes), corrections)
+    corrected = corrections[::step, ::step]
+    shown = np.where(corrected == IGNORE_INDEX, len(schema.classes), corrected)
     panels = [
         ("imagery", rgb),
         ("map before", palette[before[::step, ::step]]),
-        ("corrections", palette[shown[::step, ::step]]),
+        ("corrections", palette[shown]),
         ("map after", palette[after[::step, ::step]]),
     ]
     figure, axes = plt.subplots(1, 4, figsize=(16, 4.6), constrained_layout=True)

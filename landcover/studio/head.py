@@ -15,19 +15,25 @@ in one line.
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
+import json
+import os
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Literal
+from pathlib import Path
+from typing import Literal, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
+from landcover.atomic import write_text
 from landcover.errors import LandcoverError
 
 WINDOW = 512  # core pixels of one forward pass; the scene is covered window by window
 MIN_CONTEXT = 32  # pixels read around each window beyond the model's own margin
+CACHE_BYTES = 96 * 2**20  # feature blocks a session keeps in memory (the rest stay on disk)
 
 
 class HeadError(LandcoverError):
@@ -86,49 +92,118 @@ def with_head(module: nn.Module, head: Head, num_classes: int) -> nn.Module:
     return adapted
 
 
-@dataclass
 class SceneFeatures:
-    """The last feature map over a whole scene, padded by the head's reach (float16 to halve
-    memory: 64 channels x 1 Mpx is 128 MiB)."""
+    """The last feature map over a whole scene, block by block (WINDOW x WINDOW core pixels, each
+    block with the head's reach around it), in float16 to halve the bytes.
 
-    features: np.ndarray  # (channels, height + 2 reach, width + 2 reach)
-    head: Head
-    height: int
-    width: int
+    A small scene keeps its blocks in memory. A session's scene keeps them in a folder on disk
+    (`store`), one `.npy` per block written whole (a power cut leaves no half block under its
+    name), and reads back the few it needs through a cache of `cache_bytes`: a 45 Mpx NAIP
+    quarter-quad's features (GBs for a 64-channel network) never sit in memory at once, and a
+    reopened session reads them instead of running the network again.
+    """
 
+    def __init__(
+        self,
+        head: Head,
+        height: int,
+        width: int,
+        store: Path | None = None,
+        cache_bytes: int | None = None,
+    ) -> None:
+        self.head = head
+        self.height = height
+        self.width = width
+        self.store = store
+        self.cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
+        self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
+        self._cached = 0
+
+    # -- blocks --------------------------------------------------------------------------
+    def _path(self, key: tuple[int, int]) -> Path:
+        assert self.store is not None
+        return self.store / f"{key[0]}_{key[1]}.npy"
+
+    def put(self, key: tuple[int, int], block: np.ndarray) -> None:
+        """Keep one block (block row, block column): (channels, rows + 2 reach, cols + 2 reach)."""
+        block = np.ascontiguousarray(block, np.float16)
+        if self.store is None:
+            self._blocks[key] = block
+            return
+        path = self._path(key)
+        partial = path.with_name(path.name + ".partial")
+        with open(partial, "wb") as out:
+            np.save(out, block)
+        os.replace(partial, path)
+
+    def block(self, key: tuple[int, int]) -> np.ndarray:
+        """One block's features (read from the store through the cache)."""
+        if key in self._blocks:
+            self._blocks.move_to_end(key)
+            return self._blocks[key]
+        if self.store is None:
+            raise KeyError(f"no features for block {key}")
+        block = np.load(self._path(key))
+        self._blocks[key] = block
+        self._cached += block.nbytes
+        while self._cached > self.cache_bytes and len(self._blocks) > 1:
+            _, dropped = self._blocks.popitem(last=False)
+            self._cached -= dropped.nbytes
+        return block
+
+    def block_keys(self) -> Iterator[tuple[int, int]]:
+        """Every block, row by row."""
+        for i in range((self.height + WINDOW - 1) // WINDOW):
+            for j in range((self.width + WINDOW - 1) // WINDOW):
+                yield i, j
+
+    # -- what the head makes of them ------------------------------------------------------
     def probabilities_at(self, row: int, col: int, head: Head | None = None) -> torch.Tensor:
         """Class probabilities of one pixel under `head` (the current head by default)."""
         head = head or self.head
         k = head.kernel
-        block = self.features[:, row : row + k, col : col + k].astype(np.float32)
+        block = self.block((row // WINDOW, col // WINDOW))
+        r, c = row % WINDOW, col % WINDOW
+        piece = block[:, r : r + k, c : c + k].astype(np.float32)
         with torch.no_grad():
-            return torch.softmax(head.logits(torch.from_numpy(block)[None])[0, :, 0, 0], 0)
+            return torch.softmax(head.logits(torch.from_numpy(piece)[None])[0, :, 0, 0], 0)
 
     def classes_and_confidence(self, head: Head | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Class index (uint8) and softmax confidence (float32) of every pixel under `head`."""
         head = head or self.head
         classes = np.empty((self.height, self.width), dtype=np.uint8)
         confidence = np.empty((self.height, self.width), dtype=np.float32)
-        for top in range(0, self.height, 256):
-            rows = slice(top, min(top + 256, self.height))
-            block = self.features[:, rows.start : rows.stop + 2 * head.reach]
-            with torch.no_grad():
-                logits = head.logits(torch.from_numpy(block.astype(np.float32))[None])[0]
-                probabilities = torch.softmax(logits, dim=0)
-                best, index = probabilities.max(dim=0)
-            classes[rows] = index.numpy().astype(np.uint8)
-            confidence[rows] = best.numpy()
+        for i, j in self.block_keys():
+            block = self.block((i, j))
+            for top in range(0, block.shape[1] - 2 * head.reach, 256):  # 256 rows at a time
+                rows = min(256, block.shape[1] - 2 * head.reach - top)
+                strip = block[:, top : top + rows + 2 * head.reach].astype(np.float32)
+                with torch.no_grad():
+                    logits = head.logits(torch.from_numpy(strip)[None])[0]
+                    best, index = torch.softmax(logits, dim=0).max(dim=0)
+                at = (slice(i * WINDOW + top, i * WINDOW + top + rows), slice(j * WINDOW, None))
+                cols = index.shape[1]
+                classes[at[0], j * WINDOW : j * WINDOW + cols] = index.numpy().astype(np.uint8)
+                confidence[at[0], j * WINDOW : j * WINDOW + cols] = best.numpy()
         return classes, confidence
 
     def neighbourhoods(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
-        """(pixels, channels x k x k) features each listed pixel's logits read."""
+        """(pixels, channels x k x k) features each listed pixel's logits read, in the order
+        listed (read block by block, each block once)."""
         kernel = self.head.kernel
         offsets = np.arange(kernel)
-        r = rows[:, None, None] + offsets[None, :, None]
-        c = cols[:, None, None] + offsets[None, None, :]
-        patches = self.features[:, r, c]  # (channels, pixels, k, k)
-        size = self.features.shape[0] * kernel * kernel  # named: -1 cannot size 0 pixels
-        return np.ascontiguousarray(patches.transpose(1, 0, 2, 3).reshape(len(rows), size))
+        channels = int(self.head.weight.shape[1])
+        out = np.empty((len(rows), channels * kernel * kernel), np.float16)
+        block_of = (rows // WINDOW) * 1_000_000 + cols // WINDOW
+        for code in np.unique(block_of):
+            chosen = np.flatnonzero(block_of == code)
+            key = (int(code // 1_000_000), int(code % 1_000_000))
+            block = self.block(key)
+            r = (rows[chosen] % WINDOW)[:, None, None] + offsets[None, :, None]
+            c = (cols[chosen] % WINDOW)[:, None, None] + offsets[None, None, :]
+            patches = block[:, r, c]  # (channels, pixels, k, k)
+            out[chosen] = patches.transpose(1, 0, 2, 3).reshape(len(chosen), out.shape[1])
+        return out
 
 
 def _windows(height: int, width: int) -> Iterator[tuple[int, int, int, int]]:
@@ -137,15 +212,96 @@ def _windows(height: int, width: int) -> Iterator[tuple[int, int, int, int]]:
             yield top, left, min(WINDOW, height - top), min(WINDOW, width - left)
 
 
+class PixelSource(Protocol):
+    """Where a scene's raw pixels come from: an array in memory or a raster read window by
+    window (so a whole tile is never read at once)."""
+
+    height: int
+    width: int
+
+    def read(self, top: int, left: int, rows: int, cols: int, context: int) -> np.ndarray:
+        """(bands, rows + 2 context, cols + 2 context) float32, mirrored past the scene's edge."""
+        ...
+
+
+class ArrayPixels:
+    """Pixels already in memory (bands, H, W)."""
+
+    def __init__(self, image: np.ndarray) -> None:
+        self.image = image
+        self.height, self.width = image.shape[1:]
+
+    def read(self, top: int, left: int, rows: int, cols: int, context: int) -> np.ndarray:
+        """The window with `context` around it, mirrored past the edge."""
+        return _mirrored(self.image, top, left, rows, cols, context)
+
+
+class RasterPixels:
+    """Pixels of a raster file, read window by window."""
+
+    def __init__(self, path: Path) -> None:
+        import rasterio
+
+        self.path = path
+        with rasterio.open(path) as src:
+            self.height, self.width = src.height, src.width
+
+    def read(self, top: int, left: int, rows: int, cols: int, context: int) -> np.ndarray:
+        """The window with `context` around it (as much as the file has), mirrored past the
+        edge exactly as the whole scene mirrored would be."""
+        import rasterio
+        from rasterio.windows import Window
+
+        r0, c0 = max(0, top - context), max(0, left - context)
+        r1 = min(self.height, top + rows + context)
+        c1 = min(self.width, left + cols + context)
+        with rasterio.open(self.path) as src:
+            part = src.read(window=Window(c0, r0, c1 - c0, r1 - r0)).astype(np.float32)
+        # `part` is the scene cut to the window: mirror it where the window leaves the scene
+        return _mirrored(
+            part, top - r0, left - c0, rows, cols, context, full=(self.height, self.width)
+        )
+
+
+def _mirrored(
+    image: np.ndarray,
+    top: int,
+    left: int,
+    rows: int,
+    cols: int,
+    context: int,
+    full: tuple[int, int] | None = None,
+) -> np.ndarray:
+    """(bands, rows + 2 context, cols + 2 context) around a window of `image`, the scene
+    mirrored past its edge (reflect, or symmetric for a scene smaller than the context). A
+    piece cut from a larger scene (`full`: that scene's size) is padded only where the scene
+    itself ends, so every window sees the pixels the whole mirrored scene would give it."""
+    height, width = full or image.shape[1:]
+    mode: Literal["reflect", "symmetric"] = (
+        "reflect" if context < min(height, width) else "symmetric"
+    )
+    before_r, before_c = max(0, context - top), max(0, context - left)
+    after_r = max(0, top + rows + context - image.shape[1])
+    after_c = max(0, left + cols + context - image.shape[2])
+    padded = np.pad(image, ((0, 0), (before_r, after_r), (before_c, after_c)), mode=mode)
+    r, c = top - context + before_r, left - context + before_c
+    return np.ascontiguousarray(padded[:, r : r + rows + 2 * context, c : c + cols + 2 * context])
+
+
 def scene_features(
     module: nn.Module,
-    image: np.ndarray,
+    image: np.ndarray | PixelSource,
     num_classes: int,
     output_margin: int,
+    store: Path | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> SceneFeatures:
-    """Run the network over `image` (bands, H, W raw pixels) window by window, keeping its last
-    feature map, and check that the logits are that map through the head."""
+    """Run the network over the scene (raw pixels (bands, H, W), or a source read window by
+    window) keeping its last feature map, and check that the logits are that map through the
+    head. With `store`, the blocks go to disk as they are computed, and a store a previous run
+    finished (its `complete` file names the same network and scene) is read instead."""
     module = module.eval()
+    source = ArrayPixels(image) if isinstance(image, np.ndarray) else image
     conv = find_head_conv(module, num_classes)
     head_probe: dict[str, torch.Tensor] = {}
     hook = conv.register_forward_hook(
@@ -153,34 +309,40 @@ def scene_features(
     )
     reach = conv.kernel_size[0] // 2
     context = max(output_margin, MIN_CONTEXT) + reach
-    bands, height, width = image.shape
-    mode: Literal["reflect", "symmetric"] = (
-        "reflect" if context < min(height, width) else "symmetric"
-    )
-    padded = np.pad(image, ((0, 0), (context, context), (context, context)), mode=mode)
-    features: np.ndarray | None = None
+    height, width = source.height, source.width
     relu: bool | None = None
+    bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(num_classes)
+    head_weight = conv.weight.detach().clone().float()
+    scene = SceneFeatures(Head(head_weight, bias.float(), False), height, width, store)
+    if store is not None:
+        store.mkdir(parents=True, exist_ok=True)
+        done = store / "complete.json"
+        if done.exists():
+            relu = bool(json.loads(done.read_text())["relu"])
+            hook.remove()
+            scene.head = Head(head_weight, bias.float(), relu)
+            return scene
+    windows = list(_windows(height, width))
     try:
-        for top, left, rows, cols in _windows(height, width):
-            piece = padded[:, top : top + rows + 2 * context, left : left + cols + 2 * context]
+        for n, (top, left, rows, cols) in enumerate(windows):
+            piece = source.read(top, left, rows, cols, context)
             with torch.no_grad():
-                logits = module(torch.from_numpy(np.ascontiguousarray(piece, np.float32))[None])
+                logits = module(torch.from_numpy(piece)[None])
             frame = head_probe["features"][0]
             if relu is None:  # checked once, before anything is kept
                 relu = _head_activation(head_probe["conv"][0], logits[0], output_margin)
-            if features is None:
-                features = np.zeros(
-                    (frame.shape[0], height + 2 * reach, width + 2 * reach), np.float16
-                )
             start = context - reach
             ring = frame[:, start : start + rows + 2 * reach, start : start + cols + 2 * reach]
-            features[:, top : top + rows + 2 * reach, left : left + cols + 2 * reach] = ring.numpy()
+            scene.put((top // WINDOW, left // WINDOW), ring.numpy())
+            if progress:
+                progress(n + 1, len(windows))
     finally:
         hook.remove()
-    assert features is not None and relu is not None
-    bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(num_classes)
-    head = Head(conv.weight.detach().clone().float(), bias.float(), relu)
-    return SceneFeatures(features, head, height, width)
+    assert relu is not None
+    scene.head = Head(head_weight, bias.float(), relu)
+    if store is not None:
+        write_text(store / "complete.json", json.dumps({"relu": relu, "blocks": len(windows)}))
+    return scene
 
 
 def _head_activation(conv_out: torch.Tensor, logits: torch.Tensor, margin: int) -> bool:

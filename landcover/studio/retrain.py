@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from landcover.artifacts.reference import files_digest
 from landcover.data.schema import IGNORE_INDEX
 from landcover.errors import first_line
-from landcover.studio.adapt import FitReport, fit_head
+from landcover.studio.adapt import FitReport, fit_head, value_counts
 from landcover.studio.head import with_head
 from landcover.studio.session import Session, StudioError, Version
 from landcover.tracking.datasets import ProfiledDataset, log_input_once_shared, source_of
@@ -59,7 +59,7 @@ def corrections_dataset(session: Session, corrections: np.ndarray, digest: str) 
     """The corrections in force as an MLflow dataset: digest over the edits, a profile of
     pixels per class and of who made them."""
     active = session.edits.active()
-    counts = np.bincount(corrections[corrections != IGNORE_INDEX], minlength=256)
+    counts = value_counts(corrections)
     profile = {
         "image": str(session.image),
         "strokes": len({row.stroke for row in active}),
@@ -123,6 +123,7 @@ def _fit_and_log(
     )
     log_input_once_shared(corrections_dataset(session, corrections, digest), "train")
     before = session.class_indices(start)
+    session.release_confidence()  # the fit makes the next map: two at once do not fit a tile
     began = time.perf_counter()
     fitted = fit_head(session.features, session.head_of(start), before, corrections, IGNORE_INDEX)
     seconds = time.perf_counter() - began
@@ -172,7 +173,9 @@ def _log_scores(
     shown: dict[str, Any] = {"scored_on": scored_on}
     for prefix, mapped, when in (("val/", after, "after"), ("start/val/", before, "before")):
         matrix = ConfusionMatrix(session.schema.num_classes)  # skips unlabelled pixels
-        matrix.update(torch.from_numpy(mapped), torch.from_numpy(target))
+        for top in range(0, mapped.shape[0], 1024):  # by strips: a whole tile as int64 is GBs
+            rows = slice(top, top + 1024)
+            matrix.update(torch.from_numpy(mapped[rows]), torch.from_numpy(target[rows]))
         metrics = scores_from_matrix(matrix.numpy(), scored).as_metrics(
             session.schema.names, scored, prefix=prefix
         )

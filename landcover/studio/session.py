@@ -9,6 +9,8 @@ training run) finds it all again:
     <session>/<image>_corrections.tif      the corrections as a label raster
     <session>/scenes.csv                   image,label: what `data=corrections` trains on
     <session>/mixed.csv, <image>_mixed.tif  with --labels: the labels, corrections laid over
+    <session>/features/<key>/              the network's last feature map, block by block
+                                           (head.py); a reopened session reads it back
     <session>/state.json                   the model versions (the first is the one started
                                            from; each retrain adds one) and the current one
     <session>/maps/<version>_classes.tif   each version's map and its confidence
@@ -21,6 +23,7 @@ A version is fully named by an MLflow model reference (the starting model, then
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
@@ -38,9 +41,17 @@ from landcover.data.schema import IGNORE_INDEX, ClassSchema
 from landcover.errors import LandcoverError
 from landcover.predict.writer import ClassMapWriter, sibling
 from landcover.studio.edits import EditLog
-from landcover.studio.head import Head, SceneFeatures, find_head_conv, scene_features
+from landcover.studio.head import (
+    Head,
+    RasterPixels,
+    SceneFeatures,
+    find_head_conv,
+    scene_features,
+)
 
-MAX_PIXELS = 16_000_000  # the kept features of a larger scene would not fit in memory
+# the features live on disk; what stays in memory is a version's map (5 bytes a pixel, two of
+# them during a retrain) and the corrections: a NAIP quarter-quad (45 Mpx) fits in 2 GB
+MAX_PIXELS = 64_000_000
 
 
 class StudioError(LandcoverError):
@@ -83,7 +94,7 @@ class Session:
     tracking_uri: str | None = None
     # the map of one version (id, class indices, confidence), kept: the current version's is
     # read by every retrain (its start) and every "accept the map" stroke
-    shown: tuple[str, np.ndarray, np.ndarray] | None = None
+    shown: tuple[str, np.ndarray, np.ndarray | None] | None = None
     # how the imagery is drawn (bands, stretch), the same in the page and the pictures
     display: Any = None
 
@@ -123,18 +134,34 @@ class Session:
         pixels = _check_image(image, base.bands)
         if pixels > MAX_PIXELS:
             raise StudioError(
-                f"{image}: {pixels:,} pixels; the studio keeps a scene's features in memory and "
-                f"takes up to {MAX_PIXELS:,}: correct one area at a time with --window COL ROW "
-                "WIDTH HEIGHT (e.g. --window 0 0 4000 4000)"
+                f"{image}: {pixels:,} pixels; the studio takes up to {MAX_PIXELS:,} (its maps "
+                "are kept in memory): correct one area at a time with --window COL ROW WIDTH "
+                "HEIGHT (e.g. --window 0 0 6000 6000)"
             )
-        with rasterio.open(image) as src:
-            pixels_in = src.read().astype(np.float32)
         started = time.perf_counter()
+        store = folder / "features" / features_key(base.torch_module, versions[0].model, image)
+        reused = (store / "complete.json").exists()
+
+        def progress(done: int, total: int) -> None:
+            if log and (done == total or done % 16 == 0):
+                log.info("features of %s: %d of %d blocks", image.name, done, total)
+
         features = scene_features(
-            base.torch_module, pixels_in, base.schema.num_classes, base.output_margin
+            base.torch_module,
+            RasterPixels(image),
+            base.schema.num_classes,
+            base.output_margin,
+            store=store,
+            progress=progress,
         )
         if log:
-            log.info("features of %s computed in %.1f s", image.name, time.perf_counter() - started)
+            log.info(
+                "features of %s %s in %.1f s (%s)",
+                image.name,
+                "read" if reused else "computed",
+                time.perf_counter() - started,
+                store,
+            )
         session = cls(
             image=image,
             folder=folder,
@@ -206,10 +233,18 @@ class Session:
     def map_of(self, version: Version) -> tuple[np.ndarray, np.ndarray]:
         """A version's class index and confidence of every pixel (computed once per version
         shown)."""
-        if self.shown is None or self.shown[0] != version.id:
-            classes, confidence = self.features.classes_and_confidence(self.head_of(version))
-            self.shown = (version.id, classes, confidence)
-        return self.shown[1], self.shown[2]
+        shown = self.shown
+        if shown is not None and shown[0] == version.id and shown[2] is not None:
+            return shown[1], shown[2]
+        classes, confidence = self.features.classes_and_confidence(self.head_of(version))
+        self.shown = (version.id, classes, confidence)
+        return classes, confidence
+
+    def release_confidence(self) -> None:
+        """Let go of the shown map's confidence while a retrain computes the next map (a whole
+        tile's is 180 MB); read again by the next `map_of` if the retrain fails."""
+        if self.shown is not None:
+            self.shown = (self.shown[0], self.shown[1], None)
 
     def class_indices(self, version: Version | None = None) -> np.ndarray:
         """A version's class index of every pixel (the current version by default)."""
@@ -229,7 +264,10 @@ class Session:
         with ClassMapWriter(
             classes_path, profile=profile, schema=self.schema, confidence=True
         ) as writer:
-            writer.write_rows(0, classes, np.round(confidence * 255).astype(np.uint8))
+            for top in range(0, classes.shape[0], 1024):  # by strips: a tile's copies are GBs
+                rows = slice(top, top + 1024)
+                bytes_ = np.round(confidence[rows] * 255).astype(np.uint8)
+                writer.write_rows(top, classes[rows], bytes_)
 
     # -- corrections as data -------------------------------------------------------------
     def corrections_as_indices(self) -> np.ndarray:
@@ -254,6 +292,19 @@ class Session:
             "landcover.studio.host": socket.gethostname(),
             "landcover.studio.pid": str(os.getpid()),
         }
+
+
+def features_key(module: Any, model: str, image: Path) -> str:
+    """A name for the features of this network on this image: the network's weights, the
+    reference it came from, and the image's path, size and modification time (a reopened
+    session on the same file reads its features back; a changed file or model computes anew)."""
+    digest = hashlib.sha256(f"{model}\n{image}\n".encode())
+    stat = image.stat()
+    digest.update(f"{stat.st_size}:{stat.st_mtime_ns}".encode())
+    for name, tensor in module.state_dict().items():
+        digest.update(name.encode())
+        digest.update(tensor.detach().cpu().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
 
 
 def _read_state(folder: Path) -> dict[str, Any] | None:

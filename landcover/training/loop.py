@@ -98,6 +98,17 @@ class EarlyStopping:
         return self.patience is not None and epochs_without_improvement >= self.patience
 
 
+def hold_frozen_batchnorm(model: torch.nn.Module) -> None:
+    """Batch-norm layers whose weights are frozen (`init.freeze`) keep their statistics too:
+    in training mode they would re-estimate them from the new data's batches, which changes
+    what a frozen layer computes (a one-scene fine-tune of the 2018 network lost OA that way)."""
+    for layer in model.modules():
+        if isinstance(layer, torch.nn.modules.batchnorm._BatchNorm):
+            parameters = list(layer.parameters(recurse=False))
+            if parameters and not any(p.requires_grad for p in parameters):
+                layer.eval()
+
+
 class Trainer:
     """The fit loop over one model, its data and optimiser; checkpoints, stopping and recording are
     handed to their own objects."""
@@ -257,6 +268,7 @@ class Trainer:
             return self.fit_once(epoch)
         assert self.optimizer is not None  # every model not fitted once has one
         self.model.train()
+        hold_frozen_batchnorm(self.model)
         self.data.train_dataset.set_epoch(epoch)
         total_loss, steps, patches = 0.0, 0, 0
         started = time.perf_counter()
