@@ -326,10 +326,8 @@ def test_anchors_are_drawn_without_listing_every_pixel_as_before():
     corrected = rng.random(classes.shape) < 0.2
     rows, cols = np.nonzero(~corrected)
     picks = rng.choice(len(rows), 400, replace=False)
-    assert all(
-        np.array_equal(a, b)
-        for a, b in zip(nth_true(~corrected, picks), (rows[picks], cols[picks]))
-    )
+    found_rows, found_cols = nth_true(~corrected, picks)
+    assert np.array_equal(found_rows, rows[picks]) and np.array_equal(found_cols, cols[picks])
     found = anchor_pixels(classes, corrected, seed=0)
     reference = np.random.default_rng(0)  # the draws of the listing version, step by step
     pick = reference.choice(len(rows), size=min(len(rows), 6000), replace=False)
