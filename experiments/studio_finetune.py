@@ -68,6 +68,11 @@ def head_only(model: str, uri: str, num_classes: int) -> str:
     return f"init.freeze=[{','.join(names)}]"
 
 
+def slug(name: str) -> str:
+    """A candidate's name as an experiment name Hydra takes on the command line."""
+    return "".join(c if c.isalnum() or c in ".-" else "_" for c in name)
+
+
 def four_class_scores(session: Session, labels: Path) -> dict[str, float]:
     """OA and mIoU (4 classes) of the session's current map against the patch's labels."""
     four = load_schema("chesapeake_4class").lookup_table()
@@ -124,7 +129,7 @@ def main() -> int:
                 "trainer.max_epochs=1",
                 f"data.patches_per_epoch={args.patches}",
                 "trainer.progress=false",
-                f"tracking.experiment=finetune {name}",
+                f"tracking.experiment=finetune-{slug(name)}",
             ]
             began = time.perf_counter()
             done = subprocess.run(words, capture_output=True, text=True, cwd=tmp)
@@ -134,9 +139,11 @@ def main() -> int:
                 rows[name] = {"error": done.stderr[-500:]}
                 continue
             client = MlflowClient(uri)
-            experiment = client.get_experiment_by_name(f"finetune {name}")
+            experiment = client.get_experiment_by_name(f"finetune-{slug(name)}")
             (run,) = client.search_runs([experiment.experiment_id], max_results=1)
-            tuned = Session.open(image, f"runs:/{run.info.run_id}/model", Path(tmp) / name, uri)
+            tuned = Session.open(
+                image, f"runs:/{run.info.run_id}/model", Path(tmp) / slug(name), uri
+            )
             after = four_class_scores(tuned, labels)
             rows[name] = {**after, "seconds": seconds, "run": run.info.run_id}
             print(

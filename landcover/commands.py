@@ -79,12 +79,16 @@ def ending_in_one_line(log: logging.Logger) -> Iterator[None]:
 
 def tracking_server_answers(cfg: DictConfig) -> None:
     """A command whose tracking store is a server asks it once, in seconds, before any work:
-    MLflow's own client retries a refused connection for about four minutes."""
+    MLflow's own client retries a refused connection for about four minutes. A new SQLite
+    store is built here, by one process at a time (tracking/sqlite_store.py)."""
     from omegaconf import OmegaConf
 
     from landcover.reachable import check_tracking_server
+    from landcover.tracking.sqlite_store import prepare_sqlite_store
 
-    check_tracking_server(OmegaConf.select(cfg, "tracking.uri", default=None))
+    uri = OmegaConf.select(cfg, "tracking.uri", default=None)
+    check_tracking_server(uri)
+    prepare_sqlite_store(uri)
 
 
 def discard_run_dir() -> None:

@@ -37,6 +37,7 @@ from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
 from landcover.errors import RunPrunedError
+from landcover.tracking.sqlite_store import prepare_sqlite_store
 from landcover.tracking.system_metrics import system_monitors_available
 
 if TYPE_CHECKING:  # a mapping job records its run without ever loading PyTorch
@@ -147,7 +148,9 @@ def start_run(
 
 
 def use_experiment(uri: str, experiment: str) -> None:
-    """Point the fluent API at `experiment` of `uri`, created beside a SQLite store if new."""
+    """Point the fluent API at `experiment` of `uri`, created beside a SQLite store if new (a
+    new store's tables built by one process at a time)."""
+    prepare_sqlite_store(uri)
     mlflow.set_tracking_uri(uri)
     mlflow.set_experiment(
         experiment_id=experiment_id(mlflow.tracking.MlflowClient(uri), experiment)
