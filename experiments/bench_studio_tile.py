@@ -5,12 +5,13 @@ the network's last feature map goes to disk block by block as it is computed (th
 `features/` folder) and only a version's map (5 bytes a pixel) stays in memory. This generates
 a 4-band scene of that size (a synthetic landscape tile repeated, georeferenced in UTM), opens
 it with a U-Net of the project's default configuration (untrained: the cost does not depend on
-the weights) or `--model`, paints a disk of a class the map does not show at each of the four
-corners, retrains, and checks that every corner's stroke is kept (in the edit log and the
-corrections raster) and learnt (the new map gives the painted class on most of its pixels);
-then reopens the session (features read back from disk). Everything runs in one fresh process
-with `--threads` torch threads whose peak RSS (VmHWM) is read at the end. Figures are printed
-and logged to MLflow (experiment `benchmarks`).
+the weights) or `--model`, paints near each of the four corners the disk where the map is
+most wrong and the scene's labels are one class (with that class, as a person would), retrains,
+and checks that every corner's stroke is kept (in the corrections raster) and learnt (the share
+of the pixels the map had wrong there that the new map gets right); then reopens the session
+(features read back from disk). Everything runs in one fresh process with `--threads` torch
+threads whose peak RSS (VmHWM) is read at the end. Figures are printed and logged to MLflow
+(experiment `benchmarks`).
 
     .venv/bin/python experiments/bench_studio_tile.py [--rows 7500 --cols 6000] [--threads 2]
 """
@@ -39,6 +40,7 @@ CHILD = """
 import json, sys, time
 from pathlib import Path
 import numpy as np
+import rasterio
 import shapely
 import torch
 torch.set_num_threads(int(sys.argv[4]))
@@ -59,12 +61,25 @@ figures["open_seconds"] = time.perf_counter() - started
 figures["open_peak_mib"] = peak()
 height, width = session.features.height, session.features.width
 classes = session.class_indices()
+with rasterio.open(sys.argv[5]) as src:  # a person paints what is there: the scene's labels
+    truth = session.schema.lookup_table()[src.read(1)]
 radius, painted = 12, []
-for row, col in ((40, 40), (40, width - 40), (height - 40, 40), (height - 40, width - 40)):
-    disk = classes[row - radius : row + radius, col - radius : col + radius]
-    shown = np.bincount(disk.ravel(), minlength=session.schema.num_classes)
-    target = int(np.argmin(np.where(np.arange(len(shown)) == 0, 1 << 30, shown)))  # not no-data
-    session.edits.add(shapely.Point(col, row).buffer(radius), target, author="bench", tab="b")
+for rows, cols in ((slice(0, 400), slice(0, 400)), (slice(0, 400), slice(width - 400, width)),
+                   (slice(height - 400, height), slice(0, 400)),
+                   (slice(height - 400, height), slice(width - 400, width))):
+    # near each corner, the disk where the map is most wrong and the labels are one class
+    best = None
+    for row in range(rows.start + radius, rows.stop - radius, 4):
+        for col in range(cols.start + radius, cols.stop - radius, 4):
+            disk = truth[row - radius : row + radius + 1, col - radius : col + radius + 1]
+            if disk.min() == disk.max() != 255:
+                wrong = int((classes[row - radius : row + radius + 1,
+                                     col - radius : col + radius + 1] != disk[0, 0]).sum())
+                if best is None or wrong > best[0]:
+                    best = (wrong, row, col, int(disk[0, 0]))
+    _, row, col, target = best
+    session.edits.add(shapely.Point(col + 0.5, row + 0.5).buffer(radius), target,
+                      author="bench", tab="b")
     painted.append((row, col, target))
 started = time.perf_counter()
 version, report, seconds = retrain(session, uri, "studio", "bench")
@@ -78,7 +93,8 @@ for row, col, target in painted:
     inner = radius * 2 // 3  # a square well inside the disk
     area = (slice(row - inner, row + inner), slice(col - inner, col + inner))
     kept.append(bool((corrections[area] == target).all()))
-    learnt.append(float((after[area] == target).mean()))
+    wrong = classes[area] != target  # where the map was wrong: right now?
+    learnt.append(float((after[area][wrong] == target).mean()) if wrong.any() else 1.0)
 figures["strokes_in_log"] = len({r.stroke for r in session.edits.active()})
 figures["corners_kept"] = sum(kept)
 figures["corners_learnt_share_min"] = min(learnt)
@@ -92,12 +108,14 @@ print(json.dumps(figures))
 """
 
 
-def write_scene(path: Path, rows: int, cols: int, block: int = 2048) -> None:
-    """A synthetic landscape tile repeated over the scene (memory bounded at any size)."""
+def write_scene(path: Path, labels: Path, rows: int, cols: int, block: int = 2048) -> None:
+    """A synthetic landscape tile and its labels repeated over the scene (memory bounded at any
+    size)."""
     from landcover.data.synthetic import generate_labels, render_image
 
     rng = np.random.default_rng(0)
-    tile = render_image(generate_labels(rng, block), rng)
+    codes = generate_labels(rng, block)
+    tile = render_image(codes, rng)
     profile = {
         "driver": "GTiff",
         "width": cols,
@@ -111,11 +129,15 @@ def write_scene(path: Path, rows: int, cols: int, block: int = 2048) -> None:
         "compress": "deflate",
         "transform": rasterio.transform.from_origin(400000, 4300000, 1, 1),
     }
-    with rasterio.open(path, "w", **profile) as dst:
+    with (
+        rasterio.open(path, "w", **profile) as dst,
+        rasterio.open(labels, "w", **{**profile, "count": 1}) as lab,
+    ):
         for row in range(0, rows, block):
             for col in range(0, cols, block):
                 h, w = min(block, rows - row), min(block, cols - col)
                 dst.write(tile[:, :h, :w], window=Window(col, row, w, h))
+                lab.write(codes[None, :h, :w].astype(np.uint8), window=Window(col, row, w, h))
 
 
 def main() -> None:
@@ -127,8 +149,8 @@ def main() -> None:
     parser.add_argument("--tracking-uri", default="sqlite:///mlflow.db")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
-        image = Path(folder) / "quarter_quad.tif"
-        write_scene(image, args.rows, args.cols)
+        image, labels = Path(folder) / "quarter_quad.tif", Path(folder) / "quarter_quad_lc.tif"
+        write_scene(image, labels, args.rows, args.cols)
         model = args.model
         if model is None:
             model = str(Path(folder) / "unet.pt")
@@ -143,6 +165,7 @@ def main() -> None:
                 model,
                 str(Path(folder) / "session"),
                 str(args.threads),
+                str(labels),
             ],
             capture_output=True,
             text=True,

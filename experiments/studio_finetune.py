@@ -12,7 +12,12 @@ epoch each, and scores the patch's OA and mIoU (4 classes) of the model before a
 - `lr=1e-4`, `lr=1e-5`: AdamW at a smaller learning rate;
 - `head only`: every parameter but the studio's adapted layer frozen (`init.freeze`, batch-norm
   statistics held with their weights), at 1e-3 (what the studio itself fits, on all the data);
-- `head only, lr=1e-4`.
+- `head only, lr=1e-4`, `head only, lr=1e-5`;
+- `the page's command`: the command as the page shows it since this study (`init.freeze=
+  [all_but_head] optimizer.lr=1e-4 trainer.keep_start=true`).
+
+Each row runs `--patches` patches (one epoch); the candidates were compared at 32 (two steps of
+16), the page's command at the corrections' own 256.
 
 The session: the real patch with its labels (`--labels`), 300 one-pixel road dots painted where
 the 2018 map misses the road (as in experiments/studio_corrections.py), one studio retrain.
@@ -41,7 +46,7 @@ from analysis.baselines import patch_pairs, real_data_parser  # noqa: E402
 from landcover.artifacts.tutorial_model import load_schema  # noqa: E402
 from landcover.data.scenes import quiet_georeferencing_warnings  # noqa: E402
 from landcover.predict.writer import class_codes  # noqa: E402
-from landcover.studio.app import train_command  # noqa: E402
+from landcover.studio.app import FINE_TUNE, train_command  # noqa: E402
 from landcover.studio.retrain import retrain  # noqa: E402
 from landcover.studio.session import Session  # noqa: E402
 
@@ -53,6 +58,8 @@ CANDIDATES = {
     "lr=1e-5": ["optimizer.lr=1e-5"],
     "head only": ["HEAD_ONLY"],
     "head only, lr=1e-4": ["HEAD_ONLY", "optimizer.lr=1e-4"],
+    "head only, lr=1e-5": ["HEAD_ONLY", "optimizer.lr=1e-5"],
+    "the page's command": ["PAGE"],  # as the page shows it, with the defaults chosen here
 }
 
 
@@ -118,14 +125,15 @@ def main() -> int:
         retrain(session, uri, "studio", "study")
         studio = four_class_scores(session, labels)
         print(f"2018 network {start}; studio model {studio}", flush=True)
-        command = shlex.split(train_command(session, uri))
+        page = shlex.split(train_command(session, uri))
+        command = [word for word in page if word not in FINE_TUNE]  # the defaults as they were
         freeze = head_only(session.version.model, uri, session.schema.num_classes)
         for name, overrides in CANDIDATES.items():
             if args.only and name not in args.only:
                 continue
             words = [
-                *command,
-                *[freeze if o == "HEAD_ONLY" else o for o in overrides],
+                *(page if overrides == ["PAGE"] else command),
+                *[freeze if o == "HEAD_ONLY" else o for o in overrides if o != "PAGE"],
                 "trainer.max_epochs=1",
                 f"data.patches_per_epoch={args.patches}",
                 "trainer.progress=false",

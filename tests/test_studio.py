@@ -754,6 +754,10 @@ def test_the_pages_training_command_runs_as_written(session, tmp_path):
     command = train_command(session, uri)
     words = shlex.split(command)
     assert Path(words[0]).is_file() and f"tracking.uri={uri}" in words
+    # fine-tuning keeps what the studio model knew (experiments/studio_finetune.py)
+    assert {"init.freeze=[all_but_head]", "optimizer.lr=1e-4", "trainer.keep_start=true"} <= set(
+        words
+    )
     extra = "trainer.max_epochs=1 data.patches_per_epoch=8 data.batch_size=4 trainer.progress=false"
     done = subprocess.run(f"{command} {extra}", shell=True, capture_output=True, text=True,
                           timeout=600, cwd=tmp_path)  # fmt: skip

@@ -113,3 +113,28 @@ def test_frozen_modules_are_held_back_or_slowed():
     assert len(slowed) == 2 and slowed[1]["lr"] == pytest.approx(1e-4)
     with pytest.raises(ConfigError, match="init.freeze"):
         parameter_groups(tiny(4, seed=0), ["net.backbone"], 0.0, lr=1e-3)
+
+
+def test_all_but_head_trains_the_classifier_alone_and_frozen_batchnorm_keeps_its_statistics():
+    """What the studio's page uses to fine-tune a studio model: only the last convolution
+    learns, and the frozen layers' batch-norm statistics do not drift with the new batches
+    (in training mode they did: a frozen encoder still changed what it computes)."""
+    from landcover.training.loop import hold_frozen_batchnorm
+
+    model = tiny(4, seed=0)
+    groups = parameter_groups(model, ["all_but_head"], 0.0, lr=1e-3)
+    trainable = [n for n, p in model.named_parameters() if p.requires_grad]
+    last_conv = [m for m in model.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    assert {id(p) for p in groups[0]["params"]} == {id(p) for p in last_conv.parameters()}
+    assert trainable and all("segmentation_head" in n for n in trainable)
+    norms = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    before = [m.running_mean.clone() for m in norms]
+    model.train()
+    hold_frozen_batchnorm(model)
+    model(torch.rand(2, 4, 64, 64) * 255)
+    assert all(torch.equal(b, m.running_mean) for b, m in zip(before, norms, strict=True))
+    free = tiny(4, seed=0).train()  # nothing frozen: batch norm learns the batches as before
+    free_norms = [m for m in free.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    hold_frozen_batchnorm(free)
+    free(torch.rand(2, 4, 64, 64) * 255)
+    assert not torch.equal(free_norms[0].running_mean, before[0])

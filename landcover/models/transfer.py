@@ -108,12 +108,25 @@ def transfer_weights(
     return report
 
 
-def freeze_prefixes(freeze: Sequence[str]) -> list[str]:
-    """`encoder` (smp's encoder, or the seed network's contracting levels) or module prefixes
-    as `state_dict` names them (`net.encoder.layer1`)."""
+ALL_BUT_HEAD = "all_but_head"
+
+
+def freeze_prefixes(freeze: Sequence[str], model: nn.Module | None = None) -> list[str]:
+    """`encoder` (smp's encoder, or the seed network's contracting levels), `all_but_head`
+    (every parameter but the last convolution's, the classifier: what landcover-studio's
+    retrain adapts) or module prefixes as `state_dict` names them (`net.encoder.layer1`)."""
     prefixes = []
     for item in freeze:
-        prefixes.append("net.encoder" if item == "encoder" else str(item))
+        if item == ALL_BUT_HEAD:
+            if model is None:
+                raise ConfigError(f"init.freeze: {ALL_BUT_HEAD} needs the model")
+            convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
+            if not convs:
+                raise ConfigError(f"init.freeze: {ALL_BUT_HEAD}: the model has no convolution")
+            head = {id(p) for p in convs[-1].parameters()}
+            prefixes += [n for n, p in model.named_parameters() if id(p) not in head]
+        else:
+            prefixes.append("net.encoder" if item == "encoder" else str(item))
     return prefixes
 
 
@@ -122,7 +135,7 @@ def parameter_groups(
 ) -> list[dict[str, Any]]:
     """Optimiser parameter groups: the frozen prefixes not trained at all (scale 0) or at
     `lr * frozen_lr_scale`, everything else at `lr`. A prefix matching nothing is an error."""
-    prefixes = freeze_prefixes(freeze)
+    prefixes = freeze_prefixes(freeze, model)
     named = list(model.named_parameters())
     for prefix in prefixes:
         if not any(name == prefix or name.startswith(prefix + ".") for name, _ in named):

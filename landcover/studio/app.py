@@ -360,6 +360,13 @@ def create_app(session: Any, settings: argparse.Namespace) -> Any:
     return app
 
 
+# How a full training starts from a studio model without undoing it, chosen by
+# experiments/studio_finetune.py (docs/studio.md): the classifier alone learns (its batch-norm
+# statistics held with the frozen layers), at 1e-4, and the start is scored first, so an epoch
+# that does not beat it on the scene's labels is not the logged model.
+FINE_TUNE = ("init.freeze=[all_but_head]", "optimizer.lr=1e-4", "trainer.keep_start=true")
+
+
 def train_command(session: Any, tracking_uri: str) -> str:
     """The full training that learns from this session's corrections, as a shell runs it: this
     environment's `landcover-train`, the model's own patch size (one its margin leaves output
@@ -384,6 +391,7 @@ def train_command(session: Any, tracking_uri: str) -> str:
         f"data.patch_size={patch}",
         f"model={arch}",
         f"init.model={session.version.model}",
+        *FINE_TUNE,
         f"tracking.uri={tracking_uri}",
     ]
     if (Path(CONFIG_DIR) / "data" / "schema" / f"{session.schema.name}.yaml").is_file():
