@@ -36,6 +36,7 @@ import numpy as np
 from mlflow.models import Model, ModelSignature
 from mlflow.types import Schema, TensorSpec
 
+from landcover import locks
 from landcover.errors import RunPrunedError
 from landcover.tracking.sqlite_store import prepare_sqlite_store
 from landcover.tracking.system_metrics import system_monitors_available
@@ -212,9 +213,10 @@ def artifact_location(tracking_uri: str, experiment: str) -> str | None:
     database file (`<db folder>/mlartifacts/<experiment>`), whatever the working directory.
     MLflow's default, `./mlruns` of whichever directory first created the experiment, scatters
     one store's artifacts over working directories. None: the server decides."""
-    if not tracking_uri.startswith("sqlite:///"):
+    database = locks.sqlite_path(tracking_uri)
+    if database is None:
         return None
-    database = Path(tracking_uri[len("sqlite:///") :]).resolve()
+    database = database.resolve()
     safe = re.sub(r"[^A-Za-z0-9._-]", "_", experiment)
     if safe != experiment:  # keep two names that sanitise alike apart
         safe = f"{safe}-{zlib.crc32(experiment.encode()):08x}"
@@ -245,8 +247,9 @@ def browse_command(uri: str, run_id: str) -> str:
     page = f"#/experiments/{run.info.experiment_id}/runs/{run_id}"
     if uri.startswith(("http://", "https://")):
         return f"browse the run: {uri.rstrip('/')}/{page}"
-    if uri.startswith("sqlite:///"):
-        uri = "sqlite:///" + str(Path(uri[len("sqlite:///") :]).resolve())
+    database = locks.sqlite_path(uri)
+    if database is not None:
+        uri = f"sqlite:///{database.resolve()}"
     mlflow_bin = Path(sys.executable).parent / "mlflow"
     program = mlflow_bin if mlflow_bin.exists() else Path("mlflow")
     with contextlib.suppress(ValueError):
