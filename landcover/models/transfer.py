@@ -111,6 +111,18 @@ def transfer_weights(
 ALL_BUT_HEAD = "all_but_head"
 
 
+def classifier_conv(module: nn.Module, num_classes: int | None = None) -> nn.Conv2d | None:
+    """The classifier of a segmentation network: its last convolution (with one output per
+    class when `num_classes` is given). What `init.freeze=[all_but_head]` leaves learning and
+    what landcover-studio's retrain adapts. None: the model has no such convolution."""
+    found = [
+        m
+        for m in module.modules()
+        if isinstance(m, nn.Conv2d) and num_classes in (None, m.out_channels)
+    ]
+    return found[-1] if found else None
+
+
 def freeze_prefixes(freeze: Sequence[str], model: nn.Module | None = None) -> list[str]:
     """`encoder` (smp's encoder, or the seed network's contracting levels), `all_but_head`
     (every parameter but the last convolution's, the classifier: what landcover-studio's
@@ -120,10 +132,10 @@ def freeze_prefixes(freeze: Sequence[str], model: nn.Module | None = None) -> li
         if item == ALL_BUT_HEAD:
             if model is None:
                 raise ConfigError(f"init.freeze: {ALL_BUT_HEAD} needs the model")
-            convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
-            if not convs:
+            classifier = classifier_conv(model)
+            if classifier is None:
                 raise ConfigError(f"init.freeze: {ALL_BUT_HEAD}: the model has no convolution")
-            head = {id(p) for p in convs[-1].parameters()}
+            head = {id(p) for p in classifier.parameters()}
             prefixes += [n for n, p in model.named_parameters() if id(p) not in head]
         else:
             prefixes.append("net.encoder" if item == "encoder" else str(item))

@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import copy
 import json
-import os
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
@@ -28,8 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from landcover.atomic import write_text
+from landcover.atomic import atomic_target, write_text
 from landcover.errors import LandcoverError
+from landcover.models.transfer import classifier_conv
 
 WINDOW = 512  # core pixels of one forward pass; the scene is covered window by window
 MIN_CONTEXT = 32  # pixels read around each window beyond the model's own margin
@@ -65,13 +65,11 @@ class Head:
 
 
 def find_head_conv(module: nn.Module, num_classes: int) -> nn.Conv2d:
-    """The last convolution with one output per class: the classifier of a segmentation net."""
-    found = [
-        m for m in module.modules() if isinstance(m, nn.Conv2d) and m.out_channels == num_classes
-    ]
-    if not found:
+    """The last convolution with one output per class: the classifier of a segmentation net,
+    checked to be one the studio can refit."""
+    conv = classifier_conv(module, num_classes)
+    if conv is None:
         raise HeadError(f"the model has no convolution with {num_classes} outputs to retrain")
-    conv = found[-1]
     if conv.stride != (1, 1) or conv.dilation != (1, 1) or conv.groups != 1:
         raise HeadError("the model's last convolution is strided or grouped: not retrainable here")
     if conv.kernel_size[0] != conv.kernel_size[1] or conv.padding[0] != conv.kernel_size[0] // 2:
@@ -118,6 +116,7 @@ class SceneFeatures:
         self.cache_bytes = CACHE_BYTES if cache_bytes is None else cache_bytes
         self._blocks: OrderedDict[tuple[int, int], np.ndarray] = OrderedDict()
         self._cached = 0
+        self.read_back = False  # the store held every block already (nothing was computed)
 
     # -- blocks --------------------------------------------------------------------------
     def _path(self, key: tuple[int, int]) -> Path:
@@ -130,11 +129,8 @@ class SceneFeatures:
         if self.store is None:
             self._blocks[key] = block
             return
-        path = self._path(key)
-        partial = path.with_name(path.name + ".partial")
-        with open(partial, "wb") as out:
+        with atomic_target(self._path(key)) as partial, open(partial, "wb") as out:
             np.save(out, block)
-        os.replace(partial, path)
 
     def block(self, key: tuple[int, int]) -> np.ndarray:
         """One block's features (read from the store through the cache)."""
@@ -152,10 +148,9 @@ class SceneFeatures:
         return block
 
     def block_keys(self) -> Iterator[tuple[int, int]]:
-        """Every block, row by row."""
-        for i in range((self.height + WINDOW - 1) // WINDOW):
-            for j in range((self.width + WINDOW - 1) // WINDOW):
-                yield i, j
+        """Every block, row by row (one per window the network ran over)."""
+        for top, left, _, _ in _windows(self.height, self.width):
+            yield top // WINDOW, left // WINDOW
 
     # -- what the head makes of them ------------------------------------------------------
     def probabilities_at(self, row: int, col: int, head: Head | None = None) -> torch.Tensor:
@@ -173,18 +168,16 @@ class SceneFeatures:
         head = head or self.head
         classes = np.empty((self.height, self.width), dtype=np.uint8)
         confidence = np.empty((self.height, self.width), dtype=np.float32)
-        for i, j in self.block_keys():
-            block = self.block((i, j))
-            for top in range(0, block.shape[1] - 2 * head.reach, 256):  # 256 rows at a time
-                rows = min(256, block.shape[1] - 2 * head.reach - top)
-                strip = block[:, top : top + rows + 2 * head.reach].astype(np.float32)
+        for top, left, rows, cols in _windows(self.height, self.width):
+            block = self.block((top // WINDOW, left // WINDOW))
+            for start in range(0, rows, 256):  # 256 rows at a time
+                strip = block[:, start : min(start + 256, rows) + 2 * head.reach]
                 with torch.no_grad():
-                    logits = head.logits(torch.from_numpy(strip)[None])[0]
+                    logits = head.logits(torch.from_numpy(strip.astype(np.float32))[None])[0]
                     best, index = torch.softmax(logits, dim=0).max(dim=0)
-                at = (slice(i * WINDOW + top, i * WINDOW + top + rows), slice(j * WINDOW, None))
-                cols = index.shape[1]
-                classes[at[0], j * WINDOW : j * WINDOW + cols] = index.numpy().astype(np.uint8)
-                confidence[at[0], j * WINDOW : j * WINDOW + cols] = best.numpy()
+                at = (slice(top + start, top + start + index.shape[0]), slice(left, left + cols))
+                classes[at] = index.numpy().astype(np.uint8)
+                confidence[at] = best.numpy()
         return classes, confidence
 
     def neighbourhoods(self, rows: np.ndarray, cols: np.ndarray) -> np.ndarray:
@@ -194,11 +187,11 @@ class SceneFeatures:
         offsets = np.arange(kernel)
         channels = int(self.head.weight.shape[1])
         out = np.empty((len(rows), channels * kernel * kernel), np.float16)
-        block_of = (rows // WINDOW) * 1_000_000 + cols // WINDOW
+        across = -(-self.width // WINDOW)  # blocks in a row
+        block_of = (rows // WINDOW) * across + cols // WINDOW
         for code in np.unique(block_of):
             chosen = np.flatnonzero(block_of == code)
-            key = (int(code // 1_000_000), int(code % 1_000_000))
-            block = self.block(key)
+            block = self.block(divmod(int(code), across))
             r = (rows[chosen] % WINDOW)[:, None, None] + offsets[None, :, None]
             c = (cols[chosen] % WINDOW)[:, None, None] + offsets[None, None, :]
             patches = block[:, r, c]  # (channels, pixels, k, k)
@@ -299,30 +292,28 @@ def scene_features(
     """Run the network over the scene (raw pixels (bands, H, W), or a source read window by
     window) keeping its last feature map, and check that the logits are that map through the
     head. With `store`, the blocks go to disk as they are computed, and a store a previous run
-    finished (its `complete` file names the same network and scene) is read instead."""
+    finished (its `complete.json`, written last) is read instead."""
     module = module.eval()
     source = ArrayPixels(image) if isinstance(image, np.ndarray) else image
     conv = find_head_conv(module, num_classes)
+    bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(num_classes)
+    head = Head(conv.weight.detach().clone().float(), bias.float(), relu=False)
+    scene = SceneFeatures(head, source.height, source.width, store)
+    done = store / "complete.json" if store is not None else None
+    if done is not None and done.exists():
+        head.relu = bool(json.loads(done.read_text())["relu"])
+        scene.read_back = True
+        return scene
+    if store is not None:
+        store.mkdir(parents=True, exist_ok=True)
     head_probe: dict[str, torch.Tensor] = {}
     hook = conv.register_forward_hook(
         lambda _m, inputs, output: head_probe.update(features=inputs[0], conv=output)
     )
     reach = conv.kernel_size[0] // 2
     context = max(output_margin, MIN_CONTEXT) + reach
-    height, width = source.height, source.width
     relu: bool | None = None
-    bias = conv.bias.detach().clone() if conv.bias is not None else torch.zeros(num_classes)
-    head_weight = conv.weight.detach().clone().float()
-    scene = SceneFeatures(Head(head_weight, bias.float(), False), height, width, store)
-    if store is not None:
-        store.mkdir(parents=True, exist_ok=True)
-        done = store / "complete.json"
-        if done.exists():
-            relu = bool(json.loads(done.read_text())["relu"])
-            hook.remove()
-            scene.head = Head(head_weight, bias.float(), relu)
-            return scene
-    windows = list(_windows(height, width))
+    windows = list(_windows(source.height, source.width))
     try:
         for n, (top, left, rows, cols) in enumerate(windows):
             piece = source.read(top, left, rows, cols, context)
@@ -339,9 +330,9 @@ def scene_features(
     finally:
         hook.remove()
     assert relu is not None
-    scene.head = Head(head_weight, bias.float(), relu)
-    if store is not None:
-        write_text(store / "complete.json", json.dumps({"relu": relu, "blocks": len(windows)}))
+    head.relu = relu
+    if done is not None:
+        write_text(done, json.dumps({"relu": relu, "blocks": len(windows)}))
     return scene
 
 

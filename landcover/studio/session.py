@@ -140,7 +140,6 @@ class Session:
             )
         started = time.perf_counter()
         store = folder / "features" / features_key(base.torch_module, versions[0].model, image)
-        reused = (store / "complete.json").exists()
 
         def progress(done: int, total: int) -> None:
             if log and (done == total or done % 16 == 0):
@@ -158,7 +157,7 @@ class Session:
             log.info(
                 "features of %s %s in %.1f s (%s)",
                 image.name,
-                "read" if reused else "computed",
+                "read" if features.read_back else "computed",
                 time.perf_counter() - started,
                 store,
             )
