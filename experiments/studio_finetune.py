@@ -56,23 +56,11 @@ CANDIDATES = {
     "defaults": [],
     "lr=1e-4": ["optimizer.lr=1e-4"],
     "lr=1e-5": ["optimizer.lr=1e-5"],
-    "head only": ["HEAD_ONLY"],
-    "head only, lr=1e-4": ["HEAD_ONLY", "optimizer.lr=1e-4"],
-    "head only, lr=1e-5": ["HEAD_ONLY", "optimizer.lr=1e-5"],
+    "head only": ["init.freeze=[all_but_head]"],
+    "head only, lr=1e-4": ["init.freeze=[all_but_head]", "optimizer.lr=1e-4"],
+    "head only, lr=1e-5": ["init.freeze=[all_but_head]", "optimizer.lr=1e-5"],
     "the page's command": ["PAGE"],  # as the page shows it, with the defaults chosen here
 }
-
-
-def head_only(model: str, uri: str, num_classes: int) -> str:
-    """`init.freeze=[...]`: every parameter of the model but its last convolution's."""
-    from landcover import artifacts
-    from landcover.studio.head import find_head_conv
-
-    module = artifacts.load(model, tracking_uri=uri, device="cpu").torch_module
-    conv = find_head_conv(module, num_classes)
-    head = {id(p) for p in conv.parameters()}
-    names = [n for n, p in module.named_parameters() if id(p) not in head]
-    return f"init.freeze=[{','.join(names)}]"
 
 
 def slug(name: str) -> str:
@@ -127,13 +115,12 @@ def main() -> int:
         print(f"2018 network {start}; studio model {studio}", flush=True)
         page = shlex.split(train_command(session, uri))
         command = [word for word in page if word not in FINE_TUNE]  # the defaults as they were
-        freeze = head_only(session.version.model, uri, session.schema.num_classes)
         for name, overrides in CANDIDATES.items():
             if args.only and name not in args.only:
                 continue
             words = [
                 *(page if overrides == ["PAGE"] else command),
-                *[freeze if o == "HEAD_ONLY" else o for o in overrides if o != "PAGE"],
+                *[o for o in overrides if o != "PAGE"],
                 "trainer.max_epochs=1",
                 f"data.patches_per_epoch={args.patches}",
                 "trainer.progress=false",

@@ -9,6 +9,7 @@ that is what the retrain's metrics report.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -68,14 +69,18 @@ def nth_true(mask: np.ndarray, picks: np.ndarray) -> tuple[np.ndarray, np.ndarra
     return rows.astype(np.int64), cols
 
 
+def row_strips(height: int, rows: int = 1024) -> Iterator[slice]:
+    """A scene's rows a strip at a time, for work that widens its input (np.bincount and
+    torch's `long` to 8 bytes a pixel, float copies to 4): 360 MB for a 45 Mpx tile at once."""
+    for top in range(0, height, rows):
+        yield slice(top, min(top + rows, height))
+
+
 def value_counts(values: np.ndarray, where: np.ndarray | None = None) -> np.ndarray:
-    """How many pixels hold each byte value (where `where`), strip by strip: np.bincount widens
-    its input to 8 bytes a pixel, 360 MB for a whole 45 Mpx tile at once."""
+    """How many pixels hold each byte value (where `where`), strip by strip."""
     counts = np.zeros(256, np.int64)
-    for top in range(0, values.shape[0], 1024):
-        part = values[top : top + 1024]
-        if where is not None:
-            part = part[where[top : top + 1024]]
+    for rows in row_strips(values.shape[0]):
+        part = values[rows] if where is None else values[rows][where[rows]]
         counts += np.bincount(part.ravel(), minlength=256)
     return counts
 

@@ -27,7 +27,7 @@ from mlflow.tracking import MlflowClient
 from landcover.artifacts.reference import files_digest
 from landcover.data.schema import IGNORE_INDEX
 from landcover.errors import first_line
-from landcover.studio.adapt import FitReport, fit_head, value_counts
+from landcover.studio.adapt import FitReport, fit_head, row_strips, value_counts
 from landcover.studio.head import with_head
 from landcover.studio.session import Session, StudioError, Version
 from landcover.tracking.datasets import ProfiledDataset, log_input_once_shared, source_of
@@ -173,8 +173,7 @@ def _log_scores(
     shown: dict[str, Any] = {"scored_on": scored_on}
     for prefix, mapped, when in (("val/", after, "after"), ("start/val/", before, "before")):
         matrix = ConfusionMatrix(session.schema.num_classes)  # skips unlabelled pixels
-        for top in range(0, mapped.shape[0], 1024):  # by strips: a whole tile as int64 is GBs
-            rows = slice(top, top + 1024)
+        for rows in row_strips(mapped.shape[0]):
             matrix.update(torch.from_numpy(mapped[rows]), torch.from_numpy(target[rows]))
         metrics = scores_from_matrix(matrix.numpy(), scored).as_metrics(
             session.schema.names, scored, prefix=prefix

@@ -40,6 +40,7 @@ from landcover.atomic import write_text
 from landcover.data.schema import IGNORE_INDEX, ClassSchema
 from landcover.errors import LandcoverError
 from landcover.predict.writer import ClassMapWriter, sibling
+from landcover.studio.adapt import row_strips
 from landcover.studio.edits import EditLog
 from landcover.studio.head import (
     Head,
@@ -263,10 +264,9 @@ class Session:
         with ClassMapWriter(
             classes_path, profile=profile, schema=self.schema, confidence=True
         ) as writer:
-            for top in range(0, classes.shape[0], 1024):  # by strips: a tile's copies are GBs
-                rows = slice(top, top + 1024)
+            for rows in row_strips(classes.shape[0]):
                 bytes_ = np.round(confidence[rows] * 255).astype(np.uint8)
-                writer.write_rows(top, classes[rows], bytes_)
+                writer.write_rows(rows.start, classes[rows], bytes_)
 
     # -- corrections as data -------------------------------------------------------------
     def corrections_as_indices(self) -> np.ndarray:

@@ -13,6 +13,7 @@ current version's map after every retrain. Whether this beats random clicks is m
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import numpy as np
@@ -53,30 +54,41 @@ def default_spacing(height: int, width: int, count: int, radius: int) -> int:
 STRIP = 1024  # rows filtered at a time: a whole tile's float copies would be GBs
 
 
+def _strips(height: int, halo: int) -> Iterator[tuple[slice, slice]]:
+    """Each STRIP rows of the scene: the rows read (with `halo` rows of the neighbours on each
+    side, clipped to the scene) and, within those, the rows the strip answers for."""
+    for top in range(0, height, STRIP):
+        lo, hi = max(0, top - halo), min(height, top + STRIP + halo)
+        yield slice(lo, hi), slice(top - lo, top - lo + min(STRIP, height - top))
+
+
+def _peaks_in(scores: np.ndarray, keep: slice, radius: int) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (counted from `keep`'s start) and cols of the finite local maxima of `scores`
+    (within `radius`) among the rows `keep`."""
+    size = 2 * radius + 1
+    peaks = (scores == ndimage.maximum_filter(scores, size=size)) & np.isfinite(scores)
+    rows, cols = np.nonzero(peaks[keep])
+    return rows, cols
+
+
 def area_scores(confidence: np.ndarray, corrected: np.ndarray, radius: int = RADIUS) -> np.ndarray:
     """Mean uncertainty over the disk around every pixel; -inf where the disk would touch a
     correction or leave the scene. Filtered strip by strip (each with `radius` rows of its
     neighbours), which gives exactly the whole scene's filters."""
-    height = confidence.shape[0]
     scores = np.empty(confidence.shape, np.float32)
-    for top in range(0, height, STRIP):
-        lo, hi = max(0, top - radius), min(height, top + STRIP + radius)
-        strip = area_scores_strip(confidence[lo:hi], corrected[lo:hi], radius)
-        scores[top : top + STRIP] = strip[top - lo : top - lo + min(STRIP, height - top)]
+    for read, keep in _strips(confidence.shape[0], radius):
+        strip = area_scores_strip(confidence[read], corrected[read], radius)
+        scores[read.start + keep.start : read.start + keep.stop] = strip[keep]
     scores[:radius], scores[-radius:], scores[:, :radius], scores[:, -radius:] = (-np.inf,) * 4
     return scores
 
 
 def local_peaks(scores: np.ndarray, radius: int) -> tuple[np.ndarray, np.ndarray]:
     """Rows and cols of the finite local maxima of `scores` (within `radius`), strip by strip."""
-    height = scores.shape[0]
     rows, cols = [], []
-    for top in range(0, height, STRIP):
-        lo, hi = max(0, top - radius), min(height, top + STRIP + radius)
-        part = scores[lo:hi]
-        peaks = (part == ndimage.maximum_filter(part, size=2 * radius + 1)) & np.isfinite(part)
-        r, c = np.nonzero(peaks[top - lo : top - lo + min(STRIP, height - top)])
-        rows.append(r + top)
+    for read, keep in _strips(scores.shape[0], radius):
+        r, c = _peaks_in(scores[read], keep, radius)
+        rows.append(r + read.start + keep.start)
         cols.append(c)
     return np.concatenate(rows), np.concatenate(cols)
 
@@ -86,30 +98,22 @@ def candidates(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Rows, cols and scores of the best CANDIDATES local maxima of `area_scores`, best first:
     what `local_peaks(area_scores(...))` finds, computed strip by strip so that a whole tile's
-    scores are never held at once."""
+    scores are never held at once (each strip reads 2 radii of its neighbours: one for the
+    scores its peaks compare, one for the disks of those)."""
     height, width = confidence.shape
     rows, cols, values = [], [], []
-    for top in range(0, height, STRIP):
-        lo, hi = max(0, top - 2 * radius), min(height, top + STRIP + 2 * radius)
-        scores = area_scores_strip(confidence[lo:hi], corrected[lo:hi], radius)
-        rows_in = np.arange(lo, hi)  # the scene's own edges are out of bounds
-        scores[(rows_in < radius) | (rows_in >= height - radius)] = -np.inf
+    for read, keep in _strips(height, 2 * radius):
+        scores = area_scores_strip(confidence[read], corrected[read], radius)
+        scene_rows = np.arange(read.start, read.stop)  # the scene's own edges are out of bounds
+        scores[(scene_rows < radius) | (scene_rows >= height - radius)] = -np.inf
         scores[:, :radius], scores[:, width - radius :] = -np.inf, -np.inf
-        slo = max(0, top - radius) - lo  # the rows whose peaks are decided here, with a halo
-        part = scores[slo : min(height, top + STRIP + radius) - lo]
-        peaks = (part == ndimage.maximum_filter(part, size=2 * radius + 1)) & np.isfinite(part)
-        offset = top - lo - slo
-        r, c = np.nonzero(peaks[offset : offset + min(STRIP, height - top)])
-        rows.append(r + top)
+        r, c = _peaks_in(scores, keep, radius)
+        rows.append(r + read.start + keep.start)
         cols.append(c)
-        values.append(part[r + offset, c])
-    all_rows, all_cols, all_values = (
-        np.concatenate(rows),
-        np.concatenate(cols),
-        np.concatenate(values),
-    )
-    order = np.argsort(-all_values, kind="stable")[:CANDIDATES]
-    return all_rows[order], all_cols[order], all_values[order]
+        values.append(scores[keep][r, c])
+    found = np.concatenate(rows), np.concatenate(cols), np.concatenate(values)
+    order = np.argsort(-found[2], kind="stable")[:CANDIDATES]
+    return found[0][order], found[1][order], found[2][order]
 
 
 def area_scores_strip(confidence: np.ndarray, corrected: np.ndarray, radius: int) -> np.ndarray:
