@@ -24,6 +24,7 @@ PyTorch, which is what its peak RSS shows. Backends that are not installed are s
 from __future__ import annotations
 
 import argparse
+import contextlib
 import multiprocessing as mp
 import resource
 import tempfile
@@ -88,15 +89,24 @@ def write_checkpoint(path: Path) -> Path:
     return path
 
 
-def write_scene(path: Path, size: int, block: int = 2048) -> None:
-    """A synthetic landscape tile repeated over the scene (memory bounded at any size)."""
+def write_scene(
+    path: Path,
+    size: int,
+    block: int = 2048,
+    *,
+    width: int | None = None,
+    labels: Path | None = None,
+) -> None:
+    """A synthetic landscape tile repeated over the scene (memory bounded at any size): `size`
+    rows by `width` columns (`size` by default), and its labels too when `labels` is given."""
     from landcover.data.synthetic import generate_labels, render_image
 
     rng = np.random.default_rng(0)
-    tile = render_image(generate_labels(rng, block), rng)
+    codes = generate_labels(rng, block)
+    tile = render_image(codes, rng)
     profile = {
         "driver": "GTiff",
-        "width": size,
+        "width": width or size,
         "height": size,
         "count": 4,
         "dtype": "uint8",
@@ -109,11 +119,16 @@ def write_scene(path: Path, size: int, block: int = 2048) -> None:
         "alpha": "UNSPECIFIED",
         "transform": rasterio.transform.from_origin(400000, 4300000, 1, 1),
     }
-    with rasterio.open(path, "w", **profile) as dst:
-        for row in range(0, size, block):
-            for col in range(0, size, block):
-                h, w = min(block, size - row), min(block, size - col)
+    label_profile = {**profile, "count": 1, "photometric": "MINISBLACK", "alpha": None}
+    with contextlib.ExitStack() as files:
+        dst = files.enter_context(rasterio.open(path, "w", **profile))
+        lab = files.enter_context(rasterio.open(labels, "w", **label_profile)) if labels else None
+        for row in range(0, dst.height, block):
+            for col in range(0, dst.width, block):
+                h, w = min(block, dst.height - row), min(block, dst.width - col)
                 dst.write(tile[:, :h, :w], window=Window(col, row, w, h))
+                if lab is not None:
+                    lab.write(codes[None, :h, :w], window=Window(col, row, w, h))
 
 
 def loaded_model(checkpoint: Path, spec: str, batch_size: int = 0, device: str = "cpu"):

@@ -19,22 +19,18 @@ threads whose peak RSS (VmHWM) is read at the end. Figures are printed and logge
 from __future__ import annotations
 
 import argparse
-import json
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 import mlflow
-import numpy as np
-import rasterio
-from rasterio.windows import Window
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from experiments.bench_studio_window import unet_checkpoint  # noqa: E402
+from experiments.bench_predict import write_scene  # noqa: E402
+from experiments.bench_studio_window import child_figures, unet_checkpoint  # noqa: E402
 
 CHILD = """
 import json, sys, time
@@ -108,38 +104,6 @@ print(json.dumps(figures))
 """
 
 
-def write_scene(path: Path, labels: Path, rows: int, cols: int, block: int = 2048) -> None:
-    """A synthetic landscape tile and its labels repeated over the scene (memory bounded at any
-    size)."""
-    from landcover.data.synthetic import generate_labels, render_image
-
-    rng = np.random.default_rng(0)
-    codes = generate_labels(rng, block)
-    tile = render_image(codes, rng)
-    profile = {
-        "driver": "GTiff",
-        "width": cols,
-        "height": rows,
-        "count": 4,
-        "dtype": "uint8",
-        "crs": "EPSG:26918",
-        "tiled": True,
-        "blockxsize": 512,
-        "blockysize": 512,
-        "compress": "deflate",
-        "transform": rasterio.transform.from_origin(400000, 4300000, 1, 1),
-    }
-    with (
-        rasterio.open(path, "w", **profile) as dst,
-        rasterio.open(labels, "w", **{**profile, "count": 1}) as lab,
-    ):
-        for row in range(0, rows, block):
-            for col in range(0, cols, block):
-                h, w = min(block, rows - row), min(block, cols - col)
-                dst.write(tile[:, :h, :w], window=Window(col, row, w, h))
-                lab.write(codes[None, :h, :w].astype(np.uint8), window=Window(col, row, w, h))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--rows", type=int, default=7500)
@@ -150,30 +114,16 @@ def main() -> None:
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as folder:
         image, labels = Path(folder) / "quarter_quad.tif", Path(folder) / "quarter_quad_lc.tif"
-        write_scene(image, labels, args.rows, args.cols)
+        write_scene(image, args.rows, width=args.cols, labels=labels)
         model = args.model
         if model is None:
             model = str(Path(folder) / "unet.pt")
             unet_checkpoint(Path(model))
         started = time.perf_counter()
-        out = subprocess.run(
-            [
-                sys.executable,
-                "-c",
-                CHILD,
-                str(image),
-                model,
-                str(Path(folder) / "session"),
-                str(args.threads),
-                str(labels),
-            ],
-            capture_output=True,
-            text=True,
-            cwd=ROOT,
+        session = str(Path(folder) / "session")
+        figures = child_figures(
+            CHILD, [str(image), model, session, str(args.threads), str(labels)], "whole tile"
         )
-        if out.returncode != 0:
-            raise SystemExit(out.stderr[-3000:])
-        figures = json.loads(out.stdout.strip().splitlines()[-1])
         figures["wall_seconds"] = time.perf_counter() - started
         features = sum(p.stat().st_size for p in (Path(folder) / "session").rglob("*.npy"))
         figures["features_on_disk_mib"] = features / 2**20

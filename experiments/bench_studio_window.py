@@ -98,6 +98,17 @@ def unet_checkpoint(path: Path) -> None:
     )
 
 
+def child_figures(code: str, arguments: list[str], what: str) -> dict:
+    """Run `code` in a fresh Python process (its own peak RSS) from the repository root and
+    read the figures it prints as JSON on its last line; its error ends the benchmark."""
+    out = subprocess.run(
+        [sys.executable, "-c", code, *arguments], capture_output=True, text=True, cwd=ROOT
+    )
+    if out.returncode != 0:
+        raise SystemExit(f"{what}: {out.stderr[-3000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=(__doc__ or "").splitlines()[0])
     parser.add_argument("--scene", type=int, default=6000)
@@ -112,24 +123,9 @@ def main() -> None:
         unet_checkpoint(model)
         for side in args.sides:
             started = time.perf_counter()
-            out = subprocess.run(
-                [
-                    sys.executable,
-                    "-c",
-                    CHILD,
-                    str(path),
-                    str(model),
-                    str(Path(folder) / f"session_{side}"),
-                    str(args.threads),
-                    str(side),
-                ],
-                capture_output=True,
-                text=True,
-                cwd=ROOT,
-            )
-            if out.returncode != 0:
-                raise SystemExit(f"window {side}: {out.stderr[-2000:]}")
-            figures = json.loads(out.stdout.strip().splitlines()[-1])
+            session = str(Path(folder) / f"session_{side}")
+            arguments = [str(path), str(model), session, str(args.threads), str(side)]
+            figures = child_figures(CHILD, arguments, f"window {side}")
             figures["wall_seconds"] = time.perf_counter() - started
             figures["megapixels"] = side * side / 1e6
             rows.append((side, figures))
