@@ -6,6 +6,7 @@ import contextlib
 import fcntl
 import os
 import re
+import subprocess
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
@@ -125,3 +126,27 @@ def scene_pair(tmp_path):
     image = write_raster(tmp_path / "a_naip.tif", rng.integers(0, 255, (4, 64, 64), dtype=np.uint8))
     label = write_raster(tmp_path / "a_lc.tif", rng.integers(1, 7, (64, 64), dtype=np.uint8))
     return image, label
+
+
+def mount_tmpfs(folder: Path, *options: str) -> None:
+    """A tmpfs at `folder` with mount `options` (size=2m, ro ...): a disk that fills or refuses
+    writes. Root only: the test is skipped with the reason where mounting is not allowed."""
+    folder.mkdir(parents=True, exist_ok=True)
+    done = subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(folder)],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A 3 MiB tmpfs, unmounted after the test."""
+    mount = tmp_path / "disk"
+    mount_tmpfs(mount, "size=3m")
+    try:
+        yield mount
+    finally:
+        subprocess.run(["umount", "-l", str(mount)], check=False)

@@ -461,24 +461,6 @@ def test_stale_staging_of_dead_processes_is_removed(tmp_path):
     assert not stale.exists() and live.exists() and other_host.exists() and mine.exists()
 
 
-@pytest.fixture
-def small_disk(tmp_path):
-    """A 3 MiB tmpfs (root only; skipped with the reason where mounting is not allowed)."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=3m", "tmpfs", str(mount)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a small tmpfs here: {done.stderr.strip()}")
-    try:
-        yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
-
-
 def test_a_full_disk_is_named_and_earlier_files_survive(small_disk, tmp_path):
     from landcover import artifacts
     from landcover.artifacts.checkpoint import save_checkpoint

@@ -14,21 +14,11 @@ from pathlib import Path
 import pytest
 import rasterio
 
+from tests.conftest import mount_tmpfs
 from tests.test_faults import random_raster, tiny_model_checkpoint
 from tests.test_mapping_job import job_command
 
 BIN = Path(sys.executable).parent
-
-
-def mount_tmpfs(folder: Path, *options: str) -> None:
-    folder.mkdir(parents=True, exist_ok=True)
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", ",".join(options), "tmpfs", str(folder)],
-        capture_output=True,
-        text=True,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.strip()}")
 
 
 @pytest.fixture

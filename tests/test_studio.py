@@ -191,7 +191,7 @@ def test_a_full_disk_refuses_the_stroke_whole_and_keeps_every_earlier_one(scene,
     import subprocess
 
     from landcover.errors import DiskFullError
-    from tests.test_faults_silent import mount_tmpfs
+    from tests.conftest import mount_tmpfs
 
     image, _, model = scene
     disk = tmp_path / "disk"
@@ -314,6 +314,35 @@ def test_a_scene_of_many_blocks_keeps_its_features_on_disk_and_learns_every_corn
     (kept / "1_1.npy").unlink()
     Session.open(image, str(model), tmp_path / "session", tracking(tmp_path))
     assert (kept / "complete.json").exists() and (kept / "1_1.npy").exists()
+
+
+def test_features_on_a_full_disk_stop_in_one_line_and_leave_no_half_block(
+    scene, small_disk, monkeypatch
+):
+    """The disk fills while a session's features are written: a DiskFullError naming the
+    block, no partial file and no `complete.json` left; with room again the store is computed
+    whole and equals the features in memory."""
+    from landcover.errors import DiskFullError
+    from landcover.studio import head as heads
+    from landcover.studio.head import RasterPixels
+
+    monkeypatch.setattr(heads, "WINDOW", 64)  # 4 blocks of about 70 KB
+    image, _, model = scene
+    loaded = artifacts.load(str(model), device="cpu")
+    filler = small_disk / "filler"
+    filler.write_bytes(b"\0" * (3 * 2**20 - 120 * 2**10))  # room for about one block
+    store = small_disk / "features"
+    with pytest.raises(DiskFullError, match=r"features/\d_\d\.npy"):
+        scene_features(loaded.torch_module, RasterPixels(image), 4, 0, store=store)
+    assert not (store / "complete.json").exists()
+    assert all(p.suffix == ".npy" and not p.name.startswith(".") for p in store.iterdir())
+    filler.unlink()
+    again = scene_features(loaded.torch_module, RasterPixels(image), 4, 0, store=store)
+    assert (store / "complete.json").exists() and not again.read_back
+    with rasterio.open(image) as src:
+        whole = scene_features(loaded.torch_module, src.read().astype(np.float32), 4, 0)
+    for key in whole.block_keys():
+        assert np.array_equal(whole.block(key), again.block(key))
 
 
 def test_anchors_are_drawn_without_listing_every_pixel_as_before():
